@@ -11,3 +11,82 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# --- Tiny random-init Qwen2 model (data/pre-sampling tests; the trainer's tests reuse it) ---
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+TINY_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def build_tiny_model(out_dir: Path, *, vocab_size: int = 512, seed: int = 0) -> Path:
+    """A few-hundred-KB Qwen2 that vLLM and transformers both load; random weights, ChatML template.
+
+    head_dim 64 because vLLM's CPU attention rejects smaller heads; a byte-level BPE so any text
+    (LaTeX, unicode) tokenizes without unknown tokens.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = [
+        "Please reason step by step, and put your final answer within \\boxed{}.",
+        "What is 12 + 7? The answer is \\boxed{19}. Let me check: 12 + 7 = 19.",
+        "system user assistant 0 1 2 3 4 5 6 7 8 9 + - * / = ( ) \\frac{1}{2} x^2",
+    ] * 20
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size - len(TINY_SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus, trainer=trainer)
+    tok.add_special_tokens(TINY_SPECIAL_TOKENS)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token=None
+    )
+    fast.chat_template = CHATML_TEMPLATE
+    fast.save_pretrained(out_dir)
+    # also inline the template in tokenizer_config.json: older loaders only look there
+    tok_config = json.loads((out_dir / "tokenizer_config.json").read_text())
+    tok_config["chat_template"] = CHATML_TEMPLATE
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2))
+
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=len(fast),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=64,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        eos_token_id=fast.eos_token_id,
+        bos_token_id=None,
+        pad_token_id=fast.pad_token_id,
+        torch_dtype="float32",
+    )
+    model = Qwen2ForCausalLM(config)
+    model.generation_config.eos_token_id = fast.eos_token_id
+    model.save_pretrained(out_dir, safe_serialization=True)
+    (out_dir / "BUILT_BY").write_text(json.dumps({"builder": "tests/conftest.py:build_tiny_model"}))
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Folder of a tiny random-init Qwen2 (config, safetensors, tokenizer with a ChatML template)."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny_model"))

@@ -1,0 +1,300 @@
+"""Benchmark the `kernels` ops against eager PyTorch, torch.compile, Liger-Kernel and Cut Cross-Entropy.
+
+    python bench/kernels.py                       # CUDA: D=3584,5120 x N=1k..32k, V=152064, bf16
+    python bench/kernels.py --n 4096 --d 3584 --ops fused_linear --providers kernels-triton,liger
+    python bench/kernels.py --memory-ratio        # CPU: peak-RSS ratio fused(torch) / naive
+
+On CUDA: forward, backward and total time (median over --reps warmed-up runs, CUDA events),
+achieved TFLOP/s next to a plain matmul of the same size measured in the same run, and peak
+memory (torch.cuda.max_memory_allocated above the inputs). On the CPU only the PyTorch paths
+run, at small shapes, followed by the N=8192/D=512/V=32000 peak-RSS comparison (each side in its
+own fresh subprocess, ru_maxrss growth over one forward+backward). One CSV row per
+(op, provider, shape, dtype, device, commit) goes to bench/results/kernels_<device>.csv.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# This file is itself named kernels.py: keep its folder off sys.path so `import kernels` finds the package.
+sys.path = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
+
+import torch  # noqa: E402
+
+import kernels  # noqa: E402
+from kernels.reference import clipped_ratio_loss_reference  # noqa: E402
+
+FIELDS = ["op", "provider", "N", "D", "V", "dtype", "device", "commit", "fwd_ms", "bwd_ms", "total_ms",
+          "tflops", "matmul_tflops", "frac_of_matmul", "peak_mem_mib", "status"]
+
+
+# ----------------------------------------------------------------------------- providers
+def _naive_logp(h, w, y, t=1.0):
+    z = (h @ w.T).float() / t
+    return torch.log_softmax(z, -1).gather(-1, y.clamp(min=0)[:, None]).squeeze(-1) * (y >= 0)
+
+
+def _naive_logits_logp(x, y):
+    return torch.log_softmax(x.float(), -1).gather(-1, y.clamp(min=0)[:, None]).squeeze(-1) * (y >= 0)
+
+
+def fused_linear_providers(device: str) -> dict:
+    p = {"kernels-torch": lambda h, w, y: kernels.fused_linear_logprobs(h, w, y, backend="torch"),
+         "eager": _naive_logp}
+    if device == "cuda":
+        p["kernels-triton"] = lambda h, w, y: kernels.fused_linear_logprobs(h, w, y, backend="triton")
+        p["compile"] = torch.compile(_naive_logp, dynamic=False)
+        try:
+            from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy as lfce
+
+            p["liger"] = lambda h, w, y: -lfce(h, w, y, reduction="none")
+        except Exception:
+            pass
+        try:
+            from cut_cross_entropy import linear_cross_entropy as cce
+
+            p["cce"] = lambda h, w, y: -cce(h, w, y, reduction="none")
+        except Exception:
+            pass
+    return p
+
+
+def logprobs_providers(device: str) -> dict:
+    p = {"kernels-torch": lambda x, y: kernels.logprobs_from_logits(x, y, backend="torch"), "eager": _naive_logits_logp}
+    if device == "cuda":
+        p["kernels-triton"] = lambda x, y: kernels.logprobs_from_logits(x, y, backend="triton")
+        p["compile"] = torch.compile(_naive_logits_logp, dynamic=False)
+        try:
+            from liger_kernel.transformers.functional import liger_cross_entropy
+
+            p["liger"] = lambda x, y: -liger_cross_entropy(x, y, reduction="none")
+        except Exception:
+            pass
+    return p
+
+
+def ratio_providers(device: str) -> dict:
+    def ref(lp, old, adv, m):
+        return clipped_ratio_loss_reference(lp.float(), old.float(), adv.float(), m)[0]
+
+    p = {"kernels-torch": lambda *a: kernels.clipped_ratio_loss(*a, backend="torch")[0], "eager": ref}
+    if device == "cuda":
+        p["kernels-triton"] = lambda *a: kernels.clipped_ratio_loss(*a, backend="triton")[0]
+        p["compile"] = torch.compile(ref, dynamic=False)
+    return p
+
+
+# ----------------------------------------------------------------------------- timing
+class Timer:
+    """CUDA events on GPU, perf_counter on CPU; returns milliseconds."""
+
+    def __init__(self, device: str):
+        self.cuda = device == "cuda"
+
+    def __call__(self, fn):
+        if self.cuda:
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            out = fn()
+            b.record()
+            torch.cuda.synchronize()
+            return out, a.elapsed_time(b)
+        import time
+
+        t0 = time.perf_counter()
+        out = fn()
+        return out, (time.perf_counter() - t0) * 1e3
+
+
+def measure(fn, inputs, grad_inputs, reps: int, warmup: int, device: str) -> dict:
+    """Median fwd / bwd / total ms and peak memory above the inputs for one provider."""
+    timer = Timer(device)
+    fwd, bwd, tot = [], [], []
+    gen = torch.Generator(device=device).manual_seed(0)
+    for i in range(warmup + reps):
+        for t in grad_inputs:
+            t.grad = None
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        out, f_ms = timer(lambda: fn(*inputs))
+        # a non-uniform per-token upstream gradient, like a PPO loss sends
+        g = torch.rand(out.shape, generator=gen, device=device) if out.dim() else torch.ones((), device=device)
+        _, b_ms = timer(lambda: out.backward(g))
+        if i >= warmup:
+            fwd.append(f_ms)
+            bwd.append(b_ms)
+            tot.append(f_ms + b_ms)
+        del out, g
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if device == "cuda" else float("nan")
+    return {"fwd_ms": statistics.median(fwd), "bwd_ms": statistics.median(bwd),
+            "total_ms": statistics.median(tot), "peak_mem_mib": peak}
+
+
+def matmul_tflops(n: int, d: int, v: int, dtype, device: str, reps: int) -> float:
+    a = torch.randn(n, d, dtype=dtype, device=device)
+    b = torch.randn(v, d, dtype=dtype, device=device)
+    timer = Timer(device)
+    for _ in range(2):
+        timer(lambda: a @ b.T)
+    ms = statistics.median(timer(lambda: a @ b.T)[1] for _ in range(reps))
+    return 2 * n * d * v / (ms * 1e-3) / 1e12
+
+
+# ----------------------------------------------------------------------------- driver
+def bench_shape(op: str, n: int, d: int, v: int, dtype, device: str, args, providers: dict) -> list[dict]:
+    torch.manual_seed(0)
+    if op == "fused_linear":
+        h = (torch.randn(n, d, device=device) * 0.5).to(dtype).requires_grad_()
+        w = (torch.randn(v, d, device=device) * 0.02).to(dtype).requires_grad_()
+        y = torch.randint(0, v, (n,), device=device)
+        inputs, grads, flops = (h, w, y), (h, w), 6 * n * d * v  # fwd 2NDV + bwd 4NDV (useful work)
+    elif op == "logprobs":
+        x = torch.randn(n, v, device=device).to(dtype).requires_grad_()
+        y = torch.randint(0, v, (n,), device=device)
+        inputs, grads, flops = (x, y), (x,), 0
+    else:
+        b = max(1, n // 1024)
+        lp = (-torch.rand(b, 1024, device=device) * 3).requires_grad_()
+        old = lp.detach() + 0.1 * torch.randn_like(lp)
+        inputs, grads, flops = (lp, old, torch.randn(b, device=device), torch.rand(b, 1024, device=device) > 0.1), (lp,), 0
+    mm = matmul_tflops(n, d, v, dtype, device, args.reps) if flops else float("nan")
+    rows = []
+    for name, fn in providers.items():
+        if args.providers and name not in args.providers:
+            continue
+        row = {"op": op, "provider": name, "N": n, "D": d if op == "fused_linear" else "",
+               "V": v if op != "ratio_loss" else "",
+               "dtype": str(dtype).replace("torch.", ""), "device": args.device_name, "commit": args.commit,
+               "matmul_tflops": round(mm, 3) if flops else ""}
+        try:
+            res = measure(fn, inputs, grads, args.reps, args.warmup, device)
+            row.update({k: round(val, 3) for k, val in res.items()}, status="ok")
+            if flops:
+                row["tflops"] = round(flops / (res["total_ms"] * 1e-3) / 1e12, 3)
+                row["frac_of_matmul"] = round(row["tflops"] / mm, 3)
+        except torch.cuda.OutOfMemoryError:
+            row["status"] = "oom"
+        except Exception as e:  # a provider's API drift must not end the run
+            row["status"] = f"error: {type(e).__name__}: {str(e)[:80]}"
+        finally:
+            if device == "cuda":
+                torch.cuda.empty_cache()
+        rows.append(row)
+        print(" | ".join(f"{row.get(k, '')}" for k in ("op", "provider", "N", "D", "V", "dtype", "fwd_ms", "bwd_ms",
+                                                      "total_ms", "tflops", "frac_of_matmul", "peak_mem_mib", "status")),
+              flush=True)
+    return rows
+
+
+_RSS_CHILD = """
+import json, resource, sys, torch
+sys.path.insert(0, {root!r})
+import kernels
+which = {which!r}
+N, D, V = {n}, {d}, {v}
+torch.manual_seed(0)
+h = torch.empty(N, D).normal_().requires_grad_()
+w = torch.empty(V, D).normal_().mul_(0.02).requires_grad_()
+y = torch.randint(0, V, (N,))
+g = torch.empty(N).uniform_()
+def run(h, w, y):
+    if which == "fused":
+        return kernels.fused_linear_logprobs(h, w, y, backend="torch")
+    return torch.log_softmax(h @ w.T, -1).gather(-1, y[:, None]).squeeze(-1)
+run(h[:64], w, y[:64]).sum().backward()  # load libraries before the baseline
+h.grad = w.grad = None
+peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+before = peak()
+(run(h, w, y) * g).sum().backward()
+print(json.dumps({{"growth": peak() - before}}))
+"""
+
+
+def rss_growth(which: str, n: int, d: int, v: int) -> int:
+    code = _RSS_CHILD.format(root=str(ROOT), which=which, n=n, d=d, v=v)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])["growth"]
+
+
+def memory_ratio(args) -> list[dict]:
+    n, d, v = 8192, 512, 32000
+    fused, naive = rss_growth("fused", n, d, v), rss_growth("naive", n, d, v)
+    logits = n * v * 4
+    print(f"\nCPU peak RSS growth, forward+backward, N={n} D={d} V={v} fp32 (logits alone = {logits / 2**20:.0f} MiB):")
+    print(f"  fused_linear_logprobs(backend='torch'): {fused / 2**20:8.1f} MiB")
+    print(f"  naive log_softmax(h @ W.T).gather    : {naive / 2**20:8.1f} MiB")
+    print(f"  ratio fused / naive                  : {fused / naive:8.3f}")
+    base = {"op": "fused_linear", "N": n, "D": d, "V": v, "dtype": "float32", "device": "cpu-rss",
+            "commit": args.commit, "status": "ok"}
+    return [{**base, "provider": "kernels-torch", "peak_mem_mib": round(fused / 2**20, 1)},
+            {**base, "provider": "eager", "peak_mem_mib": round(naive / 2**20, 1)}]
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except Exception:
+        return "unknown"
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ops", default="fused_linear,logprobs,ratio_loss", help="comma list of ops")
+    ap.add_argument("--n", default=None, help="comma list of token counts (default CUDA 1024..32768)")
+    ap.add_argument("--d", default=None, help="comma list of hidden sizes (default CUDA 3584,5120)")
+    ap.add_argument("--v", type=int, default=None, help="vocabulary size (default CUDA 152064)")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    ap.add_argument("--providers", default="", help="comma list to restrict providers (default all available)")
+    ap.add_argument("--reps", type=int, default=10, help="timed repetitions (median reported)")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--out", default=None, help="CSV path (default bench/results/kernels_<device>.csv)")
+    ap.add_argument("--memory-ratio", action="store_true", help="only the CPU peak-RSS comparison")
+    args = ap.parse_args(argv)
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    args.providers = [p for p in args.providers.split(",") if p]
+    args.commit = _commit()
+    args.device_name = torch.cuda.get_device_name().replace(" ", "_") if cuda else "cpu"
+    rows: list[dict] = []
+    if not args.memory_ratio:
+        if not cuda:
+            print("No CUDA device: running only the PyTorch paths at small shapes (timings are CPU wall-clock).")
+        ns = [int(x) for x in (args.n or ("1024,4096,8192,16384,32768" if cuda else "1024")).split(",")]
+        ds = [int(x) for x in (args.d or ("3584,5120" if cuda else "256")).split(",")]
+        v = args.v or (152064 if cuda else 8192)
+        dtype = getattr(torch, args.dtype if cuda else "float32")
+        if not cuda:
+            args.reps, args.warmup = min(args.reps, 3), 1
+        print("op | provider | N | D | V | dtype | fwd_ms | bwd_ms | total_ms | TFLOP/s | of matmul | peak MiB | status")
+        table = {"fused_linear": fused_linear_providers, "logprobs": logprobs_providers, "ratio_loss": ratio_providers}
+        for op in args.ops.split(","):
+            providers = table[op](device)
+            for n in ns:
+                for d in (ds if op == "fused_linear" else ds[:1]):
+                    rows += bench_shape(op, n, d, v, dtype, device, args, providers)
+    if not cuda or args.memory_ratio:
+        rows += memory_ratio(args)
+    out = Path(args.out or ROOT / "bench" / "results" / f"kernels_{args.device_name}.csv")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    new = not out.exists()
+    with out.open("a", newline="") as f:
+        wr = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
+        if new:
+            wr.writeheader()
+        wr.writerows(rows)
+    print(f"\n{len(rows)} rows appended to {out}")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "2")
+    main()

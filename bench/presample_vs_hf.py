@@ -1,0 +1,127 @@
+"""Pre-sampling throughput: vLLM (pruner.generation) vs Hugging Face `transformers.generate`.
+
+Same model, same prompts (the first N problems x K samples), same sampling settings, same
+machine, one run each. Engine/model load time is reported separately and excluded from the
+rates: pre-sampling pays it once per run, the rate is what scales with the data.
+
+    python bench/presample_vs_hf.py                          # embedded model, 32 problems x 8
+    python bench/presample_vs_hf.py --model /models/x --problems data.jsonl --max-new-tokens 2048
+
+HF batches `--hf-batch-problems` problems x K sequences (left padding) and decodes until the
+longest sequence of the batch stops: that padding waste is part of what vLLM's continuous
+batching removes, so it is measured, not corrected for.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def _problems_and_prompts(args: argparse.Namespace):
+    from pruner.data import load_problems
+    from pruner.hf import load_tokenizer
+    from pruner.prompting import build_prompt
+
+    tok = load_tokenizer(args.model)
+    problems = load_problems(args.problems, limit=args.num_problems)
+    prompts = [build_prompt(tok, p["problem"]) for p in problems]
+    ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    return tok, problems, ids
+
+
+def run_vllm(args: argparse.Namespace, prompt_ids: list[list[int]]) -> dict:
+    from pruner.generation import generate, open_llm
+
+    t0 = time.perf_counter()
+    llm = open_llm(args.model, max_model_len=max(map(len, prompt_ids)) + args.max_new_tokens, seed=args.seed)
+    load_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    outs = generate(llm, prompt_ids, n=args.k, temperature=args.temperature, top_p=args.top_p,
+                    max_tokens=args.max_new_tokens, seed=args.seed)
+    gen_s = time.perf_counter() - t0
+    tokens = sum(len(c.token_ids) for cs in outs for c in cs)
+    return {"load_s": load_s, "generate_s": gen_s, "samples": sum(map(len, outs)), "new_tokens": tokens,
+            "truncated": sum(c.finish_reason == "length" for cs in outs for c in cs)}
+
+
+def run_hf(args: argparse.Namespace, tok, prompt_ids: list[list[int]]) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from pruner.hf import eos_token_ids
+
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    load_s = time.perf_counter() - t0
+    eos = eos_token_ids(tok, args.model)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
+    torch.manual_seed(args.seed)
+    samples = tokens = truncated = 0
+    t0 = time.perf_counter()
+    for start in range(0, len(prompt_ids), args.hf_batch_problems):
+        batch = prompt_ids[start : start + args.hf_batch_problems]
+        width = max(map(len, batch))
+        input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
+        with torch.inference_mode():
+            out = model.generate(input_ids=input_ids, attention_mask=mask, do_sample=True, temperature=args.temperature,
+                                 top_p=args.top_p, top_k=0, max_new_tokens=args.max_new_tokens,
+                                 num_return_sequences=args.k, eos_token_id=eos, pad_token_id=pad)
+        for row in out[:, width:].tolist():
+            stop = next((i for i, t in enumerate(row) if t in eos), None)
+            tokens += (stop + 1) if stop is not None else len(row)
+            truncated += stop is None
+            samples += 1
+    gen_s = time.perf_counter() - t0
+    return {"load_s": load_s, "generate_s": gen_s, "samples": samples, "new_tokens": tokens, "truncated": truncated}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="", help="model folder (default: the embedded model)")
+    parser.add_argument("--problems", default="embedded:train")
+    parser.add_argument("--num-problems", type=int, default=32)
+    parser.add_argument("--k", type=int, default=8)
+    parser.add_argument("--temperature", type=float, default=0.5)
+    parser.add_argument("--top-p", type=float, default=0.8)
+    parser.add_argument("--max-new-tokens", type=int, default=1024)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--hf-batch-problems", type=int, default=4, help="problems per HF generate call (x K sequences)")
+    parser.add_argument("--out", default="runs/bench/presample_vs_hf.json")
+    args = parser.parse_args()
+    if not args.model:
+        from pruner import default_model_path
+
+        args.model = str(default_model_path())
+    import torch
+
+    tok, problems, prompt_ids = _problems_and_prompts(args)
+    results = {"vllm": run_vllm(args, prompt_ids), "hf": run_hf(args, tok, prompt_ids)}
+    for r in results.values():
+        r["samples_per_s"] = r["samples"] / r["generate_s"]
+        r["tokens_per_s"] = r["new_tokens"] / r["generate_s"]
+    report = {
+        "settings": vars(args),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                    "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
+        **results,
+        "speedup_samples_per_s": results["vllm"]["samples_per_s"] / results["hf"]["samples_per_s"],
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    print(f"{'':6} {'load s':>8} {'gen s':>8} {'samples':>8} {'tokens':>8} {'samples/s':>10} {'tokens/s':>10}")
+    for name, r in results.items():
+        print(f"{name:6} {r['load_s']:8.1f} {r['generate_s']:8.1f} {r['samples']:8d} {r['new_tokens']:8d} "
+              f"{r['samples_per_s']:10.2f} {r['tokens_per_s']:10.1f}")
+    print(f"vLLM / HF samples/s: {report['speedup_samples_per_s']:.2f}x  -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()

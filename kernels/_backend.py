@@ -1,0 +1,88 @@
+"""Backend dispatch and argument checks shared by every op.
+
+Kept free of Triton imports so that `kernels` imports on machines without Triton; the Triton
+modules are imported lazily by `triton_available()` and the ops that need them.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+BACKENDS = ("auto", "triton", "torch")
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:  # pragma: no cover - depends on the install
+        return False
+    return True
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run in the CPU interpreter (tests on GPU-less machines)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def resolve_backend(backend: str, *tensors: torch.Tensor) -> str:
+    """Map "auto" to "triton" for CUDA tensors and "torch" otherwise; validate explicit choices.
+
+    "triton" on CPU tensors is allowed only under TRITON_INTERPRET=1, which is how the kernels
+    are tested without a GPU.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    on_cuda = all(t.is_cuda for t in tensors)
+    if backend == "auto":
+        return "triton" if on_cuda and triton_available() else "torch"
+    if backend == "triton":
+        if not triton_available():
+            raise RuntimeError("backend='triton' requested but triton is not installed")
+        if not on_cuda and not interpreting():
+            raise RuntimeError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1)")
+    return backend
+
+
+def check_temperature(temperature: float) -> float:
+    temperature = float(temperature)
+    if not temperature > 0.0:  # also rejects NaN
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    return temperature
+
+
+def check_labels(labels: torch.Tensor, lead_shape: torch.Size, what: str) -> None:
+    if labels.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.bool):
+        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+    if labels.shape != lead_shape:
+        raise ValueError(f"labels shape {tuple(labels.shape)} must equal {what} {tuple(lead_shape)}")
+
+
+def valid_label_mask(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """Labels that count; negative labels other than ignore_index are treated as ignored too."""
+    return (labels != ignore_index) & (labels >= 0)
+
+
+def check_label_range(labels: torch.Tensor, valid: torch.Tensor, vocab: int) -> None:
+    """Out-of-range labels would read past the row in a kernel; fail loudly instead.
+
+    One small reduction; on CUDA it costs a host sync, which is why the Triton path calls it
+    only when `KERNELS_CHECK_LABELS=1` (the torch path always checks via `gather`).
+    """
+    if labels.numel() and bool(((labels >= vocab) & valid).any()):
+        raise IndexError(f"label >= vocabulary size {vocab}")
+
+
+def should_check_labels(t: torch.Tensor) -> bool:
+    return not t.is_cuda or os.environ.get("KERNELS_CHECK_LABELS", "0") == "1"
+
+
+def as_rows(x: torch.Tensor) -> torch.Tensor:
+    """[..., K] -> [N, K], a view whenever strides allow (kernels take both strides)."""
+    return x.reshape(-1, x.shape[-1])
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())

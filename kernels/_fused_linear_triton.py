@@ -1,0 +1,239 @@
+"""Triton kernels for `fused_linear_logprobs`: logits tiles hidden @ W^T live only in SRAM.
+
+Forward: grid (token tiles, vocabulary splits). Each program streams its share of the vocabulary
+in BLOCK_V tiles, builds each [BLOCK_N, BLOCK_V] logits tile with a loop over D, and keeps an
+online (max, sum exp, sum exp * z) per row plus the label logit. The few partials per row are
+merged on the host side ([N, splits], negligible), which lets short-N/long-V problems fill the GPU.
+
+Backward: grid (token tiles, vocabulary tiles). Each program recomputes its logits tile, forms
+dz = d loss / d logits for the per-token upstream gradients (log-prob and entropy), and adds
+dz @ W_tile into d_hidden and dz^T @ h_tile into d_weight with fp32 atomics. Nothing is computed
+for the backward during the forward (the lesson of Liger's PR 1298): arbitrary per-token
+upstream gradients are exact.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._backend import interpreting
+from ._tl import dlogits, online_lse_update
+
+
+@triton.jit
+def _mm(a, b, acc, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    # The CPU interpreter multiplies bf16 operands wrongly (measured: errors of 1e10 on a 16x16
+    # tile), so under the interpreter the operands go through fp32; on GPUs bf16 feeds the MMA.
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=PREC)
+
+
+@triton.jit
+def _logits_tile(h_ptr, s_hn, s_hd, w_ptr, s_wv, s_wd, rows, cols, row_ok, col_ok, D,
+                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
+                 UPCAST: tl.constexpr):
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        ds = d0 + tl.arange(0, BLOCK_D)
+        d_ok = ds < D
+        h = tl.load(h_ptr + rows[:, None] * s_hn + ds[None, :] * s_hd, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        w = tl.load(w_ptr + cols[:, None] * s_wv + ds[None, :] * s_wd, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        acc = _mm(h, tl.trans(w), acc, PREC, UPCAST)
+    return acc
+
+
+@triton.jit
+def _flp_fwd_kernel(
+    h_ptr, s_hn, s_hd, w_ptr, s_wv, s_wd, y_ptr, m_ptr, s_ptr, t_ptr, zy_ptr,
+    N, V, D, v_per_split, inv_t,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    n_splits = tl.num_programs(1)
+    rows = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    row_ok = rows < N
+    y = tl.load(y_ptr + rows, mask=row_ok, other=-1)
+    v_lo = split * v_per_split
+    v_hi = tl.minimum(v_lo + v_per_split, V)
+    m = tl.full((BLOCK_N,), -1.0e30, tl.float32)
+    s = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    t = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    zy = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for v0 in range(v_lo, v_hi, BLOCK_V):
+        cols = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
+        col_ok = cols < v_hi
+        z = _logits_tile(h_ptr, s_hn, s_hd, w_ptr, s_wv, s_wd, rows, cols, row_ok, col_ok, D,
+                         BLOCK_N, BLOCK_V, BLOCK_D, PREC, UPCAST) * inv_t
+        z = tl.where(col_ok[None, :], z, float("-inf"))
+        m, s, t = online_lse_update(m, s, t, z, 1)
+        zy += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), 1)
+    out = rows * n_splits + split
+    tl.store(m_ptr + out, m, mask=row_ok)
+    tl.store(s_ptr + out, s, mask=row_ok)
+    tl.store(t_ptr + out, t, mask=row_ok)
+    tl.store(zy_ptr + out, zy, mask=row_ok)
+
+
+@triton.jit
+def _flp_bwd_kernel(
+    h_ptr, s_hn, s_hd, w_ptr, s_wv, s_wd, y_ptr, lse_ptr, ent_ptr, gl_ptr, ge_ptr, dh_ptr, dw_ptr, dz_ptr,
+    N, V, D, inv_t,
+    HAS_ENT_GRAD: tl.constexpr, STORE_DZ: tl.constexpr, NEED_DH: tl.constexpr, NEED_DW: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    cols = (tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
+    row_ok = rows < N
+    col_ok = cols < V
+    # Upstream grads are pre-zeroed for ignored tokens by the launcher, so padding rows and
+    # ignored rows both produce dz = 0 here.
+    g_l = tl.load(gl_ptr + rows, mask=row_ok, other=0.0)
+    y = tl.load(y_ptr + rows, mask=row_ok, other=-1)
+    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+    z = _logits_tile(h_ptr, s_hn, s_hd, w_ptr, s_wv, s_wd, rows, cols, row_ok, col_ok, D,
+                     BLOCK_N, BLOCK_V, BLOCK_D, PREC, UPCAST) * inv_t
+    p = tl.where(col_ok[None, :], tl.exp(z - lse[:, None]), 0.0)
+    g_e = 0.0
+    ent = 0.0
+    if HAS_ENT_GRAD:
+        g_e = tl.load(ge_ptr + rows, mask=row_ok, other=0.0)[:, None]
+        ent = tl.load(ent_ptr + rows, mask=row_ok, other=0.0)[:, None]
+    dz = dlogits(z, p, cols[None, :] == y[:, None], g_l[:, None], g_e, lse[:, None], ent, HAS_ENT_GRAD)
+    dz = (dz * inv_t).to(h_ptr.dtype.element_ty)
+    if STORE_DZ:  # "matmul" mode: the caller turns the dz chunk into d_hidden / d_weight with GEMMs
+        tl.store(dz_ptr + rows[:, None] * V + cols[None, :], dz, mask=row_ok[:, None] & col_ok[None, :])
+    else:
+        for d0 in range(0, D, BLOCK_D):
+            ds = d0 + tl.arange(0, BLOCK_D)
+            d_ok = ds < D
+            if NEED_DH:
+                w = tl.load(w_ptr + cols[:, None] * s_wv + ds[None, :] * s_wd,
+                            mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+                dh = _mm(dz, w, None, PREC, UPCAST)
+                tl.atomic_add(dh_ptr + rows[:, None] * D + ds[None, :], dh, mask=row_ok[:, None] & d_ok[None, :])
+            if NEED_DW:  # skipped for a frozen LM head
+                h = tl.load(h_ptr + rows[:, None] * s_hn + ds[None, :] * s_hd,
+                            mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+                dw = _mm(tl.trans(dz), h, None, PREC, UPCAST)
+                tl.atomic_add(dw_ptr + cols[:, None] * D + ds[None, :], dw, mask=col_ok[:, None] & d_ok[None, :])
+
+
+TUNING_KEYS = ("block_n", "block_v", "block_d", "num_warps", "num_stages", "splits", "bwd", "bwd_chunk_bytes", "bwd_chunk")
+
+
+def _config(tuning: dict, dtype: torch.dtype) -> dict:
+    small = interpreting()
+    cfg = {
+        "block_n": 16 if small else 64,
+        "block_v": 32 if small else 128,
+        "block_d": 16 if small else 64,
+        "num_warps": 4 if small else 8,
+        "num_stages": None,
+        "splits": None,
+        # "matmul": per token chunk, a kernel writes dz [chunk, V] and two GEMMs consume it
+        # (extra memory chunk * V * itemsize, no atomics); "atomic": no extra memory, fp32
+        # atomics into d_hidden / d_weight (slower for large N * V * D: contention).
+        "bwd": "matmul",
+        "bwd_chunk_bytes": 1 << 30,
+        "bwd_chunk": None,
+    }
+    unknown = set(tuning) - set(cfg) - {"chunk_size", "chunk_bytes"}
+    if unknown:
+        raise TypeError(f"unknown tuning options {sorted(unknown)}")
+    cfg.update({k: v for k, v in tuning.items() if k in cfg and v is not None})
+    if cfg["bwd"] not in ("matmul", "atomic"):
+        raise ValueError(f"bwd must be 'matmul' or 'atomic', got {cfg['bwd']!r}")
+    # IEEE fp32 dot: TF32 would lose ~3 decimal digits of the logits for fp32 inputs.
+    cfg["prec"] = "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
+    cfg["upcast"] = small
+    return cfg
+
+
+def _n_splits(n_tiles: int, V: int, cfg: dict, device: torch.device) -> int:
+    v_tiles = triton.cdiv(V, cfg["block_v"])
+    if cfg["splits"] is not None:
+        return max(1, min(int(cfg["splits"]), v_tiles))
+    if device.type != "cuda":
+        return min(2, v_tiles)  # exercises the partial merge under the interpreter
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(v_tiles, triton.cdiv(4 * sms, n_tiles)))
+
+
+def _launch_kw(cfg: dict) -> dict:
+    kw = {"num_warps": cfg["num_warps"]}
+    if cfg["num_stages"] is not None:
+        kw["num_stages"] = cfg["num_stages"]
+    return kw
+
+
+def flp_forward(h, w, y, inv_t: float, cfg: dict):
+    """Returns logp (ignored rows not yet zeroed), lse and entropy, each [N] fp32."""
+    N, D = h.shape
+    V = w.shape[0]
+    bn, bv, bd = cfg["block_n"], cfg["block_v"], cfg["block_d"]
+    n_tiles = triton.cdiv(N, bn)
+    splits = _n_splits(n_tiles, V, cfg, h.device)
+    v_per_split = triton.cdiv(triton.cdiv(V, splits), bv) * bv
+    splits = triton.cdiv(V, v_per_split)
+    part = torch.empty((4, N, splits), dtype=torch.float32, device=h.device)
+    _flp_fwd_kernel[(n_tiles, splits)](
+        h, h.stride(0), h.stride(1), w, w.stride(0), w.stride(1), y, part[0], part[1], part[2], part[3],
+        N, V, D, v_per_split, inv_t,
+        BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=bd, PREC=cfg["prec"], UPCAST=cfg["upcast"], **_launch_kw(cfg),
+    )
+    m, s, t, zy = part.unbind(0)
+    big_m = m.amax(1, keepdim=True)
+    scale = torch.exp(m - big_m)
+    s_tot = (s * scale).sum(1)
+    lse = big_m.squeeze(1) + torch.log(s_tot)
+    ent = lse - (t * scale).sum(1) / s_tot
+    return zy.sum(1) - lse, lse, ent
+
+
+def flp_backward(h, w, y, lse, ent, g_logp, g_ent, inv_t: float, cfg: dict, need_dh: bool = True, need_dw: bool = True):
+    """(d_hidden [N, D] in h.dtype or fp32, d_weight [V, D] fp32), None when not needed.
+
+    g_* must be zero on ignored rows."""
+    N, D = h.shape
+    V = w.shape[0]
+    has_ent = g_ent is not None
+    g_ent = g_ent if has_ent else g_logp
+    bn = cfg["block_n"]
+
+    def launch(rows: slice, dh, dw, dz, store_dz: bool):
+        n = rows.stop - rows.start
+        hc = h[rows]
+        _flp_bwd_kernel[(triton.cdiv(n, bn), triton.cdiv(V, cfg["block_v"]))](
+            hc, hc.stride(0), hc.stride(1), w, w.stride(0), w.stride(1), y[rows], lse[rows], ent[rows],
+            g_logp[rows], g_ent[rows], dh, dw, dz, n, V, D, inv_t,
+            HAS_ENT_GRAD=has_ent, STORE_DZ=store_dz, NEED_DH=need_dh, NEED_DW=need_dw, BLOCK_N=bn,
+            BLOCK_V=cfg["block_v"], BLOCK_D=cfg["block_d"], PREC=cfg["prec"], UPCAST=cfg["upcast"], **_launch_kw(cfg),
+        )
+
+    if cfg["bwd"] == "atomic":
+        dh = torch.zeros((N, D) if need_dh else (1, 1), dtype=torch.float32, device=h.device)
+        dw = torch.zeros((V, D) if need_dw else (1, 1), dtype=torch.float32, device=h.device)
+        launch(slice(0, N), dh, dw, dh, False)
+        return (dh if need_dh else None), (dw if need_dw else None)
+
+    chunk = cfg["bwd_chunk"] or cfg["bwd_chunk_bytes"] // (V * h.element_size())
+    chunk = max(bn, min(N, int(chunk)))
+    dz = torch.empty((chunk, V), dtype=h.dtype, device=h.device)
+    dh = torch.empty((N, D), dtype=h.dtype, device=h.device) if need_dh else None
+    dw = torch.zeros((V, D), dtype=torch.float32, device=h.device) if need_dw and N > chunk else None
+    for a in range(0, N, chunk):
+        b = min(N, a + chunk)
+        dzc = dz[: b - a]
+        launch(slice(a, b), dz, dz, dzc, True)
+        if need_dh:
+            torch.mm(dzc, w, out=dh[a:b])  # fp32 accumulation inside the GEMM, one rounding out
+        if need_dw:
+            part = dzc.T @ h[a:b]
+            dw = part.float() if dw is None else dw.add_(part)
+    return dh, dw

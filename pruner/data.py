@@ -1,0 +1,159 @@
+"""Problem loading: every math set format of ../shared/data, the embedded task, or a hub dataset.
+
+Each problem comes back as a dict with at least `id`, `problem` and `answer` (a string); the
+record's other fields are kept (e.g. `min_tokens`, `level`). The field names are detected
+(`problem`/`question`, `answer`/`ground_truth_answer`/`final_answer`) or named by the caller.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from pathlib import Path
+from typing import Any, Iterator
+
+log = logging.getLogger(__name__)
+
+PROBLEM_FIELDS = ("problem", "question", "prompt", "input")
+ANSWER_FIELDS = ("answer", "ground_truth_answer", "final_answer", "gt_answer", "target")
+ID_FIELDS = ("id", "unique_id", "idx", "problem_id")
+_GSM8K_FINAL = re.compile(r"####\s*(.+?)\s*$", re.S)
+
+
+class ProblemFormatError(ValueError):
+    """A malformed problem file; the message names file:line and the field."""
+
+
+def _normalise_answer(value: Any) -> str | None:
+    """Answer as a string; GSM8K's worked solution `... #### 42` becomes `42`."""
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, float):
+        if math.isnan(value):
+            return None
+        # 27.0 -> "27": numeric sets store integers as floats, and "27" reads better in a prompt
+        value = int(value) if value.is_integer() else value
+    text = str(value).strip()
+    if "####" in text:
+        match = _GSM8K_FINAL.search(text)
+        text = match.group(1).replace(",", "").strip() if match else ""
+    return text or None
+
+
+def _pick(record: dict, explicit: str | None, candidates: tuple[str, ...]) -> str | None:
+    if explicit is not None:
+        return explicit
+    return next((name for name in candidates if name in record), None)
+
+
+def _iter_file(path: Path) -> Iterator[tuple[str, Any]]:
+    """(location, record) pairs; location is `file:line` (JSONL) or `file[index]` (JSON, parquet)."""
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        with path.open(encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    yield f"{path}:{lineno}", json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise ProblemFormatError(f"{path}:{lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+    elif suffix == ".json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise ProblemFormatError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+        if isinstance(data, dict):  # {"data": [...]} / {"problems": [...]} wrappers
+            lists = [v for v in data.values() if isinstance(v, list)]
+            if len(lists) != 1:
+                raise ProblemFormatError(f"{path}:1: expected a JSON list of problems (or an object holding one list)")
+            data = lists[0]
+        if not isinstance(data, list):
+            raise ProblemFormatError(f"{path}:1: expected a JSON list of problems")
+        for index, record in enumerate(data):
+            yield f"{path}[{index}]", record
+    elif suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise ImportError(f"reading {path} needs pyarrow: pip install pyarrow") from None
+        for index, record in enumerate(pq.read_table(path).to_pylist()):
+            yield f"{path}[{index}]", record
+    else:
+        raise ProblemFormatError(f"{path}: unsupported file type {suffix!r} (use .json, .jsonl or .parquet)")
+
+
+def _records_from_hub(source: str) -> Iterator[tuple[str, Any]]:
+    name, _, split = source.partition(":")
+    try:
+        import datasets
+    except ImportError:
+        raise ImportError(
+            f"{source!r} is neither a local file nor 'embedded:train|test'; loading it as a hub dataset "
+            "needs the `datasets` package (pip install datasets) and network access"
+        ) from None
+    dataset = datasets.load_dataset(name, split=split or "test")
+    for index, record in enumerate(dataset):
+        yield f"{name}[{index}]", dict(record)
+
+
+def load_problems(
+    source: str | Path,
+    *,
+    problem_field: str | None = None,
+    answer_field: str | None = None,
+    id_field: str | None = None,
+    limit: int | None = None,
+) -> list[dict]:
+    """Problems from a .json/.jsonl/.parquet file, `embedded:train|test`, or a hub id (`name[:split]`).
+
+    A record without a usable answer is skipped (one warning counts and names them); a
+    malformed record raises ProblemFormatError naming file:line and the field.
+    """
+    source_str = str(source)
+    if source_str.startswith("embedded:"):
+        from pruner import default_problems  # lazily: the embedded task is heavy to import
+
+        split = source_str.split(":", 1)[1] or "train"
+        problems = [dict(p) for p in default_problems(split)]
+        for p in problems:
+            p["id"], p["answer"] = str(p["id"]), _normalise_answer(p.get("answer"))
+        return problems[:limit] if limit is not None else problems
+
+    path = Path(source_str).expanduser()
+    records = _iter_file(path) if path.exists() else _records_from_hub(source_str)
+    stem = path.stem if path.exists() else source_str.replace("/", "_")
+    problems: list[dict] = []
+    skipped: list[str] = []
+    seen_ids: set[str] = set()
+    for index, (where, record) in enumerate(records):
+        if not isinstance(record, dict):
+            raise ProblemFormatError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        p_field = _pick(record, problem_field, PROBLEM_FIELDS)
+        a_field = _pick(record, answer_field, ANSWER_FIELDS)
+        if p_field is None or p_field not in record:
+            wanted = problem_field or "/".join(PROBLEM_FIELDS)
+            raise ProblemFormatError(f"{where}: no problem field {wanted!r} (fields: {sorted(record)}); pass problem_field=")
+        problem = record[p_field]
+        if not isinstance(problem, str) or not problem.strip():
+            raise ProblemFormatError(f"{where}: field {p_field!r} must be a non-empty string")
+        answer = _normalise_answer(record.get(a_field)) if a_field is not None else None
+        i_field = _pick(record, id_field, ID_FIELDS)
+        raw_id = record.get(i_field) if i_field is not None else None
+        pid = str(raw_id) if raw_id is not None else f"{stem}-{index}"
+        if answer is None:
+            skipped.append(pid)
+            continue
+        if pid in seen_ids:
+            raise ProblemFormatError(f"{where}: duplicate id {pid!r} in field {i_field!r}")
+        seen_ids.add(pid)
+        out = {k: v for k, v in record.items() if k not in (p_field, a_field)}
+        out.update(id=pid, problem=problem, answer=answer)
+        problems.append(out)
+        if limit is not None and len(problems) >= limit:
+            break
+    if skipped:
+        shown = ", ".join(skipped[:10]) + (" ..." if len(skipped) > 10 else "")
+        log.warning("%s: skipped %d record(s) without a usable answer: %s", source_str, len(skipped), shown)
+    return problems

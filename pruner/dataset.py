@@ -1,0 +1,331 @@
+"""The length-harmonizing training set, built from pre-sampled responses.
+
+    python pruner/dataset.py                                   # runs/default/samples.jsonl -> runs/default/trainset/
+    python pruner/dataset.py --kind sft|dpo --lam 5 --keep-per-problem 2
+
+Per problem (its K samples): Lbar_ref = mean length, Abar_ref = mean accuracy. Per sample:
+R = Lbar_ref / L - 1 + lam * (A - Abar_ref) clipped to [-2, 4] (kernels.length_harmonizing_reward),
+advantage = (R - mean) / std over the kept samples (std 0, e.g. K = 1 where every R is 0:
+advantage = R - mean, i.e. all zeros, no division).
+
+Decisions (tested in tests/test_dataset.py):
+- Lengths L are token counts of the response as trained (EOS included), so L >= 1.
+- EOS: appended to a response that stopped (finish_reason != "length") without one, so the model
+  learns to stop; an empty stopped response becomes just [EOS] (L = 1). Truncated responses
+  ("length") are wrong, count in the statistics, are kept for training (they are the longest,
+  most-penalised samples) and are left unterminated: they never ended.
+- A sample with no tokens at all (only possible when truncated at 0 tokens) is dropped.
+- Duplicate problems (identical prompts under several ids) are merged: their samples pool into
+  one set of statistics, one `problem_index`; problem_stats lists every id in `ids`.
+- `keep_per_problem=m` keeps a uniformly random m of a problem's samples (numpy, `seed`), after
+  the statistics were computed on all of them. The paper's code keeps 2.
+- sft: per problem the shortest correct sample (ties: lowest sample_index), advantage 1;
+  problems without a correct sample are skipped.
+- dpo: per problem chosen = shortest correct, rejected = the longest wrong sample, or the
+  longest sample when none is wrong; problems without a correct sample or with a single
+  sample are skipped. Rows come in (chosen, rejected) order; advantages +1 / -1.
+- `ref_stats` (problem_stats.jsonl of another set, or its folder) replaces each problem's own
+  statistics, so on-policy rounds are rewarded against the original model.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # `python pruner/dataset.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+TRAINSET_FORMAT = "o1-pruner-trainset/1"
+CLIP = (-2.0, 4.0)
+KINDS = ("lh", "sft", "dpo")
+
+
+def _read_samples(paths: list[Path]) -> list[dict]:
+    from pruner.presample import read_samples
+
+    records: list[dict] = []
+    for path in paths:
+        if not path.exists():
+            raise FileNotFoundError(f"samples file {path} does not exist (run pruner/presample.py first)")
+        records.extend(read_samples(path))
+    if not records:
+        raise ValueError(f"no samples in {', '.join(map(str, paths))}")
+    return records
+
+
+def _samples_meta(paths: list[Path]) -> dict[str, Any]:
+    from pruner.presample import meta_path
+
+    metas = [json.loads(meta_path(p).read_text()) for p in paths if meta_path(p).exists()]
+    for m in metas[1:]:
+        if m.get("tokenizer_fingerprint") != metas[0].get("tokenizer_fingerprint"):
+            raise ValueError("the samples files were produced with different tokenizers")
+    return metas[0] if metas else {}
+
+
+def load_ref_stats(path: str | Path) -> dict[str, dict]:
+    """problem id -> stats row, from a problem_stats.jsonl (or the training-set folder holding it)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "problem_stats.jsonl"
+    rows = [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+    return {str(pid): row for row in rows for pid in row.get("ids", [row["id"]])}
+
+
+def _group_problems(records: list[dict]) -> "OrderedDict[str, dict]":
+    """Problems keyed by prompt text (duplicates merge), each with its samples and ids."""
+    groups: "OrderedDict[str, dict]" = OrderedDict()
+    seen: set[tuple[str, int]] = set()
+    for rec in records:
+        key = (str(rec["problem_id"]), int(rec["sample_index"]))
+        if key in seen:
+            raise ValueError(f"duplicate sample {key} in the samples file(s)")
+        seen.add(key)
+        group = groups.setdefault(rec["prompt"], {"ids": [], "samples": [], "answer": rec.get("answer")})
+        if key[0] not in group["ids"]:
+            group["ids"].append(key[0])
+        if group["answer"] != rec.get("answer"):
+            log.warning("problem %s: same prompt as %s but another answer (%r vs %r); merged anyway",
+                        key[0], group["ids"][0], rec.get("answer"), group["answer"])
+        group["samples"].append(rec)
+    return groups
+
+
+def _is_correct(rec: dict) -> bool:
+    # a truncated response is wrong even if a grader upstream credited an early box
+    return bool(rec["correct"]) and rec.get("finish_reason") != "length"
+
+
+def _response_ids(rec: dict, eos_ids: list[int]) -> tuple[list[int], bool]:
+    """The response as trained, and whether an EOS was appended."""
+    ids = [int(t) for t in rec["response_token_ids"]]
+    if rec.get("finish_reason") == "length" or (ids and ids[-1] in eos_ids):
+        return ids, False
+    return ids + [eos_ids[0]], True
+
+
+def _select(kind: str, samples: list[dict], lengths: list[int], keep: int | None,
+            rng: np.random.Generator) -> list[tuple[int, bool]]:
+    """(sample position, is_chosen) rows to keep for one problem."""
+    order = range(len(samples))
+    if kind == "lh":
+        if keep is None or keep >= len(samples):
+            return [(i, False) for i in order]
+        return [(int(i), False) for i in sorted(rng.choice(len(samples), size=keep, replace=False))]
+    correct = [i for i in order if _is_correct(samples[i])]
+    if not correct:
+        return []
+    # shortest correct; ties go to the lowest sample_index
+    best = min(correct, key=lambda i: (lengths[i], samples[i]["sample_index"]))
+    if kind == "sft":
+        return [(best, True)]
+    wrong = [i for i in order if not _is_correct(samples[i])]
+    pool = wrong or [i for i in order if i != best]
+    if not pool:
+        return []
+    worst = max(pool, key=lambda i: (lengths[i], -samples[i]["sample_index"]))
+    return [(best, True), (worst, False)]
+
+
+def build_trainset(
+    samples_path: str | Path | list[str | Path],
+    out_dir: str | Path,
+    *,
+    kind: str = "lh",
+    lam: float = 2.0,
+    keep_per_problem: int | None = None,
+    ref_stats: str | Path | None = None,
+    seed: int = 0,
+    tokenizer: Any = None,
+    report: bool = True,
+) -> Path:
+    """Build the training set folder (trainset.safetensors, meta.json, problem_stats.jsonl, report/).
+
+    `tokenizer`: a tokenizer object, a folder/id to load one from, or None for the model named
+    in the samples' `.meta.json`.
+    """
+    import kernels
+    from safetensors.torch import save_file
+
+    from pruner.hf import eos_token_ids, load_tokenizer, tokenizer_fingerprint
+
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if keep_per_problem is not None and keep_per_problem < 1:
+        raise ValueError("keep_per_problem must be >= 1 (or None for all)")
+    paths = [Path(p) for p in (samples_path if isinstance(samples_path, list) else [samples_path])]
+    records = _read_samples(paths)
+    meta_in = _samples_meta(paths)
+    model = meta_in.get("model")
+    if isinstance(tokenizer, (str, Path)):
+        model = model or str(tokenizer)
+        tokenizer = load_tokenizer(tokenizer)
+    if tokenizer is None:
+        if not model:
+            raise ValueError(f"{paths[0]} has no .meta.json naming its model: pass tokenizer=")
+        tokenizer = load_tokenizer(model)
+    fingerprint = tokenizer_fingerprint(tokenizer)
+    if meta_in.get("tokenizer_fingerprint") not in (None, fingerprint):
+        raise ValueError(f"the tokenizer given is not the one that produced {paths[0]} (fingerprint differs)")
+    eos_ids = eos_token_ids(tokenizer, model if model and Path(model).is_dir() else None)
+    if not eos_ids:
+        raise ValueError("the tokenizer has no EOS token; cannot terminate responses")
+    vocab_size = len(tokenizer)
+
+    groups = _group_problems(records)
+    ref = load_ref_stats(ref_stats) if ref_stats is not None else None
+    rng = np.random.default_rng(seed)
+    rows: list[dict] = []
+    stats: list[dict] = []
+    appended = dropped_empty = 0
+    for group in groups.values():
+        samples = sorted(group["samples"], key=lambda r: (r["problem_id"], r["sample_index"]))
+        responses = [_response_ids(r, eos_ids) for r in samples]
+        lengths = [len(ids) for ids, _ in responses]
+        own_len = float(np.mean([max(n, 1) for n in lengths]))
+        own_acc = float(np.mean([_is_correct(r) for r in samples]))
+        pid = group["ids"][0]
+        if ref is not None:
+            if pid not in ref:
+                raise KeyError(f"problem {pid} is not in ref_stats {ref_stats}")
+            lbar, abar = float(ref[pid]["ref_mean_length"]), float(ref[pid]["ref_mean_accuracy"])
+        else:
+            lbar, abar = own_len, own_acc
+        row = {"id": pid, "ids": group["ids"], "ref_mean_length": lbar, "ref_mean_accuracy": abar,
+               "k": len(samples), "mean_length": own_len, "mean_accuracy": own_acc}
+        if samples[0].get("min_tokens") is not None:
+            row["min_tokens"] = samples[0]["min_tokens"]
+        problem_index = len(stats)
+        stats.append(row)
+        for pos, is_chosen in _select(kind, samples, lengths, keep_per_problem, rng):
+            ids, added = responses[pos]
+            if not ids:
+                dropped_empty += 1
+                continue
+            rec = samples[pos]
+            prompt_ids = [int(t) for t in rec["prompt_token_ids"]]
+            if max(prompt_ids + ids) >= vocab_size:
+                raise ValueError(f"sample {rec['problem_id']}/{rec['sample_index']} has token ids outside the tokenizer's vocabulary")
+            appended += added
+            rows.append({"prompt": prompt_ids, "response": ids, "correct": _is_correct(rec),
+                         "problem_index": problem_index, "chosen": is_chosen, "lbar": lbar, "abar": abar})
+    if not rows:
+        raise ValueError(f"no training rows: kind={kind!r} kept nothing from {len(groups)} problem(s)")
+    if dropped_empty:
+        log.warning("dropped %d sample(s) with no response tokens", dropped_empty)
+
+    lengths_t = torch.tensor([len(r["response"]) for r in rows], dtype=torch.int64)
+    rewards = kernels.length_harmonizing_reward(
+        lengths_t,
+        torch.tensor([r["correct"] for r in rows], dtype=torch.float32),
+        torch.tensor([r["lbar"] for r in rows], dtype=torch.float64),
+        torch.tensor([r["abar"] for r in rows], dtype=torch.float64),
+        lam=lam, clip=CLIP,
+    ).float()
+    mean = float(rewards.double().mean())
+    std = float(rewards.double().std(unbiased=False)) if len(rows) > 1 else 0.0
+    if kind == "lh":
+        centred = rewards.double() - mean
+        advantages = (centred / std if std > 1e-8 else centred).float()
+    elif kind == "sft":
+        advantages = torch.ones(len(rows), dtype=torch.float32)
+    else:
+        advantages = torch.tensor([1.0 if r["chosen"] else -1.0 for r in rows], dtype=torch.float32)
+
+    sequences = [r["prompt"] + r["response"] for r in rows]
+    offsets = torch.zeros(len(rows) + 1, dtype=torch.int64)
+    offsets[1:] = torch.cumsum(torch.tensor([len(s) for s in sequences], dtype=torch.int64), 0)
+    tensors = {
+        "input_ids": torch.tensor([t for s in sequences for t in s], dtype=torch.int32),
+        "offsets": offsets,
+        "prompt_lengths": torch.tensor([len(r["prompt"]) for r in rows], dtype=torch.int32),
+        "response_lengths": lengths_t.to(torch.int32),
+        "rewards": rewards.contiguous(),
+        "advantages": advantages.contiguous(),
+        "correct": torch.tensor([r["correct"] for r in rows], dtype=torch.uint8),
+        "problem_index": torch.tensor([r["problem_index"] for r in rows], dtype=torch.int64),
+    }
+    if kind == "dpo":
+        tensors["pair_index"] = torch.arange(len(rows), dtype=torch.int64) // 2
+        tensors["chosen"] = torch.tensor([r["chosen"] for r in rows], dtype=torch.uint8)
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "trainset.safetensors"))
+    meta = {
+        "format": TRAINSET_FORMAT, "kind": kind, "model": model, "tokenizer_fingerprint": fingerprint,
+        "lam": lam, "clip": list(CLIP), "reward_mean": mean, "reward_std": std,
+        "num_samples": len(rows), "num_problems": len(stats),
+        # absolute: on-policy rounds find the samples' .meta.json from here, from any cwd
+        "samples_file": str(paths[0].resolve()), "samples_files": [str(p.resolve()) for p in paths],
+        "keep_per_problem": keep_per_problem, "seed": seed,
+        "ref_stats": str(ref_stats) if ref_stats is not None else None,
+        "eos_appended": {"count": appended, "eos_token_id": eos_ids[0],
+                         "policy": "appended to stopped responses lacking an EOS; truncated ones left unterminated"},
+        "dropped_empty": dropped_empty, "sampling": meta_in.get("sampling"),
+    }
+    (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    with (out / "problem_stats.jsonl").open("w", encoding="utf-8") as fh:
+        for row in stats:
+            fh.write(json.dumps(row) + "\n")
+    if report:
+        from pruner.report import write_report
+
+        write_report(records, out / "report")
+    return out
+
+
+def load_trainset(path: str | Path) -> dict[str, Any]:
+    """A training-set folder as one flat dict: every tensor by name, plus "meta" (meta.json) and
+    "stats" (problem_stats.jsonl rows, indexed by the `problem_index` tensor)."""
+    from safetensors.torch import load_file
+
+    p = Path(path)
+    meta = json.loads((p / "meta.json").read_text())
+    if meta.get("format") != TRAINSET_FORMAT:
+        raise ValueError(f"{p}: format {meta.get('format')!r}, expected {TRAINSET_FORMAT!r}")
+    stats = [json.loads(line) for line in (p / "problem_stats.jsonl").read_text().splitlines() if line.strip()]
+    return {**load_file(str(p / "trainset.safetensors")), "meta": meta, "stats": stats}
+
+
+@dataclass
+class DatasetConfig:
+    """Build the O1-Pruner training set (or an SFT/DPO baseline set) from pre-sampled responses."""
+
+    samples: str = field(default="runs/default/samples.jsonl", metadata={"help": "samples JSONL from pruner/presample.py"})
+    out: str = field(default="runs/default/trainset", metadata={"help": "output folder"})
+    kind: str = field(default="lh", metadata={"help": "lh (length-harmonizing), sft (shortest correct) or dpo (shortest correct vs longest/wrong)"})
+    lam: float = field(default=2.0, metadata={"help": "accuracy weight lambda (the paper: 2 for Marco-o1, 5 for QwQ)"})
+    keep_per_problem: int | None = field(default=None, metadata={"help": "keep a random N samples per problem (default all; the paper's code keeps 2)"})
+    ref_stats: str | None = field(default=None, metadata={"help": "problem_stats.jsonl (or trainset folder) whose Lbar/Abar to reward against"})
+    seed: int = field(default=0, metadata={"help": "seed of the keep-per-problem draw"})
+    tokenizer: str | None = field(default=None, metadata={"help": "tokenizer folder/id (default: the model in the samples' meta)"})
+    report: bool = field(default=True, metadata={"help": "write the report/ folder (plots, tables)"})
+
+
+def main(argv: list[str] | None = None) -> Path:
+    from pruner.cli import parse_config
+    from pruner.hf import load_tokenizer
+
+    cfg = parse_config(DatasetConfig, argv)
+    tok = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else None
+    out = build_trainset(cfg.samples, cfg.out, kind=cfg.kind, lam=cfg.lam, keep_per_problem=cfg.keep_per_problem,
+                         ref_stats=cfg.ref_stats, seed=cfg.seed, tokenizer=tok, report=cfg.report)
+    meta = json.loads((out / "meta.json").read_text())
+    print(json.dumps({k: meta[k] for k in ("kind", "num_samples", "num_problems", "reward_mean", "reward_std")}, indent=2))
+    print(f"wrote {out}")
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,197 @@
+"""Train the embedded long-thought model from scratch and write it as a Hugging Face folder.
+
+    python -m pruner.embedded.build --out pruner/assets/default_model
+
+Plain next-token loss on the response tokens of freshly sampled long-thought traces (the
+prompt is the project's chat prompt, as every entry point builds it). Single process, fixed
+seeds and thread count, deterministic algorithms: the same command on the same software
+rebuilds the same weights bit for bit.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from pruner.embedded.task import PARAMS, long_trace, params_hash, problem_text, sample_spec, test_problem_texts
+
+
+@dataclass
+class BuildConfig:
+    """The model's shape and the training run; defaults are the shipped model's."""
+
+    seed: int = 0
+    steps: int = 1000  # optimizer steps
+    batch: int = 24  # traces per step
+    lr: float = 3e-3
+    warmup: int = 100
+    min_lr_ratio: float = 0.05
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    threads: int = 2  # part of the bit-for-bit contract: CPU kernels reduce per thread
+    hidden: int = 128
+    layers: int = 4
+    heads: int = 2  # head_dim 64: vLLM's CPU attention rejects smaller heads
+    intermediate: int = 384
+    max_len: int = 1024
+
+
+def model_config(cfg: BuildConfig, vocab_size: int, tok):
+    from transformers import Qwen2Config
+
+    return Qwen2Config(
+        vocab_size=vocab_size,
+        hidden_size=cfg.hidden,
+        intermediate_size=cfg.intermediate,
+        num_hidden_layers=cfg.layers,
+        num_attention_heads=cfg.heads,
+        num_key_value_heads=cfg.heads,
+        head_dim=cfg.hidden // cfg.heads,
+        max_position_embeddings=cfg.max_len,
+        rope_theta=10000.0,
+        tie_word_embeddings=True,
+        bos_token_id=tok.convert_tokens_to_ids("<|im_start|>"),
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        torch_dtype="float32",
+    )
+
+
+class TraceStream:
+    """Batches of (prompt + long-thought response) token ids, sampled from a seeded RNG.
+
+    Problems of the test split never appear, so the profile measures unseen problems.
+    """
+
+    def __init__(self, tok, seed: int):
+        from pruner.prompting import build_prompt
+
+        self.tok, self.rng = tok, random.Random(seed)
+        self.held_out = test_problem_texts()
+        self.build_prompt = build_prompt
+        self.pending: list[list[tuple[list[int], list[int]]]] = []
+
+    def example(self) -> tuple[list[int], list[int]]:
+        while True:
+            start, ops = sample_spec(self.rng, self.rng.randint(PARAMS.min_steps, PARAMS.max_steps))
+            problem = problem_text(start, ops)
+            if problem not in self.held_out:
+                break
+        prompt = self.tok.encode(self.build_prompt(self.tok, problem), add_special_tokens=False)
+        text, _ = long_trace(start, ops, self.rng)
+        response = self.tok.encode(text, add_special_tokens=False) + [self.tok.eos_token_id]
+        return prompt, response
+
+    def batch(self, size: int, bucket: int = 4):
+        """Draw `bucket` batches at once and group them by length: far less padding to compute."""
+        import torch
+
+        if not self.pending:
+            pool = sorted((self.example() for _ in range(size * bucket)), key=lambda pr: len(pr[0]) + len(pr[1]))
+            self.pending = [pool[i * size:(i + 1) * size] for i in range(bucket)]
+            self.rng.shuffle(self.pending)
+        pairs = self.pending.pop()
+        width = max(len(p) + len(r) for p, r in pairs)
+        ids = torch.full((size, width), self.tok.pad_token_id, dtype=torch.long)
+        labels = torch.full((size, width), -100, dtype=torch.long)
+        mask = torch.zeros((size, width), dtype=torch.long)
+        for row, (p, r) in enumerate(pairs):
+            n = len(p) + len(r)
+            ids[row, :n] = torch.tensor(p + r)
+            labels[row, len(p):n] = torch.tensor(r)  # loss on the response only
+            mask[row, :n] = 1
+        return ids, labels, mask
+
+
+def lr_at(step: int, cfg: BuildConfig) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    floor = cfg.min_lr_ratio * cfg.lr
+    return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build(out: Path, cfg: BuildConfig | None = None, log_every: int = 50) -> dict:
+    """Train the model and write config, safetensors, tokenizer and build_info.json to `out`."""
+    import torch
+    import torch.nn.functional as F
+    from transformers import GenerationConfig, Qwen2ForCausalLM
+
+    from pruner.embedded.tokenizer import build_tokenizer
+
+    cfg = cfg or BuildConfig()
+    t0 = time.time()
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    torch.use_deterministic_algorithms(True)
+    tok = build_tokenizer()
+    # Round the vocabulary up so the embedding rows are a friendly multiple.
+    vocab_size = (len(tok) + 63) // 64 * 64
+    model = Qwen2ForCausalLM(model_config(cfg, vocab_size, tok))
+    model.train()
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr, betas=(0.9, 0.98),
+    )
+    stream = TraceStream(tok, cfg.seed)
+    losses: list[float] = []
+    for step in range(cfg.steps):
+        ids, labels, mask = stream.batch(cfg.batch)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        losses.append(loss.item())
+        if log_every and (step % log_every == 0 or step == cfg.steps - 1):
+            recent = losses[-log_every:]
+            print(f"step {step:5d}  loss {sum(recent) / len(recent):.4f}  lr {lr_at(step, cfg):.2e}  "
+                  f"{time.time() - t0:6.1f}s", flush=True)
+
+    out.mkdir(parents=True, exist_ok=True)
+    model.eval()
+    model.save_pretrained(str(out), safe_serialization=True)
+    tok.save_pretrained(str(out))
+    # Only the ids: sampling settings belong to the caller (vLLM would adopt them otherwise).
+    GenerationConfig(bos_token_id=model.config.bos_token_id, eos_token_id=tok.eos_token_id,
+                     pad_token_id=tok.pad_token_id).save_pretrained(str(out))
+    tail = losses[-min(100, len(losses)):]
+    info = {
+        "seed": cfg.seed,
+        "steps": cfg.steps,
+        "build_seconds": round(time.time() - t0, 1),
+        "final_loss": round(sum(tail) / len(tail), 5),
+        "task_params_hash": params_hash(),
+        "task_params": asdict(PARAMS),
+        "config": asdict(cfg),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "torch": torch.__version__,
+        "command": f"python -m pruner.embedded.build --out {out}",
+    }
+    (out / "build_info.json").write_text(json.dumps(info, indent=2) + "\n")
+    return info
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True, help="folder to write the model into")
+    for field, default in asdict(BuildConfig()).items():
+        parser.add_argument(f"--{field.replace('_', '-')}", type=type(default), default=default,
+                            help=f"default {default}")
+    args = vars(parser.parse_args(argv))
+    out = args.pop("out")
+    info = build(out, BuildConfig(**args))
+    print(json.dumps({k: info[k] for k in ("steps", "build_seconds", "final_loss", "parameters")}))
+
+
+if __name__ == "__main__":
+    main()

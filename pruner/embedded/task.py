@@ -1,0 +1,212 @@
+"""The embedded task: chains of small arithmetic operations, and long-thought traces for them.
+
+A problem is a start value and 3..11 numbered operations ("( 2 ) times 3"); the difficulty is
+the number of operations, so harder problems need more reasoning steps. Every word of the
+problem and of the traces is one token of the embedded model's word-level tokenizer (numbers
+0..99 included), which keeps the arithmetic learnable by a tiny transformer in minutes.
+
+The long-thought trace is the shortest correct trace (one line per operation, then the boxed
+answer) plus redundancy whose amount is drawn per trace, independent of the difficulty. Every
+piece of redundancy starts at a visible decision point right after a step, so fine-tuning can
+move each decision separately:
+  - "wait , let me check : ..." after a correct step: pure waste;
+  - the same check after a slip (a wrong result written with probability SLIP): necessary,
+    it repairs the value ("..., not 16 . so x = 15 ."), so not every extra token is waste;
+  - "so x is 45 ." restatements and "hmm , ..." hesitations: waste;
+  - over-thinking, "hmm , maybe 15 * 3 is 44 instead . so x = 44 .": turns a right value
+    wrong; its rate grows with the trace's verbosity, so the longest traces are the least
+    accurate on average (the paper's Table 1), and pruning them can raise accuracy;
+  - a final review that restates every step: waste.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import asdict, dataclass
+
+MAX_VALUE = 99  # every value stays a single number token 0..99
+OPS = {"plus": "+", "minus": "-", "times": "*"}
+
+
+@dataclass(frozen=True)
+class TaskParams:
+    """Everything that shapes the task and its traces; hashed into build_info.json."""
+
+    seed: int = 20250122
+    n_train: int = 1200
+    n_test: int = 400
+    min_steps: int = 3
+    max_steps: int = 11
+    slip: float = 0.05  # a step result written wrong
+    fix_slip: float = 0.9  # ... and then caught by a check
+    check: tuple[float, float] = (0.1, 0.75)  # P(check a correct step) = a + b * h
+    restate: float = 0.25  # * h
+    hesitate: float = 0.2  # * h
+    overthink: float = 0.12  # * h**2: concentrated in the most verbose traces
+    review: float = 0.7  # * h: restate every step at the end
+    intro: float = 0.6  # * h
+
+
+PARAMS = TaskParams()
+
+
+def params_hash(params: TaskParams = PARAMS) -> str:
+    """A digest of the generator's parameters, independent of git, to tell builds apart."""
+    blob = json.dumps(asdict(params), sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def apply_op(op: str, value: int, operand: int) -> int:
+    if op == "plus":
+        return value + operand
+    if op == "minus":
+        return value - operand
+    return value * operand
+
+
+def sample_spec(rng: random.Random, n_steps: int) -> tuple[int, list[tuple[str, int]]]:
+    """A start value and `n_steps` operations whose intermediate values all stay in 0..99."""
+    value = rng.randint(2, 30)
+    start, ops = value, []
+    for _ in range(n_steps):
+        choices = [("plus", k) for k in range(2, 10) if value + k <= MAX_VALUE]
+        choices += [("minus", k) for k in range(2, 10) if value - k >= 0]
+        # Multiplication is rarer and bounded so the table stays small enough to learn.
+        mul = [("times", k) for k in (2, 3) if 2 <= value and value * k <= MAX_VALUE]
+        op, k = rng.choice(mul) if mul and rng.random() < 0.3 else rng.choice(choices)
+        ops.append((op, k))
+        value = apply_op(op, value, k)
+    return start, ops
+
+
+def problem_text(start: int, ops: list[tuple[str, int]]) -> str:
+    body = " ".join(f"( {i} ) {op} {k} ." for i, (op, k) in enumerate(ops, 1))
+    return f"start with {start} . {body} what is the result ?"
+
+
+def solve(start: int, ops: list[tuple[str, int]]) -> list[int]:
+    values = [start]
+    for op, k in ops:
+        values.append(apply_op(op, values[-1], k))
+    return values
+
+
+def _step(i: int, a: int, op: str, k: int, r: int) -> str:
+    return f"( {i} ) {a} {OPS[op]} {k} = {r} ."
+
+
+def _answer(value: int) -> str:
+    return f"so the answer is \\boxed{{ {value} }} ."
+
+
+def min_trace(start: int, ops: list[tuple[str, int]]) -> str:
+    """The shortest correct trace: the necessary steps only."""
+    values = solve(start, ops)
+    lines = [f"x = {start} ."]
+    lines += [_step(i, values[i - 1], op, k, values[i]) for i, (op, k) in enumerate(ops, 1)]
+    lines.append(_answer(values[-1]))
+    return " ".join(lines)
+
+
+def _near(rng: random.Random, value: int) -> int:
+    """A plausible wrong value: off by a little, still a valid number token."""
+    while True:
+        wrong = value + rng.choice((-3, -2, -1, 1, 2, 3, 10, -10))
+        if 0 <= wrong <= MAX_VALUE:
+            return wrong
+
+
+def long_trace(
+    start: int, ops: list[tuple[str, int]], rng: random.Random, p: TaskParams = PARAMS
+) -> tuple[str, int]:
+    """Sample a long-thought trace; returns (text, the boxed final value, maybe wrong)."""
+    h = rng.random()  # this trace's verbosity, hidden; the model infers it from its context
+    out = []
+    if rng.random() < p.intro * h:
+        out.append("okay , let me work through this one step at a time .")
+    out.append(f"x = {start} .")
+    x = start
+    written = []
+    for i, (op, k) in enumerate(ops, 1):
+        # A wrong value written earlier can push the chain out of the number range: clamp.
+        right = max(0, min(MAX_VALUE, apply_op(op, x, k)))
+        r = _near(rng, right) if rng.random() < p.slip else right
+        out.append(_step(i, x, op, k, r))
+        if r != right:
+            if rng.random() < p.fix_slip:
+                out.append(f"wait , let me check : {x} {OPS[op]} {k} = {right} , not {r} . so x = {right} .")
+                r = right
+        else:
+            if rng.random() < p.check[0] + p.check[1] * h:
+                out.append(f"wait , let me check : {x} {OPS[op]} {k} = {r} . yes .")
+            if rng.random() < p.restate * h:
+                out.append(f"so x is {r} .")
+            if rng.random() < p.hesitate * h:
+                out.append("hmm , let me make sure i have the right step .")
+            if rng.random() < p.overthink * h * h:
+                wrong = _near(rng, r)
+                out.append(f"hmm , maybe {x} {OPS[op]} {k} is {wrong} instead . so x = {wrong} .")
+                r = wrong
+        written.append((i, x, op, k, r))
+        x = r
+    if rng.random() < p.review * h:
+        out.append("let me go over it again .")
+        out += [_step(*w) for w in written]
+        out.append("yes .")
+    out.append(_answer(x))
+    return " ".join(out), x
+
+
+def words() -> list[str]:
+    """Every word the problems and traces can contain (the tokenizer's core vocabulary)."""
+    rng = random.Random(0)
+    seen: dict[str, None] = {str(n): None for n in range(MAX_VALUE + 1)}
+    # Trace and problem words, collected from the generator itself so no literal is missed.
+    probe = PARAMS.__class__(**{**asdict(PARAMS), "check": (1.0, 0.0), "slip": 0.5, "fix_slip": 0.5,
+                                "restate": 1.0, "hesitate": 1.0, "overthink": 1.0, "review": 1.0, "intro": 1.0})
+    for _ in range(50):
+        start, ops = sample_spec(rng, 11)
+        for text in (problem_text(start, ops), long_trace(start, ops, rng, probe)[0]):
+            seen.update(dict.fromkeys(text.split()))
+    return list(seen)
+
+
+def _split_specs(p: TaskParams) -> dict[str, list[tuple[int, list[tuple[str, int]]]]]:
+    """Distinct problems, difficulty uniform, cut into disjoint train and test splits."""
+    rng = random.Random(p.seed)
+    seen: set[str] = set()
+    specs = []
+    while len(specs) < p.n_train + p.n_test:
+        spec = sample_spec(rng, rng.randint(p.min_steps, p.max_steps))
+        text = problem_text(*spec)
+        if text not in seen:
+            seen.add(text)
+            specs.append(spec)
+    return {"test": specs[: p.n_test], "train": specs[p.n_test:]}
+
+
+def make_problems(split: str, p: TaskParams = PARAMS, count_tokens=None) -> list[dict]:
+    """Records {"id", "problem", "answer", "min_tokens", "difficulty"} of a split.
+
+    `count_tokens(text) -> int` measures the shortest correct trace; the default counts the
+    embedded tokenizer's tokens (one per word) plus the end-of-turn token the model emits.
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', not {split!r}")
+    count = count_tokens or (lambda text: len(text.split()) + 1)
+    records = []
+    for n, (start, ops) in enumerate(_split_specs(p)[split]):
+        records.append({
+            "id": f"embedded-{split}-{n:05d}",
+            "problem": problem_text(start, ops),
+            "answer": str(solve(start, ops)[-1]),
+            "min_tokens": count(min_trace(start, ops)),
+            "difficulty": len(ops) - p.min_steps + 1,
+        })
+    return records
+
+
+def test_problem_texts(p: TaskParams = PARAMS) -> set[str]:
+    """Problem texts of the test split, kept out of the model's training traces."""
+    return {problem_text(*spec) for spec in _split_specs(p)["test"]}

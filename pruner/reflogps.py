@@ -1,0 +1,101 @@
+"""Reference log-probabilities: one no-grad pass of the initial model over the training set.
+
+The data is fixed and pi_ref is the starting point of pi, so log pi_ref(y_t | x, y_<t) is computed
+once, before the first update, and cached next to the training set (DESIGN §1.4): no second model
+is ever held in memory and no step pays for a reference forward.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from pruner.batching import collate, response_offsets
+from pruner.distributed import Dist, all_reduce_sum, barrier
+
+
+def model_fingerprint(path: str) -> str:
+    """Cheap identity of a model folder: its config and the head and tail of every weights file."""
+    digest = hashlib.sha256()
+    root = Path(path)
+    if not root.is_dir():  # a hub id: its name is all we can see without downloading
+        digest.update(path.encode())
+        return digest.hexdigest()[:16]
+    for file in sorted(root.iterdir()):
+        if file.name == "config.json":
+            digest.update(file.read_bytes())
+        elif file.suffix in (".safetensors", ".bin"):
+            size = file.stat().st_size
+            digest.update(f"{file.name}:{size}".encode())
+            with file.open("rb") as f:
+                digest.update(f.read(1 << 20))
+                f.seek(max(0, size - (1 << 20)))
+                digest.update(f.read(1 << 20))
+    return digest.hexdigest()[:16]
+
+
+def cache_path(trainset: Path, model_key: str, temperature: float) -> Path:
+    return trainset / f"ref_logps-{model_key}-t{temperature:g}.safetensors"
+
+
+@torch.no_grad()
+def compute_reference_logprobs(policy: torch.nn.Module, data: dict, d: Dist, *, micro_batch: int,
+                               pad_id: int, show_progress: bool = True) -> torch.Tensor:
+    """Flat fp32 tensor of log-probs of every response token, in sample order (see response_offsets)."""
+    lengths = (data["offsets"][1:] - data["offsets"][:-1]).tolist()
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches = [order[i:i + micro_batch] for i in range(0, len(order), micro_batch)]
+    offsets = data["response_offsets"]
+    flat = torch.zeros(int(offsets[-1]), dtype=torch.float32)
+    # FSDP's collectives need every rank to run the same number of forwards: pad with repeats.
+    rounds = -(-len(batches) // d.world_size)
+    mine = [batches[r * d.world_size + d.rank] if r * d.world_size + d.rank < len(batches) else None
+            for r in range(rounds)]
+    iterator = mine
+    if show_progress and d.is_main:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(mine, desc="reference log-probs", unit="batch")
+    was_training = policy.training
+    policy.eval()
+    for indices in iterator:
+        batch = collate(data, indices if indices is not None else batches[0], pad_id=pad_id).to(d.device)
+        logps = policy(batch.input_ids, batch.attention_mask, batch.labels).float().cpu()
+        if indices is None:
+            continue
+        for row, i in enumerate(indices):
+            p, r = int(data["prompt_lengths"][i]), int(data["response_lengths"][i])
+            flat[offsets[i]:offsets[i + 1]] = logps[row, p - 1:p + r - 1]
+    policy.train(was_training)
+    if not torch.isfinite(flat).all():
+        bad = (~torch.isfinite(flat)).sum().item()
+        raise FloatingPointError(f"reference log-probs: {bad} non-finite values; the model or data is broken")
+    # Each rank filled only its own samples: the sum over ranks is the whole table.
+    return all_reduce_sum(flat)
+
+
+def reference_logprobs(policy: torch.nn.Module, data: dict, trainset: Path, model_path: str, d: Dist, *,
+                       temperature: float, micro_batch: int, pad_id: int) -> tuple[torch.Tensor, Path, bool]:
+    """Load the cached table for this model and training set, or compute and cache it."""
+    path = cache_path(trainset, model_fingerprint(model_path), temperature)
+    if path.exists():
+        flat = load_file(str(path))["logps"]
+        if flat.numel() == int(data["response_offsets"][-1]):
+            return flat, path, True
+    flat = compute_reference_logprobs(policy, data, d, micro_batch=micro_batch, pad_id=pad_id)
+    if d.is_main:
+        tmp = path.with_suffix(".tmp")
+        save_file({"logps": flat}, str(tmp), metadata={"model": model_path, "temperature": str(temperature),
+                                                       "trainset": json.dumps(str(trainset))})
+        os.replace(tmp, path)
+    barrier()
+    return flat, path, False
+
+
+def attach_response_offsets(data: dict) -> dict:
+    data["response_offsets"] = response_offsets(data["response_lengths"])
+    return data

@@ -1,0 +1,221 @@
+"""Length-Harmonizing Fine-Tuning: `torchrun --nproc_per_node N pruner/train.py [--flags]`.
+
+One entry point, one loop that reads top to bottom. The same code runs as a single process
+(`python pruner/train.py`), on CPUs over gloo and on GPUs over NCCL. Every flag is a field of
+`TrainConfig` below, with its help text.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+if __package__ in (None, ""):  # `python pruner/train.py` / torchrun: make the project importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+
+from pruner import distributed
+from pruner.batching import check_batch_sizes, collate, plan_epoch
+from pruner.checkpoint import export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
+from pruner.cli import parse_config
+from pruner.distributed import all_reduce_sum, print0
+from pruner.losses import LOSSES, compute_loss, count_units, normalizer_units
+from pruner.metrics import MetricsLogger, peak_memory_gib, plot_metrics
+from pruner.modeling import prepare_model
+from pruner.onpolicy import resample
+from pruner.reflogps import attach_response_offsets, reference_logprobs
+from pruner.trainer_setup import check_inputs, cosine_with_warmup, load_training_data, resolve_defaults
+
+
+@dataclass
+class TrainConfig:
+    """Fine-tune a long-thought model to answer with shorter reasoning (O1-Pruner / LHFT)."""
+
+    model: str = field(default="", metadata={"help": "HF causal-LM folder or hub id; empty = the embedded default model"})
+    data: str = field(default="runs/default/trainset", metadata={"help": "training set folder written by pruner/dataset.py"})
+    out: str = field(default="runs/default/train", metadata={"help": "run folder: checkpoints, metrics, export"})
+    loss: str = field(default="", metadata={"help": f"one of {LOSSES}: lh = O1-Pruner's clipped ratio loss; sft/dpo = the paper's baselines; empty = from the training set's kind"})
+    ratio_level: str = field(default="sequence", metadata={"help": "'sequence' (the paper's code: ratio of length-normalised log-probs) or 'token' (PPO/GRPO style)"})
+    eps_low: float = field(default=0.2, metadata={"help": "lower clip range of the ratio: clip(r, 1 - eps_low, 1 + eps_high)"})
+    eps_high: float = field(default=0.2, metadata={"help": "upper clip range of the ratio"})
+    dpo_beta: float = field(default=0.1, metadata={"help": "DPO temperature beta (--loss dpo)"})
+    lr: float = field(default=0.0, metadata={"help": "peak learning rate; 0 = 2e-7 for real models (the paper's 7B value), a tuned value for the embedded default"})
+    epochs: int = field(default=1, metadata={"help": "passes over the training set per round (the paper: 1)"})
+    max_steps: int = field(default=0, metadata={"help": "stop after this many optimizer steps in total (0 = the epochs decide)"})
+    warmup_ratio: float = field(default=0.1, metadata={"help": "fraction of steps with linear warm-up before the cosine decay"})
+    min_lr_ratio: float = field(default=0.0, metadata={"help": "final learning rate as a fraction of the peak"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    max_grad_norm: float = field(default=10.0, metadata={"help": "gradient clipping norm (the paper: 10)"})
+    global_batch_size: int = field(default=32, metadata={"help": "sequences per optimizer step over all processes"})
+    micro_batch_size: int = field(default=8, metadata={"help": "sequences per forward/backward on one process"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature the log-probs are taken at"})
+    seed: int = field(default=0, metadata={"help": "seed of the data order and of torch"})
+    device: str = field(default="auto", metadata={"help": "'auto' (cuda when available), 'cuda' or 'cpu'"})
+    liger: bool = field(default=True, metadata={"help": "patch Liger-Kernel's RMSNorm/RoPE/SwiGLU into the model on CUDA"})
+    activation_checkpointing: bool = field(default=False, metadata={"help": "recompute each decoder block's activations in backward"})
+    mixed_precision: bool = field(default=True, metadata={"help": "on CUDA: bf16 parameters in compute, fp32 gradient reduction"})
+    meta_init: bool = field(default=True, metadata={"help": "with several processes only rank 0 reads the weights; the others receive their shards"})
+    ckpt_every: int = field(default=50, metadata={"help": "save a resumable checkpoint every N steps (and at the end)"})
+    keep_checkpoints: int = field(default=2, metadata={"help": "how many recent checkpoints to keep"})
+    resume: bool = field(default=False, metadata={"help": "continue from the latest checkpoint in --out"})
+    stop_after: int = field(default=0, metadata={"help": "exit after this many steps, as a preempted run would (after its checkpoint)"})
+    max_bad_steps: int = field(default=3, metadata={"help": "stop when this many steps in a row have a NaN/inf loss or gradient"})
+    export: bool = field(default=True, metadata={"help": "export the final model as a Hugging Face folder <out>/export"})
+    tensorboard: bool = field(default=False, metadata={"help": "also write TensorBoard scalars"})
+    rounds: int = field(default=1, metadata={"help": "on-policy rounds: > 1 re-samples from the current model between rounds"})
+    round_samples: int = field(default=0, metadata={"help": "samples per problem in on-policy rounds (0 = as in the training set)"})
+
+
+def train(cfg: TrainConfig) -> Path | None:
+    d = distributed.init(cfg.device)
+    cfg = resolve_defaults(cfg)
+    out = Path(cfg.out)
+    torch.manual_seed(cfg.seed)
+    data, tokenizer = load_training_data(cfg)          # clear errors before any work
+    check_inputs(cfg, data, tokenizer, d.world_size)
+    accum = check_batch_sizes(cfg.global_batch_size, cfg.micro_batch_size, d.world_size, 2 if cfg.loss == "dpo" else 1)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if d.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    print0(f"o1-pruner: {d.world_size} process(es) on {d.device}, loss={cfg.loss}, ratio={cfg.ratio_level}, "
+           f"lr={cfg.lr:g}, global batch {cfg.global_batch_size} = {cfg.micro_batch_size} x {d.world_size} x {accum}")
+
+    policy = prepare_model(cfg.model, d, temperature=cfg.temperature, liger=cfg.liger,
+                           activation_checkpointing=cfg.activation_checkpointing,
+                           mixed_precision=cfg.mixed_precision, meta_init=cfg.meta_init)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+
+    # Reference log-probs: once, by the unmodified model, before the first update (DESIGN §1.4).
+    old_flat = _old_logprobs(policy, data, Path(cfg.data), cfg.model, cfg, d, pad_id)
+    plan_args = dict(global_batch=cfg.global_batch_size, micro_batch=cfg.micro_batch_size,
+                     world_size=d.world_size, seed=cfg.seed)
+    steps_per_round = _steps_per_epoch(data, plan_args) * cfg.epochs
+    total_steps = steps_per_round * cfg.rounds
+    if cfg.max_steps:
+        total_steps = min(total_steps, cfg.max_steps)
+    scheduler = cosine_with_warmup(optimizer, total_steps, cfg.warmup_ratio, cfg.min_lr_ratio)
+
+    step = 0
+    if cfg.resume and (ckpt := latest_checkpoint(out / "checkpoints")) is not None:
+        step = load_checkpoint(ckpt, policy, optimizer, scheduler, d)["step"]
+        print0(f"resumed from {ckpt} at step {step}")
+    logger = MetricsLogger(out / "metrics.jsonl", enabled=d.is_main, total_steps=total_steps, start_step=step,
+                           tensorboard=cfg.tensorboard)
+    units = normalizer_units(cfg.loss, cfg.ratio_level)
+    bad_steps, t_start = 0, time.perf_counter()
+    plan, plan_key, data_round = [], None, 0
+
+    while step < total_steps:
+        round_index, in_round = divmod(step, steps_per_round)
+        if round_index != data_round:  # on-policy round: sample from the current policy
+            model_dir, trainset = resample(policy, Path(cfg.data), out, round_index, cfg.model, d,
+                                           samples_per_problem=cfg.round_samples)
+            data, _ = load_training_data(replace(cfg, data=str(trainset)))
+            old_flat = _old_logprobs(policy, data, trainset, str(model_dir), cfg, d, pad_id)
+            data_round = round_index
+        epoch, in_epoch = divmod(in_round, _steps_per_epoch(data, plan_args))
+        if plan_key != (round_index, epoch):  # an epoch's order is a function of (seed, round, epoch)
+            plan = plan_epoch(_lengths(data), epoch=epoch + 1000 * round_index, pairs=data.get("pairs"), **plan_args)
+            plan_key = (round_index, epoch)
+        t_step = time.perf_counter()
+        global_step = plan[in_epoch]
+        step_indices = [i for r in global_step for m in r for i in m]
+        # The loss is a sum over the step's units divided by their count over ALL ranks and
+        # micro-batches; every rank knows the plan, so no collective is needed for it.
+        normalizer = count_units(units, data["response_lengths"][step_indices].tolist())
+        totals = torch.zeros(4, dtype=torch.float64)  # loss, tokens, sequences, non-finite flag
+        stat_sums: dict[str, float] = {}
+        for indices in global_step[d.rank]:
+            batch = collate(data, indices, pad_id=pad_id, ref_flat=old_flat).to(d.device)
+            logps = policy(batch.input_ids, batch.attention_mask, batch.labels)
+            chosen = data["chosen"][indices].to(d.device) if "chosen" in data else None
+            loss, stats = compute_loss(cfg.loss, logps, batch.old_logps, batch.mask,
+                                       data["advantages"][indices].to(d.device), normalizer,
+                                       ratio_level=cfg.ratio_level, eps_low=cfg.eps_low, eps_high=cfg.eps_high,
+                                       dpo_beta=cfg.dpo_beta, chosen=chosen)
+            # FSDP averages gradients over ranks; the loss is already a global mean, so undo that.
+            (loss * d.world_size).backward()
+            totals += torch.tensor([loss.item(), batch.attention_mask.sum().item(), len(indices), 0.0],
+                                   dtype=torch.float64)
+            for k, v in stats.items():
+                stat_sums[k] = stat_sums.get(k, 0.0) + float(v) / len(global_step[d.rank])
+        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        totals[3] = 0.0 if math.isfinite(totals[0].item()) and torch.isfinite(grad_norm).item() else 1.0
+        all_reduce_sum(totals)
+        step += 1
+        if totals[3] > 0:  # some rank saw NaN/inf: nobody updates, so the ranks stay identical
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            bad_steps += 1
+            logger.write(f"step {step}: non-finite loss or gradient norm; update skipped ({bad_steps} in a row)")
+            if bad_steps >= cfg.max_bad_steps:
+                raise FloatingPointError(f"{bad_steps} steps in a row with NaN/inf loss or gradients; stopping at "
+                                         f"step {step} (lower --lr, check the data)")
+            continue
+        bad_steps = 0
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        stats_vec = all_reduce_sum(torch.tensor([stat_sums[k] for k in sorted(stat_sums)], dtype=torch.float64))
+        elapsed = time.perf_counter() - t_step
+        row = {"step": step, "round": round_index, "epoch": epoch, "loss": totals[0].item(), "lr": lr,
+               "grad_norm": grad_norm.item(), "mean_advantage": data["advantages"][step_indices].mean().item(),
+               "mean_response_tokens": float(data["response_lengths"][step_indices].float().mean()),
+               "tokens_per_s": totals[1].item() / elapsed, "step_time_s": elapsed,
+               "peak_memory_gib": peak_memory_gib(d.device)}
+        row.update({k: v / d.world_size for k, v in zip(sorted(stat_sums), stats_vec.tolist())})
+        logger.log(row)
+
+        if step % cfg.ckpt_every == 0 or step == total_steps or step == cfg.stop_after:
+            save_checkpoint(out / "checkpoints", step, policy, optimizer, scheduler, {"round": round_index}, d,
+                            keep=cfg.keep_checkpoints)
+        if cfg.stop_after and cfg.stop_after <= step < total_steps:
+            print0(f"stopping after step {step} as asked (--stop-after); --resume continues")
+            logger.close()
+            distributed.shutdown()
+            return None
+
+    logger.close()
+    wall = time.perf_counter() - t_start
+    print0(f"trained {total_steps} steps in {wall:.1f}s")
+    exported = None
+    if cfg.export:
+        exported = export_hf(policy, out / "export", cfg.model, d)
+        print0(f"exported Hugging Face model to {out / 'export'}")
+    if d.is_main and (out / "metrics.jsonl").exists():
+        plot_metrics(out / "metrics.jsonl", out / "metrics.png")
+    distributed.shutdown()
+    return exported
+
+
+def _lengths(data: dict) -> list[int]:
+    return (data["offsets"][1:] - data["offsets"][:-1]).tolist()
+
+
+def _steps_per_epoch(data: dict, plan_args: dict) -> int:
+    return len(plan_epoch(_lengths(data), epoch=0, pairs=data.get("pairs"), **plan_args))
+
+
+def _old_logprobs(policy, data: dict, trainset: Path, model: str, cfg: TrainConfig, d, pad_id: int) -> torch.Tensor:
+    t0 = time.perf_counter()
+    flat, cache, hit = reference_logprobs(policy, data, trainset, model, d, temperature=cfg.temperature,
+                                          micro_batch=cfg.micro_batch_size, pad_id=pad_id)
+    print0(f"old log-probs: {'loaded' if hit else 'computed'} {flat.numel()} tokens in "
+           f"{time.perf_counter() - t0:.1f}s ({cache})")
+    return flat
+
+
+def main(argv: list[str] | None = None) -> None:
+    train(parse_config(TrainConfig, argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,173 @@
+"""The training set: rewards computed by hand for every edge case, baselines, format contract."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from pruner.dataset import build_trainset, load_trainset
+from pruner.hf import load_tokenizer
+
+LAM = 2.0
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_model_dir: Path):
+    return load_tokenizer(tiny_model_dir)
+
+
+def _sample(pid: str, i: int, n_tokens: int, correct: bool, eos: int, *, finish: str = "stop",
+            prompt: str | None = None, with_eos: bool = True) -> dict:
+    """A response of `n_tokens` tokens in total (EOS included when `with_eos`)."""
+    body = [5 + (i % 7)] * (n_tokens - 1 if with_eos and n_tokens else n_tokens)
+    ids = body + ([eos] if with_eos and n_tokens else [])
+    return {"problem_id": pid, "sample_index": i, "prompt": prompt or f"prompt of {pid}",
+            "prompt_token_ids": [1, 2, 3], "response": "x", "response_token_ids": ids,
+            "response_tokens": len(ids), "finish_reason": finish, "extracted_answer": None,
+            "correct": correct, "answer": "1"}
+
+
+def _write(tmp: Path, samples: list[dict]) -> Path:
+    path = tmp / "samples.jsonl"
+    path.write_text("".join(json.dumps(s) + "\n" for s in samples))
+    return path
+
+
+def _build(tmp: Path, samples: list[dict], tok, **kw) -> dict:
+    out = build_trainset(_write(tmp, samples), tmp / "ts", tokenizer=tok, report=kw.pop("report", False), **kw)
+    return load_trainset(out)
+
+
+def _r(lbar: float, length: int, a: float, abar: float) -> float:
+    return min(4.0, max(-2.0, lbar / length - 1 + LAM * (a - abar)))
+
+
+def test_rewards_by_hand_and_standardised(tmp_path: Path, tok) -> None:
+    eos = tok.eos_token_id
+    # P: lengths 2,4,4,6, correct 1,1,0,0 -> Lbar 4, Abar 0.5
+    # W (all wrong): lengths 1,3 -> Lbar 2, Abar 0;  R (all right): lengths 10,30 -> Lbar 20, Abar 1
+    samples = [_sample("P", i, n, c, eos) for i, (n, c) in enumerate([(2, 1), (4, 1), (4, 0), (6, 0)])]
+    samples += [_sample("W", 0, 1, False, eos), _sample("W", 1, 3, False, eos)]
+    samples += [_sample("R", 0, 10, True, eos), _sample("R", 1, 30, True, eos)]
+    ts = _build(tmp_path, samples, tok)
+    expected = [_r(4, 2, 1, .5), _r(4, 4, 1, .5), _r(4, 4, 0, .5), _r(4, 6, 0, .5),
+                _r(2, 1, 0, 0), _r(2, 3, 0, 0), _r(20, 10, 1, 1), _r(20, 30, 1, 1)]
+    assert expected[:4] == [2.0, 1.0, -1.0, pytest.approx(4 / 6 - 2)]
+    t = ts
+    assert t["rewards"].tolist() == pytest.approx(expected, abs=1e-6)
+    e = torch.tensor(expected, dtype=torch.float64)
+    assert t["advantages"].tolist() == pytest.approx(((e - e.mean()) / e.std(unbiased=False)).tolist(), abs=1e-5)
+    assert ts["meta"]["reward_std"] == pytest.approx(float(e.std(unbiased=False)), abs=1e-6)
+    stats = {s["id"]: s for s in ts["stats"]}
+    assert (stats["P"]["ref_mean_length"], stats["P"]["ref_mean_accuracy"], stats["P"]["k"]) == (4.0, 0.5, 4)
+    assert t["problem_index"].tolist() == [0, 0, 0, 0, 1, 1, 2, 2]
+
+
+def test_format_contract(tmp_path: Path, tok) -> None:
+    eos = tok.eos_token_id
+    samples = [_sample("A", 0, 3, True, eos), _sample("A", 1, 5, False, eos)]
+    ts = _build(tmp_path, samples, tok, report=True)
+    t, meta = {k: v for k, v in ts.items() if k not in ("meta", "stats")}, ts["meta"]
+    dtypes = {"input_ids": torch.int32, "offsets": torch.int64, "prompt_lengths": torch.int32,
+              "response_lengths": torch.int32, "rewards": torch.float32, "advantages": torch.float32,
+              "correct": torch.uint8, "problem_index": torch.int64}
+    assert {k: v.dtype for k, v in t.items()} == dtypes
+    assert t["offsets"].tolist() == [0, 6, 14] and t["input_ids"].numel() == 14
+    seq1 = t["input_ids"][6:14].tolist()
+    assert seq1[:3] == [1, 2, 3] and seq1[-1] == eos and t["prompt_lengths"].tolist() == [3, 3]
+    for key in ("format", "kind", "model", "tokenizer_fingerprint", "lam", "clip", "reward_mean", "reward_std",
+                "num_samples", "num_problems", "samples_file", "keep_per_problem", "eos_appended"):
+        assert key in meta
+    assert meta["format"] == "o1-pruner-trainset/1" and meta["num_samples"] == 2
+    report = tmp_path / "ts" / "report"
+    assert {p.name for p in report.iterdir()} >= {"summary.json", "report.md", "accuracy_vs_length.png", "length_hist.png"}
+
+
+def test_k1_all_zero_reward_std0(tmp_path: Path, tok) -> None:
+    eos = tok.eos_token_id
+    ts = _build(tmp_path, [_sample("A", 0, 3, True, eos), _sample("B", 0, 7, False, eos)], tok)
+    assert ts["rewards"].tolist() == [0.0, 0.0]
+    assert ts["advantages"].tolist() == [0.0, 0.0] and ts["meta"]["reward_std"] == 0.0
+
+
+def test_truncated_empty_and_missing_eos(tmp_path: Path, tok) -> None:
+    eos = tok.eos_token_id
+    samples = [
+        _sample("A", 0, 4, True, eos, finish="length", with_eos=False),  # truncated: wrong, no EOS added
+        _sample("A", 1, 0, False, eos, with_eos=False),                  # empty stop -> [EOS], L = 1
+        _sample("A", 2, 2, True, eos, with_eos=False),                   # stopped, EOS missing -> appended, L = 3
+    ]
+    ts = _build(tmp_path, samples, tok)
+    t = ts
+    assert t["response_lengths"].tolist() == [4, 1, 3] and t["correct"].tolist() == [0, 0, 1]
+    lbar, abar = (4 + 1 + 3) / 3, 1 / 3
+    assert t["rewards"].tolist() == pytest.approx([_r(lbar, 4, 0, abar), _r(lbar, 1, 0, abar), _r(lbar, 3, 1, abar)], abs=1e-6)
+    ends = [t["input_ids"][int(t["offsets"][i + 1]) - 1].item() for i in range(3)]
+    assert ends[0] != eos and ends[1] == eos and ends[2] == eos
+    assert ts["meta"]["eos_appended"]["count"] == 2
+
+
+def test_clip_at_both_ends(tmp_path: Path, tok) -> None:
+    eos = tok.eos_token_id
+    # nine right of length 1 and one wrong of length 991: Lbar = 100, Abar = 0.9
+    # right: 100/1 - 1 + 2 * 0.1 = 99.2 -> 4; wrong: 100/991 - 1 - 2 * 0.9 = -2.70 -> -2
+    samples = [_sample("A", i, 1, True, eos) for i in range(9)] + [_sample("A", 9, 991, False, eos)]
+    ts = _build(tmp_path, samples, tok)
+    assert ts["rewards"].tolist() == [4.0] * 9 + [-2.0]
+
+
+def test_duplicate_problems_merge(tmp_path: Path, tok) -> None:
+    eos = tok.eos_token_id
+    samples = [_sample("A", 0, 2, True, eos, prompt="same"), _sample("B", 0, 6, False, eos, prompt="same")]
+    ts = _build(tmp_path, samples, tok)
+    assert ts["meta"]["num_problems"] == 1 and ts["stats"][0]["ids"] == ["A", "B"]
+    assert ts["rewards"].tolist() == pytest.approx([_r(4, 2, 1, .5), _r(4, 6, 0, .5)])
+
+
+def test_keep_per_problem_uses_all_k_for_stats(tmp_path: Path, tok) -> None:
+    eos = tok.eos_token_id
+    samples = [_sample("A", i, 2 + i, i % 2 == 0, eos) for i in range(8)]
+    a = _build(tmp_path, samples, tok, keep_per_problem=2, seed=3)
+    b = _build(tmp_path, samples, tok, keep_per_problem=2, seed=3)
+    assert a["meta"]["num_samples"] == 2 and torch.equal(a["input_ids"], b["input_ids"])
+    assert a["stats"][0]["ref_mean_length"] == pytest.approx(sum(2 + i for i in range(8)) / 8)
+
+
+def test_sft_and_dpo_selection(tmp_path: Path, tok) -> None:
+    eos = tok.eos_token_id
+    samples = [_sample("A", i, n, c, eos) for i, (n, c) in enumerate([(9, 1), (5, 1), (7, 0), (3, 0), (5, 1)])]
+    samples += [_sample("B", i, n, False, eos) for i, n in enumerate([4, 6])]  # no correct: skipped
+    samples += [_sample("C", i, n, True, eos) for i, n in enumerate([4, 8])]   # all right: longest rejected
+    sft = _build(tmp_path, samples, tok, kind="sft")
+    assert sft["response_lengths"].tolist() == [5, 4] and sft["advantages"].tolist() == [1.0, 1.0]
+    dpo = _build(tmp_path, samples, tok, kind="dpo")
+    assert dpo["response_lengths"].tolist() == [5, 7, 4, 8]  # A: shortest right vs longest wrong
+    assert dpo["pair_index"].tolist() == [0, 0, 1, 1] and dpo["chosen"].tolist() == [1, 0, 1, 0]
+    assert dpo["advantages"].tolist() == [1.0, -1.0, 1.0, -1.0]
+
+
+def test_ref_stats_override(tmp_path: Path, tok) -> None:
+    eos = tok.eos_token_id
+    first = build_trainset(_write(tmp_path, [_sample("A", 0, 10, True, eos), _sample("A", 1, 30, False, eos)]),
+                           tmp_path / "orig", tokenizer=tok, report=False)
+    new = tmp_path / "round1"
+    new.mkdir()
+    ts = load_trainset(build_trainset(_write(new, [_sample("A", 0, 5, True, eos)]), new / "ts",
+                                      tokenizer=tok, ref_stats=first, report=False))
+    assert ts["rewards"].tolist() == pytest.approx([_r(20, 5, 1, 0.5)])
+
+
+def test_other_tokenizer_is_detected(tmp_path: Path, tok, tiny_model_dir: Path) -> None:
+    eos = tok.eos_token_id
+    path = _write(tmp_path, [_sample("A", 0, 3, True, eos)])
+    Path(str(path) + ".meta.json").write_text(json.dumps({"model": str(tiny_model_dir), "tokenizer_fingerprint": "sha256:other"}))
+    with pytest.raises(ValueError, match="fingerprint"):
+        build_trainset(path, tmp_path / "ts", tokenizer=tok, report=False)
+
+
+def test_tokenizer_given_as_folder(tmp_path: Path, tok, tiny_model_dir: Path) -> None:
+    path = _write(tmp_path, [_sample("A", 0, 3, True, tok.eos_token_id)])
+    ts = load_trainset(build_trainset(path, tmp_path / "ts", tokenizer=str(tiny_model_dir), report=False))
+    assert ts["meta"]["model"] == str(tiny_model_dir) and ts["meta"]["num_samples"] == 1

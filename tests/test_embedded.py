@@ -1,0 +1,207 @@
+"""The embedded default: task generator, tokenizer, a tiny build, and vLLM on the shipped model."""
+from __future__ import annotations
+
+import json
+import random
+import re
+import statistics
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from pruner.embedded import task
+from pruner.embedded.task import PARAMS, TaskParams, long_trace, make_problems, min_trace, sample_spec
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _recompute(problem: str) -> int:
+    """The answer from the problem text alone, with no help from the generator's code."""
+    value = int(re.fullmatch(r"start with (\d+) \. .*", problem).group(1))
+    for number, word, operand in re.findall(r"\( (\d+) \) (plus|minus|times) (\d+) \.", problem):
+        value = {"plus": value + int(operand), "minus": value - int(operand), "times": value * int(operand)}[word]
+    return value
+
+
+@pytest.fixture(scope="module")
+def splits() -> dict[str, list[dict]]:
+    from pruner import default_problems
+
+    return {s: default_problems(s) for s in ("train", "test")}
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from pruner.embedded.tokenizer import build_tokenizer
+
+    return build_tokenizer()
+
+
+def test_splits_sizes_format_and_answers(splits):
+    assert len(splits["train"]) == PARAMS.n_train >= 1000 and len(splits["test"]) == PARAMS.n_test >= 300
+    for rec in splits["train"] + splits["test"]:
+        assert set(rec) == {"id", "problem", "answer", "min_tokens", "difficulty"}
+        assert rec["answer"] == str(_recompute(rec["problem"]))
+        # every intermediate value is a single number token
+        assert 0 <= int(rec["answer"]) <= task.MAX_VALUE
+
+
+def test_splits_disjoint_and_deterministic(splits):
+    train = {r["problem"] for r in splits["train"]}
+    test = {r["problem"] for r in splits["test"]}
+    assert not train & test and len(train) == len(splits["train"]) and len(test) == len(splits["test"])
+    assert make_problems("test") == splits["test"]
+    other = make_problems("test", TaskParams(seed=PARAMS.seed + 1))
+    assert [r["problem"] for r in other] != [r["problem"] for r in splits["test"]]
+    with pytest.raises(ValueError):
+        make_problems("validation")
+
+
+def test_difficulty_raises_min_tokens(splits, tok):
+    by_level: dict[int, list[int]] = {}
+    for rec in splits["train"]:
+        by_level.setdefault(rec["difficulty"], []).append(rec["min_tokens"])
+    means = [statistics.mean(by_level[k]) for k in sorted(by_level)]
+    assert len(means) == PARAMS.max_steps - PARAMS.min_steps + 1
+    assert all(a < b for a, b in zip(means, means[1:]))
+    # min_tokens is the model tokenizer's count of the shortest trace, plus the end-of-turn token
+    for rec in splits["test"][:50]:
+        start = int(rec["problem"].split()[2])
+        ops = [(w, int(k)) for w, k in re.findall(r"\) (plus|minus|times) (\d+) \.", rec["problem"])]
+        trace = min_trace(start, ops)
+        assert trace.endswith(f"\\boxed{{ {rec['answer']} }} .")
+        assert rec["min_tokens"] == len(tok.encode(trace, add_special_tokens=False)) + 1
+
+
+def test_long_traces_vary_waste_and_overthinking():
+    rng = random.Random(7)
+    ratios, cvs, long_acc, short_acc = [], [], [], []
+    for _ in range(150):
+        start, ops = sample_spec(rng, rng.randint(PARAMS.min_steps, PARAMS.max_steps))
+        answer = task.solve(start, ops)[-1]
+        floor = len(min_trace(start, ops).split())
+        samples = [long_trace(start, ops, rng) for _ in range(8)]
+        lengths = [len(text.split()) for text, _ in samples]
+        for text, value in samples:
+            assert text.endswith(f"\\boxed{{ {value} }} .") and text.startswith(("x =", "okay"))
+        ratios.append(floor / statistics.mean(lengths))
+        cvs.append(statistics.pstdev(lengths) / statistics.mean(lengths))
+        order = sorted(range(8), key=lambda i: lengths[i])
+        short_acc += [samples[i][1] == answer for i in order[:2]]
+        long_acc += [samples[i][1] == answer for i in order[-2:]]
+    assert 0.35 < statistics.mean(ratios) < 0.65
+    assert statistics.mean(cvs) > 0.15
+    assert statistics.mean(long_acc) < statistics.mean(short_acc) - 0.1
+
+
+def test_slips_are_mostly_corrected():
+    rng = random.Random(11)
+    p = TaskParams(slip=1.0)  # every step slips: each check line must repair the written value
+    start, ops = sample_spec(rng, 6)
+    text, value = long_trace(start, ops, rng, p)
+    for a, sym, k, right, wrong in re.findall(r"check : (\d+) (.) (\d+) = (\d+) , not (\d+) \.", text):
+        assert int(right) == {"+": int(a) + int(k), "-": int(a) - int(k), "*": int(a) * int(k)}[sym]
+        assert f"{a} {sym} {k} = {wrong} ." in text and right != wrong
+
+
+def test_tokenizer_round_trip_and_chat_template(tok, tmp_path):
+    from transformers import AutoTokenizer
+
+    from pruner.prompting import DEFAULT_SYSTEM_PROMPT, build_prompt
+
+    tok.save_pretrained(str(tmp_path))
+    loaded = AutoTokenizer.from_pretrained(str(tmp_path))
+    rng = random.Random(5)
+    for _ in range(30):
+        start, ops = sample_spec(rng, rng.randint(3, 11))
+        text, _ = long_trace(start, ops, rng)
+        ids = loaded.encode(text, add_special_tokens=False)
+        assert loaded.unk_token_id not in ids and loaded.decode(ids) == text
+    problem = task.problem_text(start, ops)
+    prompt = build_prompt(loaded, problem)
+    assert prompt.startswith(f"<|im_start|>system\n{DEFAULT_SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n{problem}")
+    assert prompt.endswith("<|im_start|>assistant\n")
+    ids = loaded.encode(prompt, add_special_tokens=False)
+    assert loaded.unk_token_id not in ids and ids.count(loaded.convert_tokens_to_ids("<|im_start|>")) == 3
+    assert loaded.eos_token == "<|im_end|>"
+    # words never seen map to <unk> instead of failing
+    odd = loaded.encode("Solve this riddle, please: zebra 1000", add_special_tokens=False)
+    assert odd.count(loaded.unk_token_id) >= 4
+    assert "Solve" not in loaded.decode(odd)
+
+
+def test_tiny_build_loads_and_is_deterministic(tmp_path):
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pruner.embedded.build import BuildConfig, build
+
+    cfg = BuildConfig(steps=3, batch=2, hidden=64, heads=1, layers=1, intermediate=64, warmup=1)
+    info = build(tmp_path / "a", cfg, log_every=0)
+    build(tmp_path / "b", cfg, log_every=0)
+    wa, wb = (load_file(str(tmp_path / d / "model.safetensors")) for d in "ab")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    saved = json.loads((tmp_path / "a" / "build_info.json").read_text())
+    assert saved["steps"] == 3 and saved["task_params_hash"] == task.params_hash() == info["task_params_hash"]
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "a"))
+    tk = AutoTokenizer.from_pretrained(str(tmp_path / "a"))
+    ids = torch.tensor([tk.encode("x = 7 . ( 1 ) 7 + 8 = 15 .", add_special_tokens=False)])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    assert logits.shape[-1] >= len(tk) and torch.isfinite(logits).all()
+    assert model.config.head_dim == 64 and model.config.model_type == "qwen2"
+
+
+def test_import_is_light_and_shipped_model_is_complete():
+    code = "import sys, pruner; print(sorted(m for m in ('torch', 'vllm', 'transformers') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip() == "[]"
+    from pruner.embedded import SHIPPED_MODEL, default_model_path
+
+    assert default_model_path() == SHIPPED_MODEL
+    assert (SHIPPED_MODEL / "model.safetensors").stat().st_size < 10 * 2**20
+    info = json.loads((SHIPPED_MODEL / "build_info.json").read_text())
+    assert info["task_params_hash"] == task.params_hash(), "task changed: rebuild the default model"
+
+
+_VLLM_SCRIPT = textwrap.dedent("""
+    import json, sys
+    from pruner import default_model_path, default_problems
+    from pruner.generation import generate, open_llm
+    from pruner.grading import extract_answer
+    from pruner.prompting import build_prompt
+
+    if __name__ == "__main__":
+        llm = open_llm(str(default_model_path()), dtype="float32", max_model_len=2048)
+        tok = llm.get_tokenizer()
+        problems = default_problems("test")[:6]
+        prompts = [build_prompt(tok, p["problem"]) for p in problems]
+        outs = generate(llm, prompts, n=2, temperature=0.6, top_p=0.95, max_tokens=1024, seed=0)
+        rows = [{"text": c.text, "n": len(c.token_ids), "answer": extract_answer(c.text),
+                 "truth": p["answer"]} for cs, p in zip(outs, problems) for c in cs]
+        print("ROWS" + json.dumps(rows))
+""")
+
+
+@pytest.mark.timeout(300)
+def test_vllm_samples_shipped_model(tmp_path):
+    pytest.importorskip("vllm")
+    script = tmp_path / "sample.py"
+    script.write_text(_VLLM_SCRIPT)
+    env = {"VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONPATH": str(ROOT)}
+    import os
+
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=ROOT,
+                         env={**os.environ, **env}, timeout=280)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = json.loads(out.stdout.split("ROWS", 1)[1].splitlines()[0])
+    assert len(rows) == 12
+    for row in rows:
+        assert row["n"] > 0 and row["text"].strip() and "\\boxed{" in row["text"]
+        assert row["answer"] is not None
+    # a trained model, not noise: most sampled answers are right
+    assert sum(r["answer"] == r["truth"] for r in rows) >= 6

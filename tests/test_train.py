@@ -1,0 +1,149 @@
+"""The trainer, run for real: torchrun + FSDP2 on gloo, a tiny Qwen2 model, a small training set."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _write_samples(path: Path, model_dir: Path, problems: int = 12, k: int = 4, seed: int = 0) -> Path:
+    """Samples in pre-sampling's format: prompts through the chat template, responses of varied length."""
+    from transformers import AutoTokenizer
+
+    from pruner.prompting import build_prompt
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    rng = random.Random(seed)
+    words = [w for w in tok.get_vocab() if w.isalnum()][:50] or ["a", "b"]
+    with path.open("w") as f:
+        for p in range(problems):
+            prompt = build_prompt(tok, f"problem {p}")
+            prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+            for s in range(k):
+                text = " ".join(rng.choice(words) for _ in range(rng.randint(3, 24)))
+                ids = tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+                correct = rng.random() < 0.5
+                f.write(json.dumps({
+                    "problem_id": f"p{p}", "sample_index": s, "prompt": prompt, "prompt_token_ids": prompt_ids,
+                    "response": text, "response_token_ids": ids, "response_tokens": len(ids),
+                    "finish_reason": "stop", "extracted_answer": "1" if correct else "2", "correct": correct,
+                    "answer": "1"}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def trainset(tiny_model_dir, tmp_path_factory) -> Path:
+    from pruner.dataset import build_trainset
+
+    root = tmp_path_factory.mktemp("trainset")
+    samples = _write_samples(root / "samples.jsonl", tiny_model_dir)
+    return build_trainset(samples, root / "lh", lam=2.0, tokenizer=str(tiny_model_dir))
+
+
+def _torchrun(nproc: int, out: Path, model: Path, data: Path, *extra: str) -> list[dict]:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(ROOT / "pruner" / "train.py"), "--model", str(model), "--data", str(data), "--out", str(out),
+           "--global-batch-size", "8", "--micro-batch-size", "2", "--lr", "1e-3", "--warmup-ratio", "0",
+           "--no-export", *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def two_proc_run(tiny_model_dir, trainset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run2")
+    return out, _torchrun(2, out, tiny_model_dir, trainset, "--max-steps", "4", "--ckpt-every", "2")
+
+
+def test_two_process_run_is_finite_and_matches_one_process(two_proc_run, tiny_model_dir, trainset, tmp_path):
+    _, rows2 = two_proc_run
+    assert [r["step"] for r in rows2] == [1, 2, 3, 4]
+    assert all(torch.isfinite(torch.tensor([r["loss"], r["grad_norm"]])).all() for r in rows2)
+    # The same global batches on one process with 4 accumulation steps: the same gradient.
+    rows1 = _torchrun(1, tmp_path / "run1", tiny_model_dir, trainset, "--max-steps", "4", "--ckpt-every", "100")
+    for a, b in zip(rows1, rows2):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-6)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+        assert a["mean_ratio"] == pytest.approx(b["mean_ratio"], rel=1e-5)
+
+
+def test_resumed_run_reproduces_the_uninterrupted_curve(two_proc_run, tiny_model_dir, trainset, tmp_path):
+    _, full = two_proc_run
+    out = tmp_path / "interrupted"
+    first = _torchrun(2, out, tiny_model_dir, trainset, "--max-steps", "4", "--ckpt-every", "100", "--stop-after", "2")
+    assert [r["step"] for r in first] == [1, 2]
+    resumed = _torchrun(2, out, tiny_model_dir, trainset, "--max-steps", "4", "--ckpt-every", "100", "--resume")
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    for a, b in zip(full, resumed):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-7)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+        assert a["lr"] == pytest.approx(b["lr"])
+
+
+def test_loss_goes_down_on_a_fixed_batch(tiny_model_dir, trainset, tmp_path):
+    from pruner.dataset import load_trainset
+
+    n = len(load_trainset(trainset)["prompt_lengths"])
+    rows = _torchrun(1, tmp_path / "fixed", tiny_model_dir, trainset, "--global-batch-size", str(n - n % 2),
+                     "--micro-batch-size", "2", "--epochs", "6", "--ckpt-every", "100")
+    losses = [r["loss"] for r in rows]
+    assert len(losses) == 6
+    # Off-policy start: the ratio is exactly 1, so the first loss is -mean(advantage) of the batch.
+    assert rows[0]["mean_ratio"] == pytest.approx(1.0, abs=1e-5)
+    assert losses[-1] < losses[0] - 1e-3
+
+
+def test_export_loads_in_transformers_and_matches_the_trained_weights(tiny_model_dir, trainset, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "export_run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, str(ROOT / "pruner" / "train.py"), "--model", str(tiny_model_dir),
+                           "--data", str(trainset), "--out", str(out), "--global-batch-size", "8",
+                           "--micro-batch-size", "4", "--max-steps", "2", "--lr", "1e-2"],
+                          capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
+    tuned = AutoModelForCausalLM.from_pretrained(str(out / "export"))
+    assert type(base) is type(tuned)
+    moved = [n for (n, a), (_, b) in zip(base.named_parameters(), tuned.named_parameters()) if not torch.equal(a, b)]
+    assert moved, "the export holds the initial weights"
+    ids = torch.tensor([[1, 2, 3, 4]])
+    assert torch.isfinite(tuned(ids).logits).all()
+    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
+        assert (out / "export" / name).exists(), name
+    assert (out / "metrics.png").exists()
+
+
+def _run_inline(*argv: str) -> None:
+    from pruner.train import main
+
+    main(list(argv))
+
+
+def test_clear_errors_before_any_work(tiny_model_dir, trainset, tmp_path):
+    with pytest.raises(FileNotFoundError, match="training set .* not found"):
+        _run_inline("--model", str(tiny_model_dir), "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "o"))
+    with pytest.raises(ValueError, match="not divisible"):
+        _run_inline("--model", str(tiny_model_dir), "--data", str(trainset), "--out", str(tmp_path / "o"),
+                    "--global-batch-size", "6", "--micro-batch-size", "4")
+    other = tmp_path / "other"
+    meta = json.loads((trainset / "meta.json").read_text())
+    other.mkdir()
+    for f in trainset.iterdir():
+        if f.is_file():
+            (other / f.name).write_bytes(f.read_bytes())
+    meta["tokenizer_fingerprint"] = "0" * 16
+    (other / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="tokenizer_fingerprint"):
+        _run_inline("--model", str(tiny_model_dir), "--data", str(other), "--out", str(tmp_path / "o"))
