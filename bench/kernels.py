@@ -46,10 +46,12 @@ def _naive_logits_logp(x, y):
 
 
 def fused_linear_providers(device: str) -> dict:
-    p = {"kernels-torch": lambda h, w, y: kernels.fused_linear_logprobs(h, w, y, backend="torch"),
-         "eager": _naive_logp}
+    p = {"eager": _naive_logp}
+    if device == "cpu":  # the chunked torch path is the CPU path; at V=152k on a GPU it is a slow loop
+        p["kernels-torch"] = lambda h, w, y: kernels.fused_linear_logprobs(h, w, y, backend="torch")
     if device == "cuda":
         p["kernels-triton"] = lambda h, w, y: kernels.fused_linear_logprobs(h, w, y, backend="triton")
+        p["kernels-triton-atomic"] = lambda h, w, y: kernels.fused_linear_logprobs(h, w, y, backend="triton", bwd="atomic")
         p["compile"] = torch.compile(_naive_logp, dynamic=False)
         try:
             from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy as lfce

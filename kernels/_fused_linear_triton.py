@@ -176,6 +176,9 @@ def flp_forward(h, w, y, inv_t: float, cfg: dict):
     """Returns logp (ignored rows not yet zeroed), lse and entropy, each [N] fp32."""
     N, D = h.shape
     V = w.shape[0]
+    if N == 0:
+        empty = torch.empty(0, dtype=torch.float32, device=h.device)
+        return empty, empty, empty
     bn, bv, bd = cfg["block_n"], cfg["block_v"], cfg["block_d"]
     n_tiles = triton.cdiv(N, bn)
     splits = _n_splits(n_tiles, V, cfg, h.device)
@@ -197,7 +200,7 @@ def flp_forward(h, w, y, inv_t: float, cfg: dict):
 
 
 def flp_backward(h, w, y, lse, ent, g_logp, g_ent, inv_t: float, cfg: dict, need_dh: bool = True, need_dw: bool = True):
-    """(d_hidden [N, D] in h.dtype or fp32, d_weight [V, D] fp32), None when not needed.
+    """(d_hidden [N, D], d_weight [V, D]) in h.dtype or fp32, None when not needed.
 
     g_* must be zero on ignored rows."""
     N, D = h.shape
@@ -205,6 +208,8 @@ def flp_backward(h, w, y, lse, ent, g_logp, g_ent, inv_t: float, cfg: dict, need
     has_ent = g_ent is not None
     g_ent = g_ent if has_ent else g_logp
     bn = cfg["block_n"]
+    if N == 0:
+        return (torch.zeros_like(h) if need_dh else None), (torch.zeros_like(w) if need_dw else None)
 
     def launch(rows: slice, dh, dw, dz, store_dz: bool):
         n = rows.stop - rows.start
@@ -234,6 +239,20 @@ def flp_backward(h, w, y, lse, ent, g_logp, g_ent, inv_t: float, cfg: dict, need
         if need_dh:
             torch.mm(dzc, w, out=dh[a:b])  # fp32 accumulation inside the GEMM, one rounding out
         if need_dw:
-            part = dzc.T @ h[a:b]
-            dw = part.float() if dw is None else dw.add_(part)
+            if dw is None:  # single chunk: one rounding, like the final cast to weight.dtype
+                dw = dzc.T @ h[a:b]
+            else:  # several chunks: partial sums must not be rounded to bf16 one by one
+                dw.add_(_mm_fp32(dzc.T, h[a:b]))
     return dh, dw
+
+
+def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b with an fp32 result (fp32 accumulation) for low-precision operands."""
+    if a.dtype == torch.float32:
+        return a @ b
+    if a.is_cuda:
+        try:  # torch >= 2.8 on CUDA: no upcast copies
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (TypeError, RuntimeError):
+            pass
+    return a.float() @ b.float()

@@ -130,7 +130,7 @@ def test_tokenizer_round_trip_and_chat_template(tok, tmp_path):
     # words never seen map to <unk> instead of failing
     odd = loaded.encode("Solve this riddle, please: zebra 1000", add_special_tokens=False)
     assert odd.count(loaded.unk_token_id) >= 4
-    assert "Solve" not in loaded.decode(odd)
+    assert "zebra" not in loaded.decode(odd) and "<unk>" in loaded.decode(odd)
 
 
 def test_tiny_build_loads_and_is_deterministic(tmp_path):

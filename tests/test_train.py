@@ -147,3 +147,50 @@ def test_clear_errors_before_any_work(tiny_model_dir, trainset, tmp_path):
     (other / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="tokenizer_fingerprint"):
         _run_inline("--model", str(tiny_model_dir), "--data", str(other), "--out", str(tmp_path / "o"))
+
+
+def test_on_policy_round_samples_the_exported_policy_with_vllm(tiny_model_dir, tmp_path):
+    """--rounds 2: the round-1 policy is exported, loaded by vLLM through pre-sampling, rewarded
+    against the first training set's statistics, and trained on with its own old log-probs."""
+    from pruner.dataset import build_trainset, load_trainset
+
+    problems = tmp_path / "problems.jsonl"
+    problems.write_text("".join(json.dumps({"id": f"q{i}", "problem": f"What is {i} + 1?", "answer": str(i + 1)}) + "\n"
+                                for i in range(4)))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    samples = tmp_path / "samples.jsonl"
+    subprocess.run([sys.executable, "-m", "pruner.presample", "--model", str(tiny_model_dir), "--problems",
+                    str(problems), "--out", str(samples), "--k", "3", "--max-new-tokens", "10"],
+                   check=True, env=env, cwd=ROOT, capture_output=True, timeout=600)
+    first = build_trainset(samples, tmp_path / "trainset", lam=2.0, tokenizer=str(tiny_model_dir))
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, str(ROOT / "pruner" / "train.py"), "--model", str(tiny_model_dir),
+                           "--data", str(first), "--out", str(out), "--global-batch-size", "4",
+                           "--micro-batch-size", "2", "--rounds", "2", "--lr", "1e-3", "--ckpt-every", "100"],
+                          capture_output=True, text=True, env=env, timeout=900, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    round_set = load_trainset(out / "round-1" / "trainset")
+    first_stats = {s["id"]: s for s in load_trainset(first)["stats"]}
+    for s in round_set["stats"]:  # the reward's reference is the first training set's, not the new samples'
+        assert s["ref_mean_length"] == pytest.approx(first_stats[s["id"]]["ref_mean_length"])
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {r["round"] for r in rows} == {0, 1}
+    assert (out / "round-1" / "model" / "config.json").exists() and (out / "export" / "config.json").exists()
+
+
+def test_nan_steps_are_skipped_then_the_run_stops(tiny_model_dir, trainset, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "nan_set"
+    broken.mkdir()
+    for f in trainset.iterdir():
+        if f.is_file() and not f.name.startswith("ref_logps"):
+            (broken / f.name).write_bytes(f.read_bytes())
+    tensors = load_file(str(broken / "trainset.safetensors"))
+    tensors["advantages"] = torch.full_like(tensors["advantages"], float("nan"))
+    save_file(tensors, str(broken / "trainset.safetensors"))
+    out = tmp_path / "nan_run"
+    with pytest.raises(FloatingPointError, match="2 steps in a row"):
+        _run_inline("--model", str(tiny_model_dir), "--data", str(broken), "--out", str(out),
+                    "--global-batch-size", "8", "--micro-batch-size", "4", "--max-bad-steps", "2", "--no-export")
+    assert not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text().strip()

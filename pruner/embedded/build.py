@@ -25,8 +25,8 @@ class BuildConfig:
     """The model's shape and the training run; defaults are the shipped model's."""
 
     seed: int = 0
-    steps: int = 1000  # optimizer steps
-    batch: int = 24  # traces per step
+    steps: int = 1200  # optimizer steps
+    batch: int = 16  # traces per step
     lr: float = 3e-3
     warmup: int = 100
     min_lr_ratio: float = 0.05
@@ -34,9 +34,9 @@ class BuildConfig:
     grad_clip: float = 1.0
     threads: int = 2  # part of the bit-for-bit contract: CPU kernels reduce per thread
     hidden: int = 128
-    layers: int = 4
+    layers: int = 3
     heads: int = 2  # head_dim 64: vLLM's CPU attention rejects smaller heads
-    intermediate: int = 384
+    intermediate: int = 256
     max_len: int = 1024
 
 
