@@ -80,9 +80,14 @@ def run_recipe(args) -> dict:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" else None
-        for block in lm.model.layers:
-            fully_shard(block, mp_policy=mp) if mp else fully_shard(block)
-        fully_shard(policy, mp_policy=mp) if mp else fully_shard(policy)
+        kw = {"mp_policy": mp} if mp else {}
+        # The root is what the recipe calls: our log-prob wrapper, or the HF models themselves.
+        for model, root in ((lm, policy if args.recipe == "ours" else lm), (ref_lm, ref_lm)):
+            if model is None:
+                continue
+            for block in model.model.layers:
+                fully_shard(block, **kw)
+            fully_shard(root, **kw)
         autocast = torch.autocast(device.type, enabled=False)
     if args.activation_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -90,8 +95,9 @@ def run_recipe(args) -> dict:
     ids, labels, adv = make_batch(lm.config.vocab_size, args.batch, args.seq, device)
     mask = labels != -100
     attn = torch.ones_like(ids)
-    with torch.no_grad(), autocast:  # ours: precomputed once before training, not part of a step
-        old = policy(ids, attn, labels).float()
+    if args.recipe == "ours":
+        with torch.no_grad(), autocast:  # precomputed once before training, not part of a step
+            old = policy(ids, attn, labels).float()
 
     def paper_logps(model, grad: bool):
         with torch.set_grad_enabled(grad), autocast:
@@ -114,7 +120,7 @@ def run_recipe(args) -> dict:
         torch.nn.utils.clip_grad_norm_(policy.parameters(), 10.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return float(loss)
+        return float(loss.detach())
 
     times = []
     for i in range(args.warmup + args.steps):

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# All GPU-only checking and measuring in one run (<= 8 minutes on an H100/H200):
+#   1. the kernel test suite on CUDA (fp32 and bf16 cases),
+#   2. bench/kernels.py at D=3584, V=152064, N=4k/8k/16k against eager, torch.compile, Liger, CCE,
+#   3. training steps of a Qwen2.5-1.5B-shaped model (random init, 4k-token sequences) under FSDP2
+#      on 1 GPU, against the paper code's recipe (second reference model, full fp32 logits),
+#   4. the summary table, printed last.
+# Results go to $OUT (default bench/results/). Liger-Kernel and Cut Cross-Entropy travel as wheels in
+# bench/wheels/ (no network there). Without a GPU (or with --dry) the same steps run on the CPU at
+# small shapes, with the Triton interpreter, so the script is known to work before GPU time is spent.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-bench/results}"
+mkdir -p "$OUT"
+PY="${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}"
+DRY=0
+[ "${1:-}" = "--dry" ] && DRY=1
+$PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" || DRY=1
+
+SITE="$(mktemp -d)"
+$PY -m pip install --quiet --no-deps --no-index --target "$SITE" bench/wheels/*.whl 2>"$OUT/wheels.log" \
+  || echo "note: could not install the bundled wheels (see $OUT/wheels.log); Liger/CCE columns will be missing"
+export PYTHONPATH="$PWD:$SITE${PYTHONPATH:+:$PYTHONPATH}"
+if [ "$DRY" = 1 ]; then
+  export TRITON_INTERPRET=1
+  echo "== dry mode: CPU, small shapes, Triton interpreter =="
+  KERNEL_ARGS=(--n 256 --d 64 --v 1000 --reps 2 --warmup 1 --dtype float32)
+  STEP_ARGS=(--preset cpu-small --batch 2 --seq 128 --steps 1 --warmup 1)
+  TEST_FILTER=(-k "not memory")
+else
+  KERNEL_ARGS=(--n 4096,8192,16384 --d 3584 --v 152064 --reps 10 --warmup 3 --dtype bfloat16)
+  STEP_ARGS=(--preset qwen2.5-1.5b --batch 1 --seq 4096 --steps 3 --warmup 2 --activation-checkpointing)
+  TEST_FILTER=()
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu_info.csv" 2>/dev/null || true
+$PY -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee "$OUT/versions.txt"
+
+run_step() {  # name, time limit (s), command...
+  local name="$1" limit="$2"; shift 2
+  echo "== $name =="
+  local start=$SECONDS
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "$name rc=$rc seconds=$((SECONDS - start))" | tee -a "$OUT/gpu_check_status.txt"
+  tail -n 15 "$OUT/$name.log"
+}
+: > "$OUT/gpu_check_status.txt"
+run_step kernel_tests 150 $PY -m pytest -q -p no:cacheprovider tests/test_kernels_*.py "${TEST_FILTER[@]}" \
+  --junitxml "$OUT/kernel_tests.xml"
+run_step kernel_bench 200 $PY bench/kernels.py --ops fused_linear,logprobs,ratio_loss "${KERNEL_ARGS[@]}" \
+  --out "$OUT/kernels.csv"
+run_step train_step 150 $PY bench/train_step.py --torchrun "${STEP_ARGS[@]}" --out "$OUT"
+$PY bench/gpu_summary.py --results "$OUT"

@@ -1,0 +1,82 @@
+"""The summary table of `bench/gpu_check.sh`: correctness, the fused kernel at N=16k, the trainer step.
+
+Goals (issue: GPU check): fused log-prob kernel >= 1.3x faster than Liger's best equivalent, extra
+memory <= 2% of eager's, >= 60% of matmul TFLOP/s; trainer step >= 1.5x faster than the paper
+code's recipe at <= 50% of its peak memory.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+
+def kernel_tests(results: Path) -> str:
+    path = results / "kernel_tests.xml"
+    if not path.exists():
+        return "not run"
+    suite = ET.parse(path).getroot()
+    suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+    total, failed = int(suite.get("tests", 0)), int(suite.get("failures", 0)) + int(suite.get("errors", 0))
+    return f"{total - failed - int(suite.get('skipped', 0))} passed, {failed} failed, {suite.get('skipped', 0)} skipped"
+
+
+def fused_rows(results: Path) -> dict[str, dict]:
+    path = results / "kernels.csv"
+    if not path.exists():
+        return {}
+    rows = [r for r in csv.DictReader(path.open()) if r["op"] == "fused_linear" and r.get("status", "ok") == "ok"]
+    if not rows:
+        return {}
+    n = max(int(r["N"]) for r in rows)
+    return {r["provider"]: r for r in rows if int(r["N"]) == n}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--results", default="bench/results")
+    results = Path(ap.parse_args().results)
+    lines = ["| check | value | goal | met |", "|---|---|---|---|"]
+    summary: dict = {"kernel_tests": kernel_tests(results)}
+    lines.append(f"| kernel tests | {summary['kernel_tests']} | all pass | "
+                 f"{'yes' if ' 0 failed' in summary['kernel_tests'] else 'no'} |")
+    fused = fused_rows(results)
+    ours = fused.get("kernels-triton") or fused.get("kernels-torch")
+    if ours:
+        n = ours["N"]
+        liger = [float(fused[p]["total_ms"]) for p in ("liger",) if p in fused]
+        eager = fused.get("eager")
+        if liger:
+            speed = min(liger) / float(ours["total_ms"])
+            lines.append(f"| fused log-probs vs Liger, N={n} (fwd+bwd) | {speed:.2f}x | >= 1.3x | {'yes' if speed >= 1.3 else 'no'} |")
+            summary["speedup_vs_liger"] = speed
+        if eager:
+            mem = float(ours["peak_mem_mib"]) / float(eager["peak_mem_mib"])
+            lines.append(f"| fused extra memory / eager's, N={n} | {mem:.1%} | <= 2% | {'yes' if mem <= 0.02 else 'no'} |")
+            summary["memory_vs_eager"] = mem
+        if ours.get("frac_of_matmul"):
+            frac = float(ours["frac_of_matmul"])
+            lines.append(f"| fused TFLOP/s / matmul's | {frac:.0%} ({ours['tflops']} TFLOP/s) | >= 60% | {'yes' if frac >= 0.6 else 'no'} |")
+            summary["fraction_of_matmul"] = frac
+    steps = sorted(results.glob("train_step_*.json"), key=lambda p: p.stat().st_mtime)
+    if steps:
+        step = json.loads(steps[-1].read_text())
+        ours_run = step["runs"][0]
+        lines.append(f"| trainer step vs paper recipe ({ours_run['preset']}, {ours_run['seq']} tokens) | "
+                     f"{step['speedup']:.2f}x | >= 1.5x | {'yes' if step['speedup'] >= 1.5 else 'no'} |")
+        lines.append(f"| trainer peak memory / paper recipe's | {step['peak_memory_ratio']:.0%} | <= 50% | "
+                     f"{'yes' if step['peak_memory_ratio'] <= 0.5 else 'no'} |")
+        if ours_run.get("mfu") is not None:
+            lines.append(f"| trainer MFU ({ours_run['device']}) | {ours_run['mfu']:.1%} | report | — |")
+        summary["train_step"] = step
+    device = (results / "gpu_info.csv").read_text().splitlines()[1:2] if (results / "gpu_info.csv").exists() else []
+    lines.insert(0, f"GPU check on {device[0] if device else 'CPU (dry mode)'}\n")
+    (results / "gpu_summary.md").write_text("\n".join(lines) + "\n")
+    (results / "gpu_summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
