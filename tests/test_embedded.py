@@ -153,7 +153,12 @@ def test_tiny_build_loads_and_is_deterministic(tmp_path):
     with torch.no_grad():
         logits = model(input_ids=ids).logits
     assert logits.shape[-1] >= len(tk) and torch.isfinite(logits).all()
-    assert model.config.head_dim == 64 and model.config.model_type == "qwen2"
+    assert model.config.head_dim == 64 and model.config.model_type == "llama"
+    # AutoTokenizer on the whole folder (config.json included) keeps the word-level tokenizer
+    from pruner.prompting import build_prompt
+
+    prompt_ids = tk.encode(build_prompt(tk, "start with 7 . ( 1 ) plus 8 . what is the result ?"))
+    assert tk.unk_token_id not in prompt_ids and len(prompt_ids) < 60
 
 
 def test_import_is_light_and_shipped_model_is_complete():
@@ -181,7 +186,7 @@ _VLLM_SCRIPT = textwrap.dedent("""
         tok = llm.get_tokenizer()
         problems = default_problems("test")[:6]
         prompts = [build_prompt(tok, p["problem"]) for p in problems]
-        outs = generate(llm, prompts, n=2, temperature=0.6, top_p=0.95, max_tokens=1024, seed=0)
+        outs = generate(llm, prompts, n=2, temperature=0.6, top_p=0.95, max_tokens=1024)
         rows = [{"text": c.text, "n": len(c.token_ids), "answer": extract_answer(c.text),
                  "truth": p["answer"]} for cs, p in zip(outs, problems) for c in cs]
         print("ROWS" + json.dumps(rows))

@@ -25,10 +25,10 @@ class BuildConfig:
     """The model's shape and the training run; defaults are the shipped model's."""
 
     seed: int = 0
-    steps: int = 500  # optimizer steps
+    steps: int = 1500  # optimizer steps
     batch: int = 16  # traces per step
     lr: float = 3e-3
-    warmup: int = 40
+    warmup: int = 60
     min_lr_ratio: float = 0.05
     weight_decay: float = 0.01
     grad_clip: float = 1.0
@@ -107,6 +107,36 @@ class TraceStream:
         return ids, labels, mask
 
 
+def as_llama(qwen):
+    """The same network as a LlamaForCausalLM with attention biases (o_proj's set to zero).
+
+    Qwen2 is Llama with q/k/v biases. The export says "llama" because transformers 5 loads any
+    "qwen2" folder with its byte-level BPE Qwen2Tokenizer, ignoring the word-level tokenizer.json
+    (every word would become an unknown byte); for "llama" it keeps the folder's tokenizer.
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    q = qwen.config
+    config = LlamaConfig(
+        vocab_size=q.vocab_size, hidden_size=q.hidden_size, intermediate_size=q.intermediate_size,
+        num_hidden_layers=q.num_hidden_layers, num_attention_heads=q.num_attention_heads,
+        num_key_value_heads=q.num_key_value_heads, head_dim=q.head_dim,
+        max_position_embeddings=q.max_position_embeddings, rms_norm_eps=q.rms_norm_eps,
+        rope_parameters=dict(q.rope_parameters), attention_bias=True, mlp_bias=False,
+        tie_word_embeddings=True, bos_token_id=q.bos_token_id, eos_token_id=q.eos_token_id,
+        pad_token_id=q.pad_token_id, torch_dtype="float32",
+    )
+    state = dict(qwen.state_dict())
+    for i in range(q.num_hidden_layers):
+        state[f"model.layers.{i}.self_attn.o_proj.bias"] = torch.zeros(q.hidden_size)
+    llama = LlamaForCausalLM(config)
+    llama.load_state_dict(state, strict=False)
+    missing = set(llama.state_dict()) - set(state)
+    assert not missing - {"lm_head.weight"}, missing  # tied to the embedding
+    return llama.eval()
+
+
 def lr_at(step: int, cfg: BuildConfig) -> float:
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
@@ -160,11 +190,11 @@ def build(out: Path, cfg: BuildConfig | None = None, log_every: int = 50) -> dic
                   f"{time.time() - t0:6.1f}s", flush=True)
 
     out.mkdir(parents=True, exist_ok=True)
-    model.eval()
-    model.save_pretrained(str(out), safe_serialization=True)
+    export = as_llama(model.eval())
+    export.save_pretrained(str(out), safe_serialization=True)
     tok.save_pretrained(str(out))
     # Only the ids: sampling settings belong to the caller (vLLM would adopt them otherwise).
-    GenerationConfig(bos_token_id=model.config.bos_token_id, eos_token_id=tok.eos_token_id,
+    GenerationConfig(bos_token_id=export.config.bos_token_id, eos_token_id=tok.eos_token_id,
                      pad_token_id=tok.pad_token_id).save_pretrained(str(out))
     tail = losses[-min(100, len(losses)):]
     info = {

@@ -40,10 +40,10 @@ class TaskParams:
     max_steps: int = 11
     slip: float = 0.05  # a step result written wrong
     fix_slip: float = 0.9  # ... and then caught by a check
-    check: tuple[float, float] = (0.1, 0.75)  # P(check a correct step) = a + b * h
+    check: tuple[float, float] = (0.3, 0.6)  # P(check a correct step) = a + b * h: > 0.5 on average, so greedy checks too
     restate: float = 0.25  # * h
     hesitate: float = 0.2  # * h
-    overthink: float = 0.12  # * h**2: concentrated in the most verbose traces
+    overthink: float = 0.15  # * h**2: concentrated in the most verbose traces
     review: float = 0.7  # * h: restate every step at the end
     intro: float = 0.6  # * h
 

@@ -14,6 +14,7 @@ from pruner.prompting import DEFAULT_SYSTEM_PROMPT, FAST_SOLVING_SUFFIX
 
 PAD, UNK, IM_START, IM_END = "<|endoftext|>", "<unk>", "<|im_start|>", "<|im_end|>"
 SPECIALS = [PAD, UNK, IM_START, IM_END]
+SPACE = "\u2581"
 
 # ChatML, as Qwen models use it; the generation prompt opens the assistant turn.
 CHAT_TEMPLATE = (
@@ -39,12 +40,15 @@ def build_tokenizer():
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {word: i for i, word in enumerate(vocabulary())}
+    # Each word token carries its leading space as "\u2581" (SentencePiece style): token-by-token
+    # streaming decoders (vLLM's) then emit the spaces too, not only whole-sequence decoding.
+    vocab = {(w if w in SPECIALS else SPACE + w): i for i, w in enumerate(vocabulary())}
     core = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    # WordPiece's decoder with an unused prefix joins words with one space; no clean-up, so
-    # " ." stays " ." and a trace decodes to the exact text it was written as.
-    core.decoder = decoders.WordPiece(prefix="\u2581\u2581", cleanup=False)
+    core.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.WhitespaceSplit(),  # newlines and runs of spaces separate words too
+        pre_tokenizers.Metaspace(replacement=SPACE, prepend_scheme="always", split=False),
+    ])
+    core.decoder = decoders.Metaspace(replacement=SPACE, prepend_scheme="always", split=False)
     core.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIALS])
     return PreTrainedTokenizerFast(
         tokenizer_object=core,
