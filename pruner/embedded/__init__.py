@@ -31,7 +31,7 @@ def _complete(folder: Path) -> bool:
 
 
 def default_model_path() -> Path:
-    """The default model's folder; builds it there first (about 10 minutes) if it is missing.
+    """The default model's folder; builds it there first (10-15 minutes on 2 cores) if it is missing.
 
     Where the package folder is read-only, the model is built under
     $O1_PRUNER_CACHE (default ~/.cache/o1-pruner) instead.
@@ -46,7 +46,7 @@ def default_model_path() -> Path:
         target = cache / "default_model"
         if _complete(target):
             return target
-    print(f"building the embedded default model into {target} (one time, ~10 minutes on 2 cores)")
+    print(f"building the embedded default model into {target} (one time, 10-15 minutes on 2 cores)")
     build(target)
     return target
 

@@ -3,10 +3,15 @@
 A problem is a start value and 3..11 numbered operations ("( 2 ) times 3"); the difficulty is
 the number of operations, so harder problems need more reasoning steps. Every word of the
 problem and of the traces is one token of the embedded model's word-level tokenizer (numbers
-0..99 included), which keeps the arithmetic learnable by a tiny transformer in minutes.
+0..50 included), which keeps the arithmetic learnable by a tiny transformer in minutes:
+operands are 2..5 (plus, minus) or 2..3 (times), and every value stays in 0..50.
+
+Each step first copies its operation from the problem, then applies it:
+"( 3 ) times 2 : 14 * 2 = 28 ." -- the copy is an induction lookup keyed by the step number,
+and the arithmetic then sees its three inputs right before the "=".
 
 The long-thought trace is the shortest correct trace (one line per operation, then the boxed
-answer) plus redundancy whose amount is drawn per trace, independent of the difficulty. Every
+answer; its length is a record's min_tokens) plus redundancy whose amount is drawn per trace, independent of the difficulty. Every
 piece of redundancy starts at a visible decision point right after a step, so fine-tuning can
 move each decision separately:
   - "wait , let me check : ..." after a correct step: pure waste;
@@ -25,7 +30,9 @@ import json
 import random
 from dataclasses import asdict, dataclass
 
-MAX_VALUE = 99  # every value stays a single number token 0..99
+MAX_VALUE = 50  # every value stays a single number token 0..50
+PLUS_MINUS = range(2, 6)  # small operands keep the addition table learnable by a tiny model
+TIMES = (2, 3)
 OPS = {"plus": "+", "minus": "-", "times": "*"}
 
 
@@ -43,7 +50,7 @@ class TaskParams:
     check: tuple[float, float] = (0.3, 0.6)  # P(check a correct step) = a + b * h: > 0.5 on average, so greedy checks too
     restate: float = 0.25  # * h
     hesitate: float = 0.2  # * h
-    overthink: float = 0.15  # * h**2: concentrated in the most verbose traces
+    overthink: float = 0.2  # * h**2: concentrated in the most verbose traces
     review: float = 0.7  # * h: restate every step at the end
     intro: float = 0.6  # * h
 
@@ -66,15 +73,15 @@ def apply_op(op: str, value: int, operand: int) -> int:
 
 
 def sample_spec(rng: random.Random, n_steps: int) -> tuple[int, list[tuple[str, int]]]:
-    """A start value and `n_steps` operations whose intermediate values all stay in 0..99."""
-    value = rng.randint(2, 30)
+    """A start value and `n_steps` operations whose intermediate values all stay in 0..MAX_VALUE."""
+    value = rng.randint(2, 20)
     start, ops = value, []
     for _ in range(n_steps):
-        choices = [("plus", k) for k in range(2, 10) if value + k <= MAX_VALUE]
-        choices += [("minus", k) for k in range(2, 10) if value - k >= 0]
+        choices = [("plus", k) for k in PLUS_MINUS if value + k <= MAX_VALUE]
+        choices += [("minus", k) for k in PLUS_MINUS if value - k >= 0]
         # Multiplication is rarer and bounded so the table stays small enough to learn.
-        mul = [("times", k) for k in (2, 3) if 2 <= value and value * k <= MAX_VALUE]
-        op, k = rng.choice(mul) if mul and rng.random() < 0.3 else rng.choice(choices)
+        mul = [("times", k) for k in TIMES if 2 <= value and value * k <= MAX_VALUE]
+        op, k = rng.choice(mul) if mul and rng.random() < 0.25 else rng.choice(choices)
         ops.append((op, k))
         value = apply_op(op, value, k)
     return start, ops
@@ -93,7 +100,9 @@ def solve(start: int, ops: list[tuple[str, int]]) -> list[int]:
 
 
 def _step(i: int, a: int, op: str, k: int, r: int) -> str:
-    return f"( {i} ) {a} {OPS[op]} {k} = {r} ."
+    # The step first copies its operation from the problem ("( 3 ) times 2", found there by
+    # its number: an induction lookup), then computes with it.
+    return f"( {i} ) {op} {k} : {a} {OPS[op]} {k} = {r} ."
 
 
 def _answer(value: int) -> str:

@@ -1,6 +1,6 @@
 """The embedded model's word-level tokenizer, built with the `tokenizers` library.
 
-One token per whitespace-separated word: numbers 0..99 are single tokens, which is what makes
+One token per whitespace-separated word: numbers 0..50 are single tokens, which is what makes
 the task's arithmetic learnable by a tiny model. Decoding joins words with single spaces, so
 a trace (written with single spaces) round-trips exactly; any other text round-trips up to
 whitespace, and words outside the vocabulary (another system prompt, say) become <unk>.
