@@ -134,9 +134,11 @@ def _latency(out: Any) -> float | None:
     metrics = getattr(out, "metrics", None)
     if metrics is None:
         return None
-    for start, end in (("arrival_time", "finished_time"), ("arrival_time", "last_token_time")):
+    # vLLM V1: engine-core monotonic timestamps (queued -> last token); V0: wall-clock times.
+    for start, end in (("queued_ts", "last_token_ts"), ("arrival_time", "finished_time"),
+                       ("arrival_time", "last_token_time")):
         a, b = getattr(metrics, start, None), getattr(metrics, end, None)
-        if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b >= a:
+        if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b >= a > 0:
             return float(b - a)
     e2e = getattr(metrics, "e2e_latency", None)
     return float(e2e) if isinstance(e2e, (int, float)) else None

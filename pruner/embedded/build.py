@@ -26,20 +26,19 @@ class BuildConfig:
     """The model's shape and the training run; defaults are the shipped model's."""
 
     seed: int = 0
-    steps: int = 1000  # optimizer steps
-    batch: int = 8  # traces per step: small batches, more steps learn more per CPU second here
-    lr: float = 2e-3
-    warmup: int = 50
+    steps: int = 2000  # optimizer steps
+    batch: int = 16  # traces per step
+    lr: float = 3e-3
+    warmup: int = 60
     min_lr_ratio: float = 0.05
     weight_decay: float = 0.01
     grad_clip: float = 1.0
-    # Part of the bit-for-bit contract (CPU kernels reduce per thread). One thread: two threads
-    # were ~4x slower, not faster, on a 2-core machine already busy with other work.
-    threads: int = 1
-    hidden: int = 192
-    layers: int = 4
-    heads: int = 3  # head_dim 64: vLLM's CPU attention rejects smaller heads
-    intermediate: int = 512
+    # Part of the bit-for-bit contract (CPU kernels reduce per thread): rebuild with the same count.
+    threads: int = 2
+    hidden: int = 128
+    layers: int = 3
+    heads: int = 2  # head_dim 64: vLLM's CPU attention rejects smaller heads
+    intermediate: int = 256
     max_len: int = 2048  # RoPE positions; the callers use max_model_len up to 2048
 
 
