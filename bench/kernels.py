@@ -46,13 +46,12 @@ def _naive_logits_logp(x, y):
 
 
 def fused_linear_providers(device: str) -> dict:
-    p = {"eager": _naive_logp}
+    p = {"eager": _naive_logp, "compile": torch.compile(_naive_logp, dynamic=False)}
     if device == "cpu":  # the chunked torch path is the CPU path; at V=152k on a GPU it is a slow loop
         p["kernels-torch"] = lambda h, w, y: kernels.fused_linear_logprobs(h, w, y, backend="torch")
     if device == "cuda":
         p["kernels-triton"] = lambda h, w, y: kernels.fused_linear_logprobs(h, w, y, backend="triton")
         p["kernels-triton-atomic"] = lambda h, w, y: kernels.fused_linear_logprobs(h, w, y, backend="triton", bwd="atomic")
-        p["compile"] = torch.compile(_naive_logp, dynamic=False)
         try:
             from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy as lfce
 
@@ -69,10 +68,10 @@ def fused_linear_providers(device: str) -> dict:
 
 
 def logprobs_providers(device: str) -> dict:
-    p = {"kernels-torch": lambda x, y: kernels.logprobs_from_logits(x, y, backend="torch"), "eager": _naive_logits_logp}
+    p = {"kernels-torch": lambda x, y: kernels.logprobs_from_logits(x, y, backend="torch"), "eager": _naive_logits_logp,
+         "compile": torch.compile(_naive_logits_logp, dynamic=False)}
     if device == "cuda":
         p["kernels-triton"] = lambda x, y: kernels.logprobs_from_logits(x, y, backend="triton")
-        p["compile"] = torch.compile(_naive_logits_logp, dynamic=False)
         try:
             from liger_kernel.transformers.functional import liger_cross_entropy
 
@@ -86,10 +85,10 @@ def ratio_providers(device: str) -> dict:
     def ref(lp, old, adv, m):
         return clipped_ratio_loss_reference(lp.float(), old.float(), adv.float(), m)[0]
 
-    p = {"kernels-torch": lambda *a: kernels.clipped_ratio_loss(*a, backend="torch")[0], "eager": ref}
+    p = {"kernels-torch": lambda *a: kernels.clipped_ratio_loss(*a, backend="torch")[0], "eager": ref,
+         "compile": torch.compile(ref, dynamic=False)}
     if device == "cuda":
         p["kernels-triton"] = lambda *a: kernels.clipped_ratio_loss(*a, backend="triton")[0]
-        p["compile"] = torch.compile(ref, dynamic=False)
     return p
 
 
@@ -272,7 +271,8 @@ def main(argv: list[str] | None = None) -> None:
     rows: list[dict] = []
     if not args.memory_ratio:
         if not cuda:
-            print("No CUDA device: running only the PyTorch paths at small shapes (timings are CPU wall-clock).")
+            print("No CUDA device: running only the PyTorch paths (eager, torch.compile, the kernels' torch backend) "
+                  "at small shapes; timings are CPU wall-clock.")
         ns = [int(x) for x in (args.n or ("1024,4096,8192,16384,32768" if cuda else "1024")).split(",")]
         ds = [int(x) for x in (args.d or ("3584,5120" if cuda else "256")).split(",")]
         v = args.v or (152064 if cuda else 8192)

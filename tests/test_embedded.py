@@ -21,8 +21,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def _recompute(problem: str) -> int:
     """The answer from the problem text alone, with no help from the generator's code."""
     value = int(re.fullmatch(r"start with (\d+) \. .*", problem).group(1))
-    for number, word, operand in re.findall(r"\( (\d+) \) (plus|minus|times) (\d+) \.", problem):
-        value = {"plus": value + int(operand), "minus": value - int(operand), "times": value * int(operand)}[word]
+    for number, sym, operand in re.findall(r"\((\d+)\) ([-+*])(\d+) \.", problem):
+        value = {"+": value + int(operand), "-": value - int(operand), "*": value * int(operand)}[sym]
     return value
 
 
@@ -70,7 +70,8 @@ def test_difficulty_raises_min_tokens(splits, tok):
     # min_tokens is the model tokenizer's count of the shortest trace, plus the end-of-turn token
     for rec in splits["test"][:50]:
         start = int(rec["problem"].split()[2])
-        ops = [(w, int(k)) for w, k in re.findall(r"\) (plus|minus|times) (\d+) \.", rec["problem"])]
+        words = {v: k for k, v in task.OPS.items()}
+        ops = [(words[s], int(k)) for s, k in re.findall(r"\) ([-+*])(\d+) \.", rec["problem"])]
         trace = min_trace(start, ops)
         assert trace.endswith(f"\\boxed{{ {rec['answer']} }} .")
         assert rec["min_tokens"] == len(tok.encode(trace, add_special_tokens=False)) + 1
@@ -103,11 +104,11 @@ def test_steps_copy_their_operation_from_the_problem():
         start, ops = sample_spec(rng, rng.randint(PARAMS.min_steps, PARAMS.max_steps))
         problem = task.problem_text(start, ops)
         text, _ = long_trace(start, ops, rng)
-        steps = re.findall(r"\( (\d+) \) (plus|minus|times) (\d+) : (\d+) (.) (\d+) = (\d+) \.", text)
+        steps = re.findall(r"\((\d+)\) ([-+*])(\d+) : (\d+) (.) (\d+) = (\d+) \.", text)
         assert len(steps) >= len(ops)
-        for i, word, k, a, sym, k2, r in steps:
-            # "( 3 ) times 2" is written exactly as in the problem, then applied
-            assert f"( {i} ) {word} {k} ." in problem and k == k2 and sym == task.OPS[word]
+        for i, op, k, a, sym, k2, r in steps:
+            # "(3) *2" is written exactly as in the problem (one token each), then applied
+            assert f"({i}) {op}{k} ." in problem and k == k2 and sym == op
         assert all(0 <= v <= task.MAX_VALUE for v in task.solve(start, ops))
 
 
@@ -163,7 +164,7 @@ def test_tiny_build_loads_and_is_deterministic(tmp_path):
     assert saved["steps"] == 3 and saved["task_params_hash"] == task.params_hash() == info["task_params_hash"]
     model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "a"))
     tk = AutoTokenizer.from_pretrained(str(tmp_path / "a"))
-    ids = torch.tensor([tk.encode("x = 7 . ( 1 ) 7 + 8 = 15 .", add_special_tokens=False)])
+    ids = torch.tensor([tk.encode("x = 7 . (1) +5 : 7 + 5 = 12 .", add_special_tokens=False)])
     with torch.no_grad():
         logits = model(input_ids=ids).logits
     assert logits.shape[-1] >= len(tk) and torch.isfinite(logits).all()
@@ -171,7 +172,7 @@ def test_tiny_build_loads_and_is_deterministic(tmp_path):
     # AutoTokenizer on the whole folder (config.json included) keeps the word-level tokenizer
     from pruner.prompting import build_prompt
 
-    prompt_ids = tk.encode(build_prompt(tk, "start with 7 . ( 1 ) plus 8 . what is the result ?"))
+    prompt_ids = tk.encode(build_prompt(tk, "start with 7 . (1) +5 . what is the result ?"))
     assert tk.unk_token_id not in prompt_ids and len(prompt_ids) < 60
 
 
@@ -231,4 +232,18 @@ def test_vllm_samples_shipped_model(tmp_path):
         assert row["answer"] is not None
     # a trained model, not noise: it writes the task's trace, starting from the right value
     for row, p in zip(rows, [p for p in _first_problems() for _ in range(2)]):
-        assert f"x = {p['problem'].split()[2]} . ( 1 )" in row["text"]
+        assert f"x = {p['problem'].split()[2]} . (1)" in row["text"]
+
+
+def test_redundancy_openers_mark_exactly_the_optional_text():
+    # Forbidding these words at decode time must leave the shortest trace possible, and nothing
+    # necessary may start with them.
+    rng = random.Random(13)
+    no_slips = TaskParams(slip=0.0)  # an unrepaired slip changes the trace without an opener
+    for _ in range(200):
+        start, ops = sample_spec(rng, rng.randint(PARAMS.min_steps, PARAMS.max_steps))
+        shortest = f" {min_trace(start, ops)} "
+        assert not any(f" {w} " in shortest for w in task.REDUNDANCY_OPENERS)
+        text, _ = long_trace(start, ops, rng, no_slips)
+        extra = text != shortest.strip()
+        assert extra == any(f" {w} " in f" {text} " for w in task.REDUNDANCY_OPENERS), text

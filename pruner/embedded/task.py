@@ -1,14 +1,17 @@
 """The embedded task: chains of small arithmetic operations, and long-thought traces for them.
 
-A problem is a start value and 3..11 numbered operations ("( 2 ) times 3"); the difficulty is
+A problem is a start value and 3..11 numbered operations ("(2) *3"); the difficulty is
 the number of operations, so harder problems need more reasoning steps. Every word of the
 problem and of the traces is one token of the embedded model's word-level tokenizer (numbers
 0..50 included), which keeps the arithmetic learnable by a tiny transformer in minutes:
 operands are 2..5 (plus, minus) or 2..3 (times), and every value stays in 0..50.
 
 Each step first copies its operation from the problem, then applies it:
-"( 3 ) times 2 : 14 * 2 = 28 ." -- the copy is an induction lookup keyed by the step number,
-and the arithmetic then sees its three inputs right before the "=".
+"(3) *2 : 14 * 2 = 28 ." -- the step label "(3)" and the operation "*2" are one token each, so
+the copy is the simplest induction lookup (find the earlier "(3)", copy the token after it); the
+arithmetic then sees its three inputs right before the "=". (The first embedded default spelled
+them "( 3 ) times 2": a two-token match that its 3-layer network learned fragilely, and whose
+failures made every wrong answer.)
 
 The long-thought trace is the shortest correct trace (one line per operation, then the boxed
 answer; its length is a record's min_tokens) plus redundancy whose amount is drawn per trace, independent of the difficulty. Every
@@ -22,6 +25,10 @@ move each decision separately:
     wrong; its rate grows with the trace's verbosity, so the longest traces are the least
     accurate on average (the paper's Table 1), and pruning them can raise accuracy;
   - a final review that restates every step: waste.
+A share of the traces (`concise`) carries none of the optional redundancy, only the slip repairs:
+real long-thought models can also answer briefly, and a model that never saw the short form
+would be less accurate in it for reasons pruning cannot fix (the first embedded default, trained
+without it, lost 0.96 -> 0.83 greedy accuracy when its redundancy was banned at decode time).
 """
 from __future__ import annotations
 
@@ -47,7 +54,8 @@ class TaskParams:
     max_steps: int = 11
     slip: float = 0.05  # a step result written wrong
     fix_slip: float = 0.9  # ... and then caught by a check
-    check: tuple[float, float] = (0.3, 0.6)  # P(check a correct step) = a + b * h: > 0.5 on average, so greedy checks too
+    check: tuple[float, float] = (0.55, 0.45)  # P(check a correct step) = a + b * h: > 0.5 on average, so greedy checks too
+    concise: float = 0.1  # share of traces with no optional redundancy (P(check) at the first step stays ~0.64)
     restate: float = 0.25  # * h
     hesitate: float = 0.2  # * h
     overthink: float = 0.2  # * h**2: concentrated in the most verbose traces
@@ -56,6 +64,11 @@ class TaskParams:
 
 
 PARAMS = TaskParams()
+
+# The first word(s) of every optional piece of a trace (checks, restatements, hesitations,
+# over-thinking, the intro and the final review). Forbidding them at decode time makes the model
+# write the shortest trace: its accuracy that way bounds what pruning can keep.
+REDUNDANCY_OPENERS = ("wait", "hmm", "okay", "so x", "let")
 
 
 def params_hash(params: TaskParams = PARAMS) -> str:
@@ -87,8 +100,18 @@ def sample_spec(rng: random.Random, n_steps: int) -> tuple[int, list[tuple[str, 
     return start, ops
 
 
+def label(i: int) -> str:
+    """Step i's label, one token: "(3)"."""
+    return f"({i})"
+
+
+def op_token(op: str, k: int) -> str:
+    """An operation with its operand, one token: "*2"."""
+    return f"{OPS[op]}{k}"
+
+
 def problem_text(start: int, ops: list[tuple[str, int]]) -> str:
-    body = " ".join(f"( {i} ) {op} {k} ." for i, (op, k) in enumerate(ops, 1))
+    body = " ".join(f"{label(i)} {op_token(op, k)} ." for i, (op, k) in enumerate(ops, 1))
     return f"start with {start} . {body} what is the result ?"
 
 
@@ -100,9 +123,9 @@ def solve(start: int, ops: list[tuple[str, int]]) -> list[int]:
 
 
 def _step(i: int, a: int, op: str, k: int, r: int) -> str:
-    # The step first copies its operation from the problem ("( 3 ) times 2", found there by
-    # its number: an induction lookup), then computes with it.
-    return f"( {i} ) {op} {k} : {a} {OPS[op]} {k} = {r} ."
+    # The step first copies its operation from the problem ("(3) *2", found there by its
+    # label: an induction lookup), then computes with it.
+    return f"{label(i)} {op_token(op, k)} : {a} {OPS[op]} {k} = {r} ."
 
 
 def _answer(value: int) -> str:
@@ -130,7 +153,8 @@ def long_trace(
     start: int, ops: list[tuple[str, int]], rng: random.Random, p: TaskParams = PARAMS
 ) -> tuple[str, int]:
     """Sample a long-thought trace; returns (text, the boxed final value, maybe wrong)."""
-    h = rng.random()  # this trace's verbosity, hidden; the model infers it from its context
+    concise = rng.random() < p.concise
+    h = 0.0 if concise else rng.random()  # this trace's verbosity, hidden; the model infers it from its context
     out = []
     if rng.random() < p.intro * h:
         out.append("okay , let me work through this one step at a time .")
@@ -147,7 +171,7 @@ def long_trace(
                 out.append(f"wait , let me check : {x} {OPS[op]} {k} = {right} , not {r} . so x = {right} .")
                 r = right
         else:
-            if rng.random() < p.check[0] + p.check[1] * h:
+            if not concise and rng.random() < p.check[0] + p.check[1] * h:
                 out.append(f"wait , let me check : {x} {OPS[op]} {k} = {r} . yes .")
             if rng.random() < p.restate * h:
                 out.append(f"so x is {r} .")
@@ -173,7 +197,8 @@ def words() -> list[str]:
     seen: dict[str, None] = {str(n): None for n in range(MAX_VALUE + 1)}
     # Trace and problem words, collected from the generator itself so no literal is missed.
     probe = PARAMS.__class__(**{**asdict(PARAMS), "check": (1.0, 0.0), "slip": 0.5, "fix_slip": 0.5,
-                                "restate": 1.0, "hesitate": 1.0, "overthink": 1.0, "review": 1.0, "intro": 1.0})
+                                "restate": 1.0, "hesitate": 1.0, "overthink": 1.0, "review": 1.0, "intro": 1.0,
+                                "concise": 0.0})
     for _ in range(50):
         start, ops = sample_spec(rng, 11)
         for text in (problem_text(start, ops), long_trace(start, ops, rng, probe)[0]):
