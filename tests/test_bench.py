@@ -1,0 +1,97 @@
+"""The benchmark suite's contracts: AES, the comparisons of bench/speed.py, its files, bench/kernels.py's CSV."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.speed_report import summarize, write_report
+from pruner.aes import accuracy_efficiency_score, waste_removed
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_aes_penalises_accuracy_drops():
+    # shorter by 40% and 10% more accurate: 0.4 + 3 * 0.1
+    assert accuracy_efficiency_score(100, 0.5, 60, 0.55) == pytest.approx(0.7)
+    # shorter by 40% but 10% less accurate: 0.4 - 5 * 0.1 (the paper's first Table 2 would say 0.7)
+    assert accuracy_efficiency_score(100, 0.5, 60, 0.45) == pytest.approx(-0.1)
+    assert accuracy_efficiency_score(100, 0.5, 120, 0.5) == pytest.approx(-0.2)
+    with pytest.raises(ValueError, match="base accuracy"):
+        accuracy_efficiency_score(100, 0.0, 60, 0.5)
+    assert waste_removed(200, 120, 100) == pytest.approx(0.8)
+    assert waste_removed(100, 90, 100) is None  # nothing removable
+
+
+def _raw(model: str, mode: str, wall: float, samples: list[tuple[int, bool, bool, float]], min_tokens=None) -> dict:
+    return {"model": model, "model_path": f"/m/{model}", "dataset": "d", "mode": mode, "n": 1, "wall_time_s": wall,
+            "samples": [{"problem_id": str(i), "tokens": t, "correct": c, "truncated": tr, "latency_s": lat,
+                         "min_tokens": min_tokens} for i, (t, c, tr, lat) in enumerate(samples)]}
+
+
+def test_summary_and_comparisons_from_per_sample_records(tmp_path):
+    base = _raw("base", "greedy", 10.0, [(200, True, False, 1.0), (100, True, False, 2.0), (300, False, True, 3.0),
+                                         (200, True, False, 4.0)], min_tokens=80)
+    pruned = _raw("pruned", "greedy", 5.0, [(100, True, False, 0.5), (80, True, False, 1.0), (120, True, False, 1.5),
+                                            (100, True, False, 2.0)], min_tokens=80)
+    results = summarize([base, pruned])
+    b, p = results["runs"]
+    assert (b["accuracy"], b["mean_tokens"], b["median_tokens"], b["truncation_rate"]) == (0.75, 200, 200, 0.25)
+    assert b["tokens_per_s"] == pytest.approx(80.0) and p["latency_p90_s"] == 2.0 and b["latency_p50_s"] == 3.0
+    (c,) = results["comparisons"]
+    assert (c["base"], c["model"], c["mode"]) == ("base", "pruned", "greedy")
+    assert c["token_ratio"] == pytest.approx(0.5) and c["time_ratio"] == pytest.approx(0.5)
+    assert c["accuracy_delta"] == pytest.approx(0.25)
+    assert c["aes"] == pytest.approx(0.5 + 3 * (0.25 / 0.75))
+    assert c["waste_removed"] == pytest.approx((200 - 100) / (200 - 80))
+    table = write_report(results, [base, pruned], tmp_path)
+    assert "| pruned vs base | greedy | 0.500 | 0.500 | +0.250 |" in table
+    assert json.loads((tmp_path / "results.json").read_text())["comparisons"][0]["model"] == "pruned"
+    assert (tmp_path / "lengths_greedy.png").stat().st_size > 1000
+
+
+def test_waste_removed_only_where_records_carry_min_tokens():
+    base = _raw("base", "sampled", 1.0, [(10, True, False, None)])
+    other = _raw("other", "sampled", 1.0, [(5, False, False, None)])
+    (c,) = summarize([base, other])["comparisons"]
+    assert "waste_removed" not in c and c["aes"] == pytest.approx(0.5 - 5 * 1.0)
+
+
+def test_speed_runs_vllm_on_each_model_and_compares_with_the_first(tmp_path):
+    # The same model twice: greedy decoding must give identical lengths (token ratio exactly 1).
+    out = tmp_path / "bench"
+    cmd = [sys.executable, "bench/speed.py", "--models", "base=embedded", "twin=embedded", "--limit", "3",
+           "--modes", "greedy", "--warmup", "1", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    keys = {"model", "dataset", "mode", "accuracy", "mean_tokens", "median_tokens", "wall_time_s", "tokens_per_s",
+            "latency_p50_s", "latency_p90_s", "truncation_rate"}
+    assert [r["model"] for r in results["runs"]] == ["base", "twin"]
+    assert all(keys <= r.keys() and r["samples"] == 3 and r["mean_tokens"] > 0 for r in results["runs"])
+    (c,) = results["comparisons"]
+    assert c["token_ratio"] == 1.0 and c["accuracy_delta"] == 0.0 and c["waste_removed"] == 0.0
+    assert (out / "results.md").exists() and (out / "lengths_greedy.png").exists()
+
+
+def test_kernel_benchmark_writes_a_row_per_provider_and_shape(tmp_path):
+    out = tmp_path / "k.csv"
+    cmd = [sys.executable, "bench/kernels.py", "--ops", "logprobs,ratio_loss", "--n", "64,96", "--v", "97",
+           "--providers", "eager,kernels-torch", "--reps", "1", "--warmup", "0", "--skip-memory-ratio",
+           "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = list(csv.DictReader(out.open()))
+    assert {(r["op"], r["provider"], r["N"]) for r in rows} == {
+        (op, prov, n) for op in ("logprobs", "ratio_loss") for prov in ("eager", "kernels-torch") for n in ("64", "96")}
+    for r in rows:
+        assert r["status"] == "ok" and r["device"] == "cpu"
+        fwd, bwd, total = float(r["fwd_ms"]), float(r["bwd_ms"]), float(r["total_ms"])
+        assert fwd > 0 and bwd > 0 and total >= max(fwd, bwd)
