@@ -82,6 +82,18 @@ def load_ref_stats(path: str | Path) -> dict[str, dict]:
     return {str(pid): row for row in rows for pid in row.get("ids", [row["id"]])}
 
 
+def _model_vocab_size(model: str | None) -> int:
+    """The model's embedding rows (config.json's vocab_size), or 0 when its config cannot be read."""
+    if not model:
+        return 0
+    try:
+        from transformers import AutoConfig
+
+        return int(getattr(AutoConfig.from_pretrained(model), "vocab_size", 0) or 0)
+    except (OSError, ValueError):
+        return 0
+
+
 def _group_problems(records: list[dict]) -> "OrderedDict[str, dict]":
     """Problems keyed by prompt text (duplicates merge), each with its samples and ids."""
     groups: "OrderedDict[str, dict]" = OrderedDict()
@@ -180,7 +192,9 @@ def build_trainset(
     eos_ids = eos_token_ids(tokenizer, model if model and Path(model).is_dir() else None)
     if not eos_ids:
         raise ValueError("the tokenizer has no EOS token; cannot terminate responses")
-    vocab_size = len(tokenizer)
+    # A model may sample ids past the tokenizer's end (embedding rows padded to a round size): they
+    # are the model's own outputs and train fine, so the bound is the model's vocabulary when known.
+    vocab_size = max(len(tokenizer), _model_vocab_size(model))
 
     groups = _group_problems(records)
     ref = load_ref_stats(ref_stats) if ref_stats is not None else None
@@ -215,7 +229,8 @@ def build_trainset(
             rec = samples[pos]
             prompt_ids = [int(t) for t in rec["prompt_token_ids"]]
             if max(prompt_ids + ids) >= vocab_size:
-                raise ValueError(f"sample {rec['problem_id']}/{rec['sample_index']} has token ids outside the tokenizer's vocabulary")
+                raise ValueError(f"{paths[0]}: sample {rec['problem_id']}/{rec['sample_index']} has token id "
+                                 f"{max(prompt_ids + ids)}, outside the model's vocabulary of {vocab_size}")
             appended += added
             rows.append({"prompt": prompt_ids, "response": ids, "correct": _is_correct(rec),
                          "problem_index": problem_index, "chosen": is_chosen, "lbar": lbar, "abar": abar})

@@ -171,3 +171,25 @@ def test_tokenizer_given_as_folder(tmp_path: Path, tok, tiny_model_dir: Path) ->
     path = _write(tmp_path, [_sample("A", 0, 3, True, tok.eos_token_id)])
     ts = load_trainset(build_trainset(path, tmp_path / "ts", tokenizer=str(tiny_model_dir), report=False))
     assert ts["meta"]["model"] == str(tiny_model_dir) and ts["meta"]["num_samples"] == 1
+
+
+def test_ids_past_the_tokenizer_are_kept_up_to_the_models_vocabulary(tmp_path: Path, tok, tiny_model_dir: Path) -> None:
+    # Embedding rows padded past the tokenizer can be sampled at temperature 1: they are the model's
+    # own outputs. Ids past the model's rows are corrupt data and name the file.
+    import shutil
+
+    model = tmp_path / "padded"
+    shutil.copytree(tiny_model_dir, model)
+    config = json.loads((model / "config.json").read_text())
+    config["vocab_size"] = len(tok) + 64
+    (model / "config.json").write_text(json.dumps(config))
+    eos = tok.eos_token_id
+    ok = _sample("A", 0, 3, True, eos)
+    ok["response_token_ids"] = [len(tok) + 5, 6, eos]
+    ts = load_trainset(build_trainset(_write(tmp_path, [ok]), tmp_path / "ts", tokenizer=str(model), report=False))
+    assert ts["meta"]["num_samples"] == 1 and len(tok) + 5 in ts["input_ids"].tolist()
+    bad = dict(ok, response_token_ids=[len(tok) + 64, 6, eos])
+    path = _write(tmp_path, [bad])
+    with pytest.raises(ValueError, match="outside the model's vocabulary") as err:
+        build_trainset(path, tmp_path / "ts2", tokenizer=str(model), report=False)
+    assert str(path) in str(err.value)
