@@ -10,6 +10,7 @@ import json
 import math
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -151,7 +152,9 @@ def train(cfg: TrainConfig) -> Path | None:
         step += 1
         if totals[3] > 0:  # some rank saw NaN/inf: nobody updates, so the ranks stay identical
             optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
+            with warnings.catch_warnings():  # the schedule follows the step count, updates or not
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler")
+                scheduler.step()
             bad_steps += 1
             logger.write(f"step {step}: non-finite loss or gradient norm; update skipped ({bad_steps} in a row)")
             if bad_steps >= cfg.max_bad_steps:
