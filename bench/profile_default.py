@@ -34,11 +34,13 @@ def quartile_accuracy(lengths: list[list[int]], correct: list[list[bool]]) -> li
 
 
 def summarise(problems: list[dict], greedy: list, sampled: list[list], grade, concise: list | None = None) -> dict:
+    def ok(c, p) -> bool:
+        return grade(c.text, p["answer"], truncated=c.finish_reason == "length")
+
     g_len = [len(c.token_ids) for c in greedy]
-    g_ok = [grade(c.text, p["answer"], truncated=c.finish_reason == "length") for c, p in zip(greedy, problems)]
+    g_ok = [ok(c, p) for c, p in zip(greedy, problems)]
     s_len = [[len(c.token_ids) for c in cs] for cs in sampled]
-    s_ok = [[grade(c.text, p["answer"], truncated=c.finish_reason == "length") for c in cs]
-            for cs, p in zip(sampled, problems)]
+    s_ok = [[ok(c, p) for c in cs] for cs, p in zip(sampled, problems)]
     flat_len = [n for lens in s_len for n in lens]
     mean_min = statistics.mean(p["min_tokens"] for p in problems)
     cvs = [statistics.pstdev(lens) / statistics.mean(lens) for lens in s_len]
@@ -51,8 +53,7 @@ def summarise(problems: list[dict], greedy: list, sampled: list[list], grade, co
         d["min"].append(p["min_tokens"])
     concise_stats = {}
     if concise is not None:
-        c_ok = [grade(c.text, p["answer"], truncated=c.finish_reason == "length") for c, p in zip(concise, problems)]
-        concise_stats = {"concise_greedy_accuracy": statistics.mean(c_ok),
+        concise_stats = {"concise_greedy_accuracy": statistics.mean(ok(c, p) for c, p in zip(concise, problems)),
                          "concise_greedy_mean_tokens": statistics.mean(len(c.token_ids) for c in concise)}
     return {
         "problems": len(problems),

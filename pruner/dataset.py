@@ -228,9 +228,10 @@ def build_trainset(
                 continue
             rec = samples[pos]
             prompt_ids = [int(t) for t in rec["prompt_token_ids"]]
-            if max(prompt_ids + ids) >= vocab_size:
+            top = max(prompt_ids + ids)
+            if top >= vocab_size:
                 raise ValueError(f"{paths[0]}: sample {rec['problem_id']}/{rec['sample_index']} has token id "
-                                 f"{max(prompt_ids + ids)}, outside the model's vocabulary of {vocab_size}")
+                                 f"{top}, outside the model's vocabulary of {vocab_size}")
             appended += added
             rows.append({"prompt": prompt_ids, "response": ids, "correct": _is_correct(rec),
                          "problem_index": problem_index, "chosen": is_chosen, "lbar": lbar, "abar": abar})
