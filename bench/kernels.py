@@ -23,13 +23,12 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# This file is itself named kernels.py: keep its folder off sys.path so `import kernels` finds the package.
-sys.path = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
+sys.path.insert(0, str(ROOT))  # `python bench/kernels.py` from a checkout: the repository's modules
 
 import torch  # noqa: E402
 
-import kernels  # noqa: E402
-from kernels.reference import clipped_ratio_loss_reference  # noqa: E402
+import o1pruner_kernels  # noqa: E402
+from o1pruner_kernels.reference import clipped_ratio_loss_reference  # noqa: E402
 
 FIELDS = ["op", "provider", "N", "D", "V", "dtype", "device", "commit", "fwd_ms", "bwd_ms", "total_ms",
           "tflops", "matmul_tflops", "frac_of_matmul", "peak_mem_mib", "status"]
@@ -48,10 +47,10 @@ def _naive_logits_logp(x, y):
 def fused_linear_providers(device: str) -> dict:
     p = {"eager": _naive_logp, "compile": torch.compile(_naive_logp, dynamic=False)}
     if device == "cpu":  # the chunked torch path is the CPU path; at V=152k on a GPU it is a slow loop
-        p["kernels-torch"] = lambda h, w, y: kernels.fused_linear_logprobs(h, w, y, backend="torch")
+        p["kernels-torch"] = lambda h, w, y: o1pruner_kernels.fused_linear_logprobs(h, w, y, backend="torch")
     if device == "cuda":
-        p["kernels-triton"] = lambda h, w, y: kernels.fused_linear_logprobs(h, w, y, backend="triton")
-        p["kernels-triton-atomic"] = lambda h, w, y: kernels.fused_linear_logprobs(h, w, y, backend="triton", bwd="atomic")
+        p["kernels-triton"] = lambda h, w, y: o1pruner_kernels.fused_linear_logprobs(h, w, y, backend="triton")
+        p["kernels-triton-atomic"] = lambda h, w, y: o1pruner_kernels.fused_linear_logprobs(h, w, y, backend="triton", bwd="atomic")
         try:
             from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy as lfce
 
@@ -68,10 +67,10 @@ def fused_linear_providers(device: str) -> dict:
 
 
 def logprobs_providers(device: str) -> dict:
-    p = {"kernels-torch": lambda x, y: kernels.logprobs_from_logits(x, y, backend="torch"), "eager": _naive_logits_logp,
+    p = {"kernels-torch": lambda x, y: o1pruner_kernels.logprobs_from_logits(x, y, backend="torch"), "eager": _naive_logits_logp,
          "compile": torch.compile(_naive_logits_logp, dynamic=False)}
     if device == "cuda":
-        p["kernels-triton"] = lambda x, y: kernels.logprobs_from_logits(x, y, backend="triton")
+        p["kernels-triton"] = lambda x, y: o1pruner_kernels.logprobs_from_logits(x, y, backend="triton")
         try:
             from liger_kernel.transformers.functional import liger_cross_entropy
 
@@ -85,10 +84,10 @@ def ratio_providers(device: str) -> dict:
     def ref(lp, old, adv, m):
         return clipped_ratio_loss_reference(lp.float(), old.float(), adv.float(), m)[0]
 
-    p = {"kernels-torch": lambda *a: kernels.clipped_ratio_loss(*a, backend="torch")[0], "eager": ref,
+    p = {"kernels-torch": lambda *a: o1pruner_kernels.clipped_ratio_loss(*a, backend="torch")[0], "eager": ref,
          "compile": torch.compile(ref, dynamic=False)}
     if device == "cuda":
-        p["kernels-triton"] = lambda *a: kernels.clipped_ratio_loss(*a, backend="triton")[0]
+        p["kernels-triton"] = lambda *a: o1pruner_kernels.clipped_ratio_loss(*a, backend="triton")[0]
     return p
 
 
@@ -199,7 +198,7 @@ def bench_shape(op: str, n: int, d: int, v: int, dtype, device: str, args, provi
 _RSS_CHILD = """
 import json, resource, sys, torch
 sys.path.insert(0, {root!r})
-import kernels
+import o1pruner_kernels
 which = {which!r}
 N, D, V = {n}, {d}, {v}
 torch.manual_seed(0)
@@ -209,7 +208,7 @@ y = torch.randint(0, V, (N,))
 g = torch.empty(N).uniform_()
 def run(h, w, y):
     if which == "fused":
-        return kernels.fused_linear_logprobs(h, w, y, backend="torch")
+        return o1pruner_kernels.fused_linear_logprobs(h, w, y, backend="torch")
     return torch.log_softmax(h @ w.T, -1).gather(-1, y[:, None]).squeeze(-1)
 run(h[:64], w, y[:64]).sum().backward()  # load libraries before the baseline
 h.grad = w.grad = None

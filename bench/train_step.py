@@ -65,7 +65,7 @@ def _peak(device: torch.device) -> float:
 
 
 def run_recipe(args) -> dict:
-    import kernels
+    import o1pruner_kernels
     from pruner import distributed
     from pruner.modeling import TokenLogprobs
 
@@ -109,7 +109,7 @@ def run_recipe(args) -> dict:
         if args.recipe == "ours":
             with autocast:
                 logps = policy(ids, attn, labels)
-            loss, _ = kernels.clipped_ratio_loss(logps, old, adv, mask)
+            loss, _ = o1pruner_kernels.clipped_ratio_loss(logps, old, adv, mask)
         else:
             ref = paper_logps(ref_lm, grad=False)
             logps = paper_logps(lm, grad=True)

@@ -4,7 +4,7 @@
     python pruner/dataset.py --kind sft|dpo --lam 5 --keep-per-problem 2
 
 Per problem (its K samples): Lbar_ref = mean length, Abar_ref = mean accuracy. Per sample:
-R = Lbar_ref / L - 1 + lam * (A - Abar_ref) clipped to [-2, 4] (kernels.length_harmonizing_reward),
+R = Lbar_ref / L - 1 + lam * (A - Abar_ref) clipped to [-2, 4] (o1pruner_kernels.length_harmonizing_reward),
 advantage = (R - mean) / std over the kept samples (std 0, e.g. K = 1 where every R is 0:
 advantage = R - mean, i.e. all zeros, no division).
 
@@ -166,7 +166,7 @@ def build_trainset(
     `tokenizer`: a tokenizer object, a folder/id to load one from, or None for the model named
     in the samples' `.meta.json`.
     """
-    import kernels
+    import o1pruner_kernels
     from safetensors.torch import save_file
 
     from pruner.hf import eos_token_ids, load_tokenizer, tokenizer_fingerprint
@@ -241,7 +241,7 @@ def build_trainset(
         log.warning("dropped %d sample(s) with no response tokens", dropped_empty)
 
     lengths_t = torch.tensor([len(r["response"]) for r in rows], dtype=torch.int64)
-    rewards = kernels.length_harmonizing_reward(
+    rewards = o1pruner_kernels.length_harmonizing_reward(
         lengths_t,
         torch.tensor([r["correct"] for r in rows], dtype=torch.float32),
         torch.tensor([r["lbar"] for r in rows], dtype=torch.float64),

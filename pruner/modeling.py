@@ -1,7 +1,7 @@
 """The policy as the trainer sees it: an HF causal LM whose token log-probs come from the fused kernel.
 
 `TokenLogprobs` runs the model's body (never its `logits`) and hands the last hidden states and the
-LM-head weight to `kernels.fused_linear_logprobs`, so the [tokens, vocab] logits never exist in
+LM-head weight to `o1pruner_kernels.fused_linear_logprobs`, so the [tokens, vocab] logits never exist in
 memory. `prepare_model` loads the model, patches Liger's body kernels on CUDA, and applies FSDP2.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-import kernels
+import o1pruner_kernels
 from pruner.distributed import Dist, print0
 
 
@@ -38,7 +38,7 @@ class TokenLogprobs(nn.Module):
         # Inside the root FSDP forward the head's weight is the unsharded tensor, and its gradient
         # flows back into FSDP's reduce-scatter like any other parameter's.
         weight = self.lm.get_output_embeddings().weight
-        return kernels.fused_linear_logprobs(hidden, weight, labels, temperature=self.temperature)
+        return o1pruner_kernels.fused_linear_logprobs(hidden, weight, labels, temperature=self.temperature)
 
 
 def apply_liger(model_type: str) -> str:

@@ -1,6 +1,6 @@
 """Test-wide set-up. Without a GPU the Triton kernels run in Triton's interpreter on the CPU.
 
-TRITON_INTERPRET must be set before any `triton.jit` decoration runs, i.e. before `kernels` is
+TRITON_INTERPRET must be set before any `triton.jit` decoration runs, i.e. before `o1pruner_kernels` is
 imported by any test module, so it lives here at the root of the suite.
 """
 import os

@@ -23,7 +23,7 @@ _SCRIPT = textwrap.dedent("""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from kernels import _fused_linear_triton as flt, logprobs as lp, ratio_loss as rl
+    from o1pruner_kernels import _fused_linear_triton as flt, logprobs as lp, ratio_loss as rl
 
     FLOATS = {"inv_t", "lo", "hi"}
     INTS = {"y_ptr": "*i64"}

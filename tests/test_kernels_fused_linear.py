@@ -12,8 +12,8 @@ import pytest
 import torch
 from test_kernels_common import BACKENDS, DEVICE, INTERPRETED, assert_close_to_ref, labels_with_ignored, noncontiguous
 
-from kernels import fused_linear_logprobs
-from kernels.reference import fused_linear_logprobs_reference
+from o1pruner_kernels import fused_linear_logprobs
+from o1pruner_kernels.reference import fused_linear_logprobs_reference
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -110,7 +110,7 @@ def test_rejects_bad_arguments():
 # process, independent of allocator caching, and nothing else runs in that process.
 _MEM_SCRIPT = textwrap.dedent("""
     import json, resource, torch
-    from kernels import fused_linear_logprobs
+    from o1pruner_kernels import fused_linear_logprobs
     torch.manual_seed(0)
     N, D, V = 8192, 64, 32000
     h = torch.empty(N, D).normal_().requires_grad_()

@@ -5,8 +5,8 @@ import pytest
 import torch
 from test_kernels_common import BACKENDS, DEVICE, INTERPRETED, assert_close_to_ref, labels_with_ignored, noncontiguous
 
-from kernels import logprobs_from_logits
-from kernels.reference import logprobs_reference
+from o1pruner_kernels import logprobs_from_logits
+from o1pruner_kernels.reference import logprobs_reference
 
 CASES = [  # (lead shape, V, temperature, layout)
     ((37,), 203, 0.7, "contiguous"),

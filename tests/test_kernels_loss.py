@@ -5,8 +5,8 @@ import pytest
 import torch
 from test_kernels_common import BACKENDS, DEVICE, INTERPRETED, assert_close_to_ref
 
-from kernels import clipped_ratio_loss, length_harmonizing_reward, sequence_logprobs
-from kernels.reference import clipped_ratio_loss_reference
+from o1pruner_kernels import clipped_ratio_loss, length_harmonizing_reward, sequence_logprobs
+from o1pruner_kernels.reference import clipped_ratio_loss_reference
 
 B, T = 7, 45
 
