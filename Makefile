@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo clean
+.PHONY: install test test-fast demo clean
 
 install: $(STAMP)
 
@@ -22,6 +22,10 @@ $(STAMP): setup.py
 
 test: install
 	$(BIN)/python -m pytest -q tests
+
+# The unit tier only (no vLLM engine, torchrun job or ahead-of-time compile): a developer's quick loop.
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow" tests
 
 demo: install
 	$(BIN)/python -m pruner.demo
