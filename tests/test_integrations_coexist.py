@@ -61,3 +61,16 @@ def test_hf_kernels_and_o1pruner_kernels_coexist(where, tmp_path):
 def test_kernels_and_integrations_import_no_trainer(tmp_path):
     done = run_python(NO_TRAINER_IMPORTS, tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bench/kernels.py shadows Hugging Face's `kernels` whenever a bench/*.py script runs as a script "
+    "(bench/ is then sys.path[0], and transformers imports `kernels`); rename it, then drop this mark",
+)
+def test_no_bench_script_shadows_an_installed_package():
+    import importlib.metadata
+
+    installed = importlib.metadata.packages_distributions()  # top-level import name -> distributions
+    clashes = {p.stem: installed[p.stem] for p in (ROOT / "bench").glob("*.py") if p.stem in installed}
+    assert not clashes, f"bench scripts named like installed packages: {clashes}"

@@ -43,8 +43,8 @@ def _grpo_module() -> types.ModuleType:
         problem = "trl.trainer.grpo_trainer has no `add_fused_lm_head` or no `GRPOTrainer._get_per_token_logps_and_entropies`"
     elif "fused_lm_head=True" not in inspect.getsource(method):
         problem = "GRPOTrainer._get_per_token_logps_and_entropies does not call the model with `fused_lm_head=True`"
-    elif list(inspect.signature(_ORIGINALS.get("grpo", hook)).parameters) != list(inspect.signature(add_fused_lm_head).parameters):
-        problem = f"add_fused_lm_head's parameters changed: {inspect.signature(_ORIGINALS.get('grpo', hook))}"
+    elif list(inspect.signature(_ORIGINALS.get("grpo", hook)).parameters) != list(_OUR_PARAMETERS):
+        problem = f"add_fused_lm_head takes {inspect.signature(_ORIGINALS.get('grpo', hook))}"
     if problem:
         raise RuntimeError(
             f"{FEATURE} supports TRL's fused-LM-head protocol (tested with trl 1.16); the installed "
@@ -64,6 +64,11 @@ def _check_model(model: torch.nn.Module, outputs: tuple[str, ...]) -> None:
                 f"{FEATURE}: {type(model).__name__} transforms its logits (config.{name}="
                 f"{getattr(text_config, name)}), which the fused head does not apply; leave this model unpatched"
             )
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    if is_deepspeed_zero3_enabled():
+        # ZeRO-3 frees the head's gathered weight after the forward, but the kernel's backward re-reads it.
+        raise NotImplementedError(f"{FEATURE}: DeepSpeed ZeRO-3 is not supported (use FSDP2 or ZeRO-2)")
     head = model.get_output_embeddings()
     if head is None or getattr(head, "bias", None) is not None:
         raise NotImplementedError(f"{FEATURE}: the LM head of {type(model).__name__} is missing or has a bias")
@@ -135,6 +140,9 @@ def add_fused_lm_head(
 
     forward.o1pruner_fused = True
     model.forward = types.MethodType(forward, model)
+
+
+_OUR_PARAMETERS = inspect.signature(add_fused_lm_head).parameters
 
 
 def patch_grpo_trainer() -> None:
