@@ -92,8 +92,10 @@ def _score(hidden, weight, labels, temperature, want_entropy, cast_fp32):
             hidden[mask], weight, labels[mask], temperature=temperature, return_entropy=want_entropy
         )
     logp, ent = out if want_entropy else (out, None)
-    # masked_scatter keeps the result attached to the graph even when no position is labelled.
-    scatter = lambda x: None if x is None else x.new_zeros(mask.shape).masked_scatter(mask, x)  # noqa: E731
+
+    def scatter(values):  # masked_scatter keeps the result attached to the graph even with no label at all
+        return None if values is None else values.new_zeros(mask.shape).masked_scatter(mask, values)
+
     return scatter(logp), scatter(ent), mask
 
 
