@@ -149,3 +149,23 @@ def test_missing_trl_is_named(monkeypatch):
     monkeypatch.setitem(sys.modules, "trl", None)
     with pytest.raises(ImportError, match="`trl` package"):
         o1trl.patch_grpo_trainer()
+
+
+def test_patch_is_idempotent_and_undone():
+    import trl.trainer.grpo_trainer as grpo
+
+    trl_head = grpo.add_fused_lm_head
+    o1trl.patch_grpo_trainer()
+    o1trl.patch_grpo_trainer()
+    assert grpo.add_fused_lm_head is o1trl.add_fused_lm_head
+    o1trl.unpatch_grpo_trainer()
+    assert grpo.add_fused_lm_head is trl_head
+
+
+def test_refuses_deepspeed_zero3(monkeypatch):
+    import transformers.integrations.deepspeed as hf_deepspeed
+
+    monkeypatch.setattr(hf_deepspeed, "is_deepspeed_zero3_enabled", lambda: True)
+    model = AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.float32)
+    with pytest.raises(NotImplementedError, match="ZeRO-3"):
+        o1trl.add_fused_lm_head(model)

@@ -125,6 +125,8 @@ def add_fused_lm_head(
             return previous_forward(*args, **kwargs, **{k: v for k, v in extra.items() if v is not None})
         if kwargs.get("output_router_logits") or getattr(text_config, "output_router_logits", False):
             raise NotImplementedError(f"{FEATURE}: MoE router (aux) losses are not supported by the fused head")
+        if labels is None and shift_labels is None:
+            raise ValueError(f"{FEATURE}: `fused_lm_head=True` needs `labels` (or `shift_labels`) to score")
         kwargs["use_cache"] = False
         hidden = self.base_model(*args, **kwargs).last_hidden_state
         if shift_labels is None:
