@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # All GPU-only checking and measuring in one run (<= 8 minutes on an H100/H200):
 #   1. the kernel test suite on CUDA (fp32 and bf16 cases),
-#   2. bench/kernels.py at D=3584, V=152064, N=4k/8k/16k against eager, torch.compile, Liger, CCE,
+#   2. bench/kernel_ops.py at D=3584, V=152064, N=4k/8k/16k against eager, torch.compile, Liger, CCE,
 #   3. training steps of a Qwen2.5-1.5B-shaped model (random init, 4k-token sequences) under FSDP2
 #      on 1 GPU, against the paper code's recipe (second reference model, full fp32 logits),
 #   4. the summary table, printed last.
@@ -47,7 +47,7 @@ run_step() {  # name, time limit (s), command...
 : > "$OUT/gpu_check_status.txt"
 run_step kernel_tests 150 $PY -m pytest -q -p no:cacheprovider tests/test_kernels_*.py "${TEST_FILTER[@]}" \
   --junitxml "$OUT/kernel_tests.xml"
-run_step kernel_bench 200 $PY bench/kernels.py --ops fused_linear,logprobs,ratio_loss "${KERNEL_ARGS[@]}" \
+run_step kernel_bench 200 $PY bench/kernel_ops.py --ops fused_linear,logprobs,ratio_loss "${KERNEL_ARGS[@]}" \
   --out "$OUT/kernels.csv"
 run_step train_step 150 $PY bench/train_step.py --torchrun "${STEP_ARGS[@]}" --out "$OUT"
 $PY bench/gpu_summary.py --results "$OUT"

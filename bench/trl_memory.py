@@ -27,10 +27,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# Run as a script, Python puts bench/ first on sys.path, where bench/kernels.py would shadow Hugging
-# Face's `kernels` (which transformers imports when installed). Nothing here imports from bench/.
-if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
-    sys.path.pop(0)
 TOKENIZER_DIR = ROOT / "pruner" / "assets" / "default_model"
 VARIANTS = ("trl", "o1pruner", "logits")
 

@@ -1,8 +1,8 @@
 """Benchmark the `kernels` ops against eager PyTorch, torch.compile, Liger-Kernel and Cut Cross-Entropy.
 
-    python bench/kernels.py                       # CUDA: D=3584,5120 x N=1k..32k, V=152064, bf16
-    python bench/kernels.py --n 4096 --d 3584 --ops fused_linear --providers kernels-triton,liger
-    python bench/kernels.py --memory-ratio        # CPU: peak-RSS ratio fused(torch) / naive
+    python bench/kernel_ops.py                       # CUDA: D=3584,5120 x N=1k..32k, V=152064, bf16
+    python bench/kernel_ops.py --n 4096 --d 3584 --ops fused_linear --providers kernels-triton,liger
+    python bench/kernel_ops.py --memory-ratio        # CPU: peak-RSS ratio fused(torch) / naive
 
 On CUDA: forward, backward and total time (median over --reps warmed-up runs, CUDA events),
 achieved TFLOP/s next to a plain matmul of the same size measured in the same run, and peak
@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # `python bench/kernels.py` from a checkout: the repository's modules
+sys.path.insert(0, str(ROOT))  # `python bench/kernel_ops.py` from a checkout: the repository's modules
 
 import torch  # noqa: E402
 
