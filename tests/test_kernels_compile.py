@@ -41,6 +41,7 @@ def _over_budget(rows: list[dict]) -> list[str]:
             or r["blocks_per_sm"] < 1]
 
 
+@pytest.mark.slow
 def test_default_configs_compile_without_spills_at_large_tiles():
     """The launcher's defaults at N = 16,384, D = 3,584, V = 152,064, bf16, sm_90: no spills, and the
     fused LM-head forward / backward use at least 128 x 128 logits per block."""
