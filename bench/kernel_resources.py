@@ -136,13 +136,14 @@ def fused_linear_builds(dtype: str) -> list[Build]:
                   unit_strides=("s_hd", "s_wd"), dtype=dtype)
     base = dict(PREC=PREC[dtype], UPCAST=False)
     out = []
+    flags = list(itertools.product((False, True), repeat=2))  # (entropy, 64-bit offsets)
+    grads = ((True, True), (True, False), (False, True))  # (NEED_DH, NEED_DW) of the atomic backward
     kinds = {
-        "fused_linear.fwd": (flt._flp_fwd_kernel, [dict(WITH_ENT=e, I64=i) for e, i in itertools.product((False, True), repeat=2)]),
-        "fused_linear.bwd_dz": (flt._flp_bwd_kernel, [dict(HAS_ENT_GRAD=e, STORE_DZ=True, NEED_DH=True, NEED_DW=True, I64=i)
-                                                       for e, i in itertools.product((False, True), repeat=2)]),
-        "fused_linear.bwd_atomic": (flt._flp_bwd_kernel, [dict(HAS_ENT_GRAD=e, STORE_DZ=False, NEED_DH=dh, NEED_DW=dw, I64=i)
-                                                           for e, i in itertools.product((False, True), repeat=2)
-                                                           for dh, dw in ((True, True), (True, False), (False, True))]),
+        "fused_linear.fwd": (flt._flp_fwd_kernel, [dict(WITH_ENT=e, I64=i) for e, i in flags]),
+        "fused_linear.bwd_dz": (flt._flp_bwd_kernel, [
+            dict(HAS_ENT_GRAD=e, STORE_DZ=True, NEED_DH=True, NEED_DW=True, I64=i) for e, i in flags]),
+        "fused_linear.bwd_atomic": (flt._flp_bwd_kernel, [
+            dict(HAS_ENT_GRAD=e, STORE_DZ=False, NEED_DH=dh, NEED_DW=dw, I64=i) for e, i in flags for dh, dw in grads]),
     }
     for name, (fn, variants) in kinds.items():
         for j, tile in enumerate(fc.candidates(name.split(".")[1], elt_bytes)):
@@ -188,7 +189,8 @@ def _fmt_variant(v: dict) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    head = "| kernel | tiles, warps, stages | variant | dtype | arch | regs | spill B | smem KB | blocks/SM | occupancy | default |"
+    head = ("| kernel | tiles, warps, stages | variant | dtype | arch | regs | spill B | smem KB | blocks/SM | occupancy "
+            "| default |")
     lines = [head, "|" + "---|" * 11]
     for r in rows:
         lines.append(f"| {r['kernel']} | {_fmt_config(r['config'])} | {_fmt_variant(r['variant'])} | {r['dtype']} | "

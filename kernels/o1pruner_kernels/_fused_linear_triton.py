@@ -1,15 +1,23 @@
 """Triton kernels for `fused_linear_logprobs`: logits tiles hidden @ W^T live only in SRAM.
 
 Forward: grid (token tiles, vocabulary splits). Each program streams its share of the vocabulary
-in BLOCK_V tiles, builds each [BLOCK_N, BLOCK_V] logits tile with a loop over D, and keeps an
-online (max, sum exp, sum exp * z) per row plus the label logit. The few partials per row are
-merged on the host side ([N, splits], negligible), which lets short-N/long-V problems fill the GPU.
+in BLOCK_V tiles, builds each [BLOCK_N, BLOCK_V] logits tile with a loop over D (tensor cores,
+fp32 accumulation) and keeps an online (max, sum exp[, sum exp * z]) per row; the label logit is
+a gathered row dot product after that loop, by the split that holds the label. The few partials
+per row are merged on the host side ([N, splits], negligible), which lets short-N/long-V
+problems fill the GPU.
 
 Backward: grid (token tiles, vocabulary tiles). Each program recomputes its logits tile, forms
-dz = d loss / d logits for the per-token upstream gradients (log-prob and entropy), and adds
-dz @ W_tile into d_hidden and dz^T @ h_tile into d_weight with fp32 atomics. Nothing is computed
-for the backward during the forward (the lesson of Liger's PR 1298): arbitrary per-token
-upstream gradients are exact.
+dz = d loss / d logits for the per-token upstream gradients (log-prob and entropy), and either
+stores dz (GEMMs consume it) or adds dz @ W_tile into d_hidden and dz^T @ h_tile into d_weight
+with fp32 atomics. Nothing is computed for the backward during the forward (the lesson of
+Liger's PR 1298): arbitrary per-token upstream gradients are exact.
+
+Register budget (sm_90, `bench/kernel_resources.py`): what made tiles above 64 x 128 spill was
+not the accumulator but the work around it, chiefly a tile-wide compare against a 64-bit column
+index for the label gather; hence the gather after the loop, the tile-local int32 label compare
+in the backward, the entropy term only when asked (WITH_ENT) and int32 offsets unless a tensor
+reaches 2^31 elements (I64, chosen by the launcher).
 """
 from __future__ import annotations
 
@@ -234,7 +242,8 @@ def flp_forward(h, w, y, inv_t: float, cfg: dict, with_entropy: bool = True):
     if N == 0:
         empty = torch.empty(0, dtype=torch.float32, device=h.device)
         return empty, empty, empty
-    tiles = [t for t in fc.candidates("fwd", h.element_size())] if cfg["autotune"] else [_tiles(cfg, "fwd", h.element_size())]
+    # Autotuned: the grid, and so the number of vocabulary splits, depends on the chosen tile.
+    tiles = fc.candidates("fwd", h.element_size()) if cfg["autotune"] else [_tiles(cfg, "fwd", h.element_size())]
 
     def splits(meta_bn: int, meta_bv: int) -> int:
         return _n_splits(triton.cdiv(N, meta_bn), triton.cdiv(V, meta_bv), cfg["splits"], h.device)

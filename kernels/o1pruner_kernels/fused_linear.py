@@ -165,6 +165,8 @@ def fused_linear_logprobs(
     chunk); Triton backend `block_n`, `block_v`, `block_d`, `splits`, `num_warps`, `num_stages`,
     `bwd` ("matmul": a kernel writes dz for a chunk of tokens, of at most `bwd_chunk` rows or
     `bwd_chunk_bytes` (1 GiB), and two GEMMs consume it; "atomic": no dz buffer, fp32 atomics).
+    Without tile options (`block_*`, `num_warps`, `num_stages`) GPU launches autotune over a short
+    list of spill-free candidates per shape bucket (O1PRUNER_AUTOTUNE=0: the first candidate).
     Options of the other backend are accepted and ignored, so callers can pass one set.
     Hidden and weight of different float dtypes are promoted to a common dtype.
     """
