@@ -100,3 +100,33 @@ def test_logp_without_entropy_matches_with_entropy():
         grads.append((lp.detach(), h.grad, w.grad))
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("bwd", ["matmul", "atomic"])
+def test_autotuned_launch_path(bwd, monkeypatch):
+    """The GPU path through triton.autotune (grid per config, neutral unused split columns, keys,
+    dtype pruning), run by the interpreter: fp32 (no bf16 upcast needed) with the candidate lists
+    cut to one config each, so the autotuner launches without benchmarking."""
+    monkeypatch.setattr(flt, "interpreting", lambda: False)
+    for kind in fc.CANDIDATES:
+        monkeypatch.setitem(fc.CANDIDATES[kind], 4, fc.CANDIDATES[kind][4][:1])
+    gen = torch.Generator().manual_seed(11)
+    N, D, V = 70, 33, 150
+    h2, w2 = torch.randn(N, D, generator=gen), torch.randn(V, D, generator=gen) * 0.4
+    y = labels_with_ignored((N,), V, gen)
+    g_logp, g_ent = torch.randn(N, generator=gen), torch.randn(N, generator=gen)
+    assert flt._config({}, torch.float32)["autotune"]
+    h, w = h2.clone().to(DEVICE).requires_grad_(), w2.clone().to(DEVICE).requires_grad_()
+    lp, ent = fused_linear_logprobs(h, w, y.to(DEVICE), temperature=1.3, return_entropy=True, backend="triton", bwd=bwd)
+    (lp * g_logp.to(DEVICE) + ent * g_ent.to(DEVICE)).sum().backward()
+    tuned = {"fwd": flt._fwd_tuned, "bwd_dz" if bwd == "matmul" else "bwd_atomic":
+             flt._bwd_dz_tuned if bwd == "matmul" else flt._bwd_atomic_tuned}
+    for kind, tuner in tuned.items():  # the launches went through the autotuners, with the fp32 candidate
+        assert tuner.best_config.kwargs["BLOCK_N"] == fc.CANDIDATES[kind][4][0][0]
+        assert tuner.best_config.kwargs["BLOCK_V"] == fc.CANDIDATES[kind][4][0][1]
+    h64, w64 = h2.double().requires_grad_(), w2.double().requires_grad_()
+    ref_lp, ref_ent = fused_linear_logprobs_reference(h64, w64, y, 1.3)
+    (ref_lp * g_logp + ref_ent * g_ent).sum().backward()
+    for got, ref, what in ((lp, ref_lp, "logp"), (ent, ref_ent, "entropy"), (h.grad, h64.grad, "d_hidden"),
+                           (w.grad, w64.grad, "d_weight")):
+        assert_close_to_ref(got, ref, None, what)
