@@ -9,11 +9,12 @@ import triton.language as tl
 
 
 @triton.jit
-def online_lse_update(m, s, t, z, AXIS: tl.constexpr):
+def online_lse_update(m, s, t, z, AXIS: tl.constexpr, WITH_T: tl.constexpr = True):
     """One step of the streaming log-sum-exp along AXIS.
 
     m: running max, s: sum exp(z - m), t: sum exp(z - m) * z (for the entropy, since
     H = lse - sum_j p_j z_j). Masked entries of z are -inf and contribute exactly 0.
+    WITH_T=False leaves t alone (callers that need no entropy save a tile-sized product).
     """
     m_new = tl.maximum(m, tl.max(z, AXIS))
     alpha = tl.exp(m - m_new)
@@ -21,9 +22,10 @@ def online_lse_update(m, s, t, z, AXIS: tl.constexpr):
         e = tl.exp(z - m_new)
     else:
         e = tl.exp(z - m_new[:, None])
-    ez = e * tl.where(e > 0, z, 0.0)
     s = s * alpha + tl.sum(e, AXIS)
-    t = t * alpha + tl.sum(ez, AXIS)
+    if WITH_T:
+        ez = e * tl.where(e > 0, z, 0.0)
+        t = t * alpha + tl.sum(ez, AXIS)
     return m_new, s, t
 
 
@@ -38,6 +40,16 @@ def dlogits(z, p, is_label, g_logp, g_ent, lse, ent, HAS_ENT_GRAD: tl.constexpr)
         zf = tl.where(p > 0, z, 0.0)  # p = 0 where z = -inf: keep 0 * inf out
         dz -= g_ent * p * (zf - lse + ent)
     return dz
+
+
+@triton.jit
+def index_range(start, BLOCK: tl.constexpr, I64: tl.constexpr):
+    """start + arange(BLOCK): int32 when every offset the kernel forms fits (cheaper addresses,
+    fewer registers), int64 on the guarded path the launcher picks for larger tensors."""
+    idx = start + tl.arange(0, BLOCK)
+    if I64:
+        idx = idx.to(tl.int64)
+    return idx
 
 
 def num_warps_for(block: int) -> int:

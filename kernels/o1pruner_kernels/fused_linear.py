@@ -116,9 +116,10 @@ class TritonFusedLinearLogprobs(torch.autograd.Function):
     """Triton implementation; outputs (logp, entropy) [N] fp32, both differentiable."""
 
     @staticmethod
-    def forward(ctx, h, w, y, inv_t: float, ignore_index: int, cfg: dict):
+    def forward(ctx, h, w, y, inv_t: float, ignore_index: int, cfg: dict, with_entropy: bool):
         valid = valid_label_mask(y, ignore_index)
-        logp, lse, ent = flt.flp_forward(h, w, y, inv_t, cfg)
+        # Without entropy the kernel skips its tile-sized entropy term (entropy is then 0).
+        logp, lse, ent = flt.flp_forward(h, w, y, inv_t, cfg, with_entropy)
         zero = torch.zeros((), device=h.device)
         logp = torch.where(valid, torch.where(logp > 0, zero, logp), zero)  # NaN-preserving clamp
         ent = torch.where(valid, ent, zero)
@@ -132,7 +133,7 @@ class TritonFusedLinearLogprobs(torch.autograd.Function):
         h, w, y, valid, lse, ent = ctx.saved_tensors
         inv_t, cfg = ctx.args
         if g_logp is None and g_ent is None:
-            return (None,) * 6
+            return (None,) * 7
         zero = torch.zeros((), device=h.device)
         g_logp = torch.zeros_like(lse) if g_logp is None else torch.where(valid, g_logp.float(), zero).contiguous()
         g_ent = None if g_ent is None else torch.where(valid, g_ent.float(), zero).contiguous()
@@ -141,7 +142,7 @@ class TritonFusedLinearLogprobs(torch.autograd.Function):
         return (
             None if dh is None else dh.to(h.dtype),
             None if dw is None else dw.to(w.dtype),
-            None, None, None, None,
+            None, None, None, None, None,
         )
 
 
@@ -164,6 +165,8 @@ def fused_linear_logprobs(
     chunk); Triton backend `block_n`, `block_v`, `block_d`, `splits`, `num_warps`, `num_stages`,
     `bwd` ("matmul": a kernel writes dz for a chunk of tokens, of at most `bwd_chunk` rows or
     `bwd_chunk_bytes` (1 GiB), and two GEMMs consume it; "atomic": no dz buffer, fp32 atomics).
+    Without tile options (`block_*`, `num_warps`, `num_stages`) GPU launches autotune over a short
+    list of spill-free candidates per shape bucket (O1PRUNER_AUTOTUNE=0: the first candidate).
     Options of the other backend are accepted and ignored, so callers can pass one set.
     Hidden and weight of different float dtypes are promoted to a common dtype.
     """
@@ -189,6 +192,7 @@ def fused_linear_logprobs(
         cfg = flt._config(tuning, dtype)
         if should_check_labels(h):
             check_label_range(y, valid_label_mask(y, ignore_index), V)
-        logp, ent = TritonFusedLinearLogprobs.apply(h, w, y.contiguous(), 1.0 / temperature, ignore_index, cfg)
+        logp, ent = TritonFusedLinearLogprobs.apply(h, w, y.contiguous(), 1.0 / temperature, ignore_index, cfg,
+                                                   return_entropy)
     logp, ent = logp.view(labels.shape), ent.view(labels.shape)
     return (logp, ent) if return_entropy else logp

@@ -1,0 +1,72 @@
+"""Tile configurations of the fused LM-head kernels: the GPU autotuning candidates and the
+interpreter's small blocks.
+
+Every candidate below compiles for sm_90a without register spills and within the H100's
+register and shared-memory budget in every constexpr variant the launcher can pick (entropy or
+not, 32- or 64-bit offsets, which gradients): `bench/kernel_resources.py` measures that on a CPU
+(ahead-of-time compile + ptxas / cuobjdump) and `tests/test_kernel_resources.py` guards it.
+The first candidate of each list is the static default (the choice when autotuning is off).
+Lists are per operand size: fp32 operands take twice the shared memory per tile and their IEEE
+fp32 dot runs on FMA units with its operands in registers, so they get smaller tiles (measured:
+64 x 128 x 32 with 3 stages, or the atomic backward at 64 x 64 x 32 with 4 warps, spill).
+"""
+from __future__ import annotations
+
+import os
+
+import triton
+
+# (block_n, block_v, block_d, num_warps, num_stages)
+_FWD = {
+    2: [(128, 128, 64, 8, 4), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 256, 64, 8, 4)],
+    4: [(64, 128, 32, 8, 2), (64, 64, 32, 4, 3)],
+}
+_BWD_DZ = {  # "matmul" backward: the kernel writes dz, GEMMs consume it
+    2: [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (64, 256, 64, 8, 3)],
+    4: [(64, 128, 32, 8, 3), (64, 64, 32, 4, 3)],
+}
+_BWD_ATOMIC = {  # "atomic" backward: dz @ W and dz^T @ h in the kernel, fp32 atomics
+    2: [(128, 128, 64, 8, 3), (64, 128, 64, 8, 3)],
+    4: [(64, 64, 32, 8, 2), (32, 64, 32, 4, 2)],
+}
+CANDIDATES = {"fwd": _FWD, "bwd_dz": _BWD_DZ, "bwd_atomic": _BWD_ATOMIC}
+
+# The CPU interpreter: small blocks keep the tests fast; masks at tile edges are still exercised.
+INTERPRETER = (16, 32, 16, 4, None)
+
+
+def as_dict(cfg: tuple) -> dict:
+    bn, bv, bd, warps, stages = cfg
+    return {"block_n": bn, "block_v": bv, "block_d": bd, "num_warps": warps, "num_stages": stages}
+
+
+def candidates(kind: str, elt_bytes: int) -> list[dict]:
+    """The autotuning candidates of one kernel ("fwd", "bwd_dz", "bwd_atomic") for an operand size."""
+    return [as_dict(c) for c in CANDIDATES[kind][2 if elt_bytes <= 2 else 4]]
+
+
+def triton_config(cfg: dict) -> triton.Config:
+    meta = {"BLOCK_N": cfg["block_n"], "BLOCK_V": cfg["block_v"], "BLOCK_D": cfg["block_d"]}
+    return triton.Config(meta, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+
+def triton_configs(kind: str) -> list[triton.Config]:
+    """Every candidate of a kernel for every operand size; `prune_for_dtype` keeps the right ones."""
+    return [triton_config(as_dict(c)) for size in (2, 4) for c in CANDIDATES[kind][size]]
+
+
+def prune_for_dtype(kind: str):
+    def prune(configs, named_args, **_):
+        allowed = {triton_config(c) for c in candidates(kind, named_args["h_ptr"].element_size())}
+        return [c for c in configs if c in allowed]
+    return prune
+
+
+def autotune_enabled() -> bool:
+    """GPU launches autotune over the candidates unless O1PRUNER_AUTOTUNE=0 (then: the defaults)."""
+    return os.environ.get("O1PRUNER_AUTOTUNE", "1") != "0"
+
+
+def shape_bucket(n: int) -> int:
+    """Autotuning key for the token count: the next power of two (N varies batch to batch)."""
+    return 1 << max(0, (int(n) - 1).bit_length())
