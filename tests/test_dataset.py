@@ -9,6 +9,7 @@ import torch
 
 from pruner.dataset import build_trainset, load_trainset
 from pruner.hf import load_tokenizer
+from conftest import write_samples_meta
 
 LAM = 2.0
 
@@ -29,14 +30,17 @@ def _sample(pid: str, i: int, n_tokens: int, correct: bool, eos: int, *, finish:
             "correct": correct, "answer": "1"}
 
 
-def _write(tmp: Path, samples: list[dict]) -> Path:
+def _write(tmp: Path, samples: list[dict], tok=None) -> Path:
     path = tmp / "samples.jsonl"
     path.write_text("".join(json.dumps(s) + "\n" for s in samples))
+    if tok is not None:
+        write_samples_meta(path, tok)
     return path
 
 
 def _build(tmp: Path, samples: list[dict], tok, **kw) -> dict:
-    out = build_trainset(_write(tmp, samples), tmp / "ts", tokenizer=tok, report=kw.pop("report", False), **kw)
+    out = build_trainset(_write(tmp, samples, tok), tmp / "ts", tokenizer=tok, report=kw.pop("report", False),
+                         overwrite=True, **kw)
     return load_trainset(out)
 
 
@@ -150,11 +154,11 @@ def test_sft_and_dpo_selection(tmp_path: Path, tok) -> None:
 
 def test_ref_stats_override(tmp_path: Path, tok) -> None:
     eos = tok.eos_token_id
-    first = build_trainset(_write(tmp_path, [_sample("A", 0, 10, True, eos), _sample("A", 1, 30, False, eos)]),
+    first = build_trainset(_write(tmp_path, [_sample("A", 0, 10, True, eos), _sample("A", 1, 30, False, eos)], tok),
                            tmp_path / "orig", tokenizer=tok, report=False)
     new = tmp_path / "round1"
     new.mkdir()
-    ts = load_trainset(build_trainset(_write(new, [_sample("A", 0, 5, True, eos)]), new / "ts",
+    ts = load_trainset(build_trainset(_write(new, [_sample("A", 0, 5, True, eos)], tok), new / "ts",
                                       tokenizer=tok, ref_stats=first, report=False))
     assert ts["rewards"].tolist() == pytest.approx([_r(20, 5, 1, 0.5)])
 
@@ -168,7 +172,7 @@ def test_other_tokenizer_is_detected(tmp_path: Path, tok, tiny_model_dir: Path) 
 
 
 def test_tokenizer_given_as_folder(tmp_path: Path, tok, tiny_model_dir: Path) -> None:
-    path = _write(tmp_path, [_sample("A", 0, 3, True, tok.eos_token_id)])
+    path = _write(tmp_path, [_sample("A", 0, 3, True, tok.eos_token_id)], tok)
     ts = load_trainset(build_trainset(path, tmp_path / "ts", tokenizer=str(tiny_model_dir), report=False))
     assert ts["meta"]["model"] == str(tiny_model_dir) and ts["meta"]["num_samples"] == 1
 
@@ -186,10 +190,10 @@ def test_ids_past_the_tokenizer_are_kept_up_to_the_models_vocabulary(tmp_path: P
     eos = tok.eos_token_id
     ok = _sample("A", 0, 3, True, eos)
     ok["response_token_ids"] = [len(tok) + 5, 6, eos]
-    ts = load_trainset(build_trainset(_write(tmp_path, [ok]), tmp_path / "ts", tokenizer=str(model), report=False))
+    ts = load_trainset(build_trainset(_write(tmp_path, [ok], tok), tmp_path / "ts", tokenizer=str(model), report=False))
     assert ts["meta"]["num_samples"] == 1 and len(tok) + 5 in ts["input_ids"].tolist()
     bad = dict(ok, response_token_ids=[len(tok) + 64, 6, eos])
-    path = _write(tmp_path, [bad])
+    path = _write(tmp_path, [bad], tok)
     with pytest.raises(ValueError, match="outside the model's vocabulary") as err:
         build_trainset(path, tmp_path / "ts2", tokenizer=str(model), report=False)
     assert str(path) in str(err.value)
