@@ -219,8 +219,11 @@ def summarize(records: list[dict], *, wall_s: float | None = None, new_samples: 
     return summary
 
 
-def _looks_like_hub_id(model: str) -> bool:
-    return re.fullmatch(r"[\w.-]+/[\w.-]+", model) is not None and not model.startswith((".", "/", "~"))
+def check_model(model: str, flag: str = "--model") -> None:
+    """A local model folder must exist; `org/name` passes as a hub id (its download reports itself)."""
+    hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", model) is not None and not model.startswith((".", "/", "~"))
+    if not Path(model).expanduser().exists() and not hub_id:
+        raise FileNotFoundError(f"{flag} {model}: no such folder (and not a hub id like org/name)")
 
 
 def validate(cfg: PresampleConfig) -> PresampleConfig:
@@ -240,8 +243,7 @@ def validate(cfg: PresampleConfig) -> PresampleConfig:
             raise ValueError(message)
     parse_shard(cfg.shard)
     check_limit(cfg.limit, "--limit")
-    if not Path(cfg.model).expanduser().exists() and not _looks_like_hub_id(cfg.model):
-        raise FileNotFoundError(f"--model {cfg.model}: no such folder (and not a hub id like org/name)")
+    check_model(cfg.model)
     return cfg
 
 
