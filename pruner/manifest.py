@@ -177,7 +177,7 @@ class OutputLock:
         self.fd = None
 
     def __enter__(self) -> "OutputLock":
-        return self
+        return self if self.fd is not None else self.acquire()
 
     def __exit__(self, *exc: object) -> None:
         self.release()

@@ -95,3 +95,17 @@ def test_kernel_benchmark_writes_a_row_per_provider_and_shape(tmp_path):
         assert r["status"] == "ok" and r["device"] == "cpu"
         fwd, bwd, total = float(r["fwd_ms"]), float(r["bwd_ms"]), float(r["total_ms"])
         assert fwd > 0 and bwd > 0 and total >= max(fwd, bwd)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--models", "base=embedded", "pruned=/no/such/export"], "--models pruned= /no/such/export: no such folder"),
+    (["--models", "base=embedded", "twin=embedded", "--limit", "0"], "--limit must be a positive number"),
+    (["--models", "base=embedded", "twin=embedded", "--n", "0"], "--n must be >= 1"),
+])
+def test_speed_checks_every_model_and_flag_before_the_first_benchmark(tmp_path, args, message):
+    # A missing second model used to be found only after the first had been benchmarked in full.
+    out = tmp_path / "bench"
+    proc = subprocess.run([sys.executable, "bench/speed.py", *args, "--out", str(out)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
+    assert "generating with" not in proc.stdout and not out.exists()
