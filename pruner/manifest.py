@@ -201,11 +201,12 @@ class Output:
     manifest: Path
     lock: Path
     paths: list[Path] = field(default_factory=list)
+    incidental: tuple[str, ...] = ()  # names written at start-up: deleted by overwrite, but hold no results
 
     @classmethod
-    def folder(cls, folder: str | os.PathLike) -> "Output":
+    def folder(cls, folder: str | os.PathLike, incidental: tuple[str, ...] = ()) -> "Output":
         root = Path(folder)
-        return cls(manifest=root / "manifest.json", lock=root / ".lock", paths=[root])
+        return cls(manifest=root / "manifest.json", lock=root / ".lock", paths=[root], incidental=incidental)
 
     def existing(self) -> list[Path]:
         """Output paths present on disk (a folder's contents, without its lock and manifest)."""
@@ -247,10 +248,11 @@ def claim_output(output: Output, manifest: dict[str, Any], *, what: str, resume:
         raise ValueError("--resume and --overwrite contradict each other: choose one")
     lock = OutputLock(output.lock, what).acquire()
     try:
-        present = output.existing()
+        existing = output.existing()
+        present = [p for p in existing if p.name not in output.incidental]
         old = json.loads(output.manifest.read_text()) if output.manifest.exists() else None
         if overwrite:
-            _delete(present + ([output.manifest] if old is not None else []))
+            _delete(existing + ([output.manifest] if old is not None else []))
         elif present and old is None:
             raise RunStateError(f"{what} already holds files without a run manifest ({output.manifest} is "
                                 f"missing), so they cannot be checked against this run. {legacy_hint}"

@@ -298,7 +298,13 @@ def run(cfg: PresampleConfig, *, llm: Any = None) -> dict[str, Any]:
     lock = claim_output(samples_output(out), _manifest(cfg, model_id, tokenizer), what=f"samples file {out}",
                         resume=not cfg.overwrite, overwrite=cfg.overwrite, legacy_hint=NO_META_HINT)
     with lock:
-        final, new, gen_s = _sample_pending(cfg, out, problems, prompts, prompt_ids, llm)
+        try:
+            final, new, gen_s = _sample_pending(cfg, out, problems, prompts, prompt_ids, llm)
+        except BaseException:
+            if not out.exists() or out.stat().st_size == 0:  # e.g. the engine failed: no empty file + meta left
+                out.unlink(missing_ok=True)
+                meta_path(out).unlink(missing_ok=True)
+            raise
         summary = summarize(final, wall_s=time.perf_counter() - t_start, new_samples=new)
         summary.update(generation_s=round(gen_s, 2), generation_samples_per_s=round(new / gen_s, 3) if gen_s else None,
                        out=str(out), model=model_id)

@@ -98,7 +98,9 @@ def claim_run_folder(cfg: Any, tokenizer: Any, d: Dist) -> OutputLock | None:
     lock, error = None, None
     if d.is_main:
         try:
-            lock = claim_output(Output.folder(cfg.out), run_manifest(cfg, tokenizer), what=f"run folder {cfg.out}",
+            # config.json alone (a run that failed while loading the model) holds no results
+            lock = claim_output(Output.folder(cfg.out, incidental=("config.json",)), run_manifest(cfg, tokenizer),
+                                what=f"run folder {cfg.out}",
                                 resume=cfg.resume, overwrite=cfg.overwrite)
         except (RunStateError, ValueError) as exc:
             error = str(exc)

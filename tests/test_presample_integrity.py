@@ -46,6 +46,16 @@ def test_bad_flags_fail_before_any_file_or_engine(tmp_path: Path, tiny_model_dir
     assert not (tmp_path / "out").exists()  # nothing left behind: no empty samples file, no meta
 
 
+def test_an_engine_failure_leaves_no_files(tmp_path: Path, tiny_model_dir: Path) -> None:
+    class Broken:
+        def generate(self, *args, **kwargs):
+            raise RuntimeError("engine died")
+
+    with pytest.raises(RuntimeError, match="engine died"):
+        run(_cfg(tmp_path, tiny_model_dir), llm=Broken())
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == []
+
+
 def test_a_samples_file_without_meta_is_not_resumed(tmp_path: Path, tiny_model_dir: Path) -> None:
     cfg = _cfg(tmp_path, tiny_model_dir)
     run(cfg, llm=FakeLLM())
