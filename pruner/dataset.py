@@ -26,6 +26,13 @@ Decisions (tested in tests/test_dataset.py):
   sample are skipped. Rows come in (chosen, rejected) order; advantages +1 / -1.
 - `ref_stats` (problem_stats.jsonl of another set, or its folder) replaces each problem's own
   statistics, so on-policy rounds are rewarded against the original model.
+- Inputs are checked, not trusted: a samples file needs its `.meta.json` (merge shards with
+  `presample.py --merge`, never `cat`); a problem with fewer than the meta's K samples (an
+  interrupted pre-sampling) is refused by id; a record that is not UTF-8 JSON or lacks a field
+  names file:line and the field; an all-wrong set prints a warning.
+- The output folder gets a run manifest (settings + content hashes of the inputs) and a lock: a
+  folder holding a set built from other samples or settings is refused unless `--overwrite`,
+  which deletes it first (the reference log-prob caches included).
 """
 from __future__ import annotations
 
@@ -193,6 +200,47 @@ def _select(kind: str, samples: list[dict], lengths: list[int], keep: int | None
     return [(best, True), (worst, False)]
 
 
+def _to_tensors(rows: list[dict], kind: str, lam: float) -> tuple[dict[str, torch.Tensor], float, float]:
+    """The training set's tensors from its rows; also the reward mean and std."""
+    import o1pruner_kernels
+
+    lengths_t = torch.tensor([len(r["response"]) for r in rows], dtype=torch.int64)
+    rewards = o1pruner_kernels.length_harmonizing_reward(
+        lengths_t,
+        torch.tensor([r["correct"] for r in rows], dtype=torch.float32),
+        torch.tensor([r["lbar"] for r in rows], dtype=torch.float64),
+        torch.tensor([r["abar"] for r in rows], dtype=torch.float64),
+        lam=lam, clip=CLIP,
+    ).float()
+    mean = float(rewards.double().mean())
+    std = float(rewards.double().std(unbiased=False)) if len(rows) > 1 else 0.0
+    if kind == "lh":
+        centred = rewards.double() - mean
+        advantages = (centred / std if std > 1e-8 else centred).float()
+    elif kind == "sft":
+        advantages = torch.ones(len(rows), dtype=torch.float32)
+    else:
+        advantages = torch.tensor([1.0 if r["chosen"] else -1.0 for r in rows], dtype=torch.float32)
+
+    sequences = [r["prompt"] + r["response"] for r in rows]
+    offsets = torch.zeros(len(rows) + 1, dtype=torch.int64)
+    offsets[1:] = torch.cumsum(torch.tensor([len(s) for s in sequences], dtype=torch.int64), 0)
+    tensors = {
+        "input_ids": torch.tensor([t for s in sequences for t in s], dtype=torch.int32),
+        "offsets": offsets,
+        "prompt_lengths": torch.tensor([len(r["prompt"]) for r in rows], dtype=torch.int32),
+        "response_lengths": lengths_t.to(torch.int32),
+        "rewards": rewards.contiguous(),
+        "advantages": advantages.contiguous(),
+        "correct": torch.tensor([r["correct"] for r in rows], dtype=torch.uint8),
+        "problem_index": torch.tensor([r["problem_index"] for r in rows], dtype=torch.int64),
+    }
+    if kind == "dpo":
+        tensors["pair_index"] = torch.arange(len(rows), dtype=torch.int64) // 2
+        tensors["chosen"] = torch.tensor([r["chosen"] for r in rows], dtype=torch.uint8)
+    return tensors, mean, std
+
+
 def build_trainset(
     samples_path: str | Path | list[str | Path],
     out_dir: str | Path,
@@ -213,8 +261,6 @@ def build_trainset(
     samples): a folder holding a set built from other samples or settings is refused unless
     `overwrite` (which deletes it first, reference log-prob caches included).
     """
-    import o1pruner_kernels
-
     from pruner.hf import eos_token_ids, load_tokenizer, tokenizer_fingerprint
 
     if kind not in KINDS:
@@ -287,41 +333,7 @@ def build_trainset(
     if dropped_empty:
         log.warning("dropped %d sample(s) with no response tokens", dropped_empty)
 
-    lengths_t = torch.tensor([len(r["response"]) for r in rows], dtype=torch.int64)
-    rewards = o1pruner_kernels.length_harmonizing_reward(
-        lengths_t,
-        torch.tensor([r["correct"] for r in rows], dtype=torch.float32),
-        torch.tensor([r["lbar"] for r in rows], dtype=torch.float64),
-        torch.tensor([r["abar"] for r in rows], dtype=torch.float64),
-        lam=lam, clip=CLIP,
-    ).float()
-    mean = float(rewards.double().mean())
-    std = float(rewards.double().std(unbiased=False)) if len(rows) > 1 else 0.0
-    if kind == "lh":
-        centred = rewards.double() - mean
-        advantages = (centred / std if std > 1e-8 else centred).float()
-    elif kind == "sft":
-        advantages = torch.ones(len(rows), dtype=torch.float32)
-    else:
-        advantages = torch.tensor([1.0 if r["chosen"] else -1.0 for r in rows], dtype=torch.float32)
-
-    sequences = [r["prompt"] + r["response"] for r in rows]
-    offsets = torch.zeros(len(rows) + 1, dtype=torch.int64)
-    offsets[1:] = torch.cumsum(torch.tensor([len(s) for s in sequences], dtype=torch.int64), 0)
-    tensors = {
-        "input_ids": torch.tensor([t for s in sequences for t in s], dtype=torch.int32),
-        "offsets": offsets,
-        "prompt_lengths": torch.tensor([len(r["prompt"]) for r in rows], dtype=torch.int32),
-        "response_lengths": lengths_t.to(torch.int32),
-        "rewards": rewards.contiguous(),
-        "advantages": advantages.contiguous(),
-        "correct": torch.tensor([r["correct"] for r in rows], dtype=torch.uint8),
-        "problem_index": torch.tensor([r["problem_index"] for r in rows], dtype=torch.int64),
-    }
-    if kind == "dpo":
-        tensors["pair_index"] = torch.arange(len(rows), dtype=torch.int64) // 2
-        tensors["chosen"] = torch.tensor([r["chosen"] for r in rows], dtype=torch.uint8)
-
+    tensors, mean, std = _to_tensors(rows, kind, lam)
     _warn_if_all_wrong(records, paths)
     meta = {
         "format": TRAINSET_FORMAT, "kind": kind, "model": model, "tokenizer_fingerprint": fingerprint,

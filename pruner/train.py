@@ -25,11 +25,11 @@ from pruner.checkpoint import export_hf, latest_checkpoint, load_checkpoint, sav
 from pruner.cli import parse_config
 from pruner.distributed import all_reduce_sum, print0
 from pruner.losses import LOSSES, compute_loss, count_units, normalizer_units
+from pruner.manifest import release_all
 from pruner.metrics import MetricsLogger, peak_memory_gib, plot_metrics
 from pruner.modeling import prepare_model
 from pruner.onpolicy import resample
 from pruner.reflogps import attach_response_offsets, reference_logprobs
-from pruner.manifest import release_all
 from pruner.trainer_setup import (check_inputs, claim_run_folder, cosine_with_warmup, load_training_data,
                                   resolve_defaults)
 
