@@ -15,7 +15,9 @@ answer longer than MAX_ANSWER_CHARS is wrong without parsing; math-verify runs i
 process (its own signal timeouts only work on a main thread, so a worker thread could hang on a
 pathological answer) and a comparison taking longer than GRADE_TIMEOUT_S is wrong (the worker
 interrupts itself; one stuck in C code is killed and restarted). The worker starts on the first
-non-numeric comparison (a few seconds, once); plain decimals never need it.
+non-numeric comparison (a few seconds, once); plain decimals never need it. Where no worker can
+start (inside a daemonic process) the main thread grades in-process under the same alarm, and
+other threads count non-numeric answers wrong rather than risk an unbounded wait.
 """
 from __future__ import annotations
 
@@ -130,6 +132,17 @@ def _sympy_equal(predicted: str, ground_truth: str) -> bool:
         signal.setitimer(signal.ITIMER_REAL, 0)
 
 
+def _in_process_equal(predicted: str, ground_truth: str) -> bool:
+    """Fallback without a worker: the same alarm-bounded comparison, possible on the main thread only."""
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    previous = signal.signal(signal.SIGALRM, _on_alarm)
+    try:
+        return _sympy_equal(predicted, ground_truth)
+    finally:
+        signal.signal(signal.SIGALRM, previous)
+
+
 def _ping() -> bool:
     return True
 
@@ -172,7 +185,11 @@ def answers_equal(predicted: str, ground_truth: str) -> bool:
         return Decimal(pred) == Decimal(gold)
     if len(pred) > MAX_ANSWER_CHARS or len(str(ground_truth)) > MAX_ANSWER_CHARS:
         return False
-    pool = _worker_pool()
+    try:
+        pool = _worker_pool()
+    except Exception as exc:  # noqa: BLE001 - e.g. inside a daemonic process, which may not have children
+        log.debug("no grading worker (%s): grading in this process", exc)
+        return _in_process_equal(predicted, str(ground_truth))
     try:
         return bool(pool.apply_async(_sympy_equal, (predicted, str(ground_truth))).get(timeout=GRADE_TIMEOUT_S))
     except multiprocessing.TimeoutError:  # stuck where its alarm cannot reach (C code): kill it

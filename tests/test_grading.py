@@ -134,3 +134,17 @@ def test_pathological_answers_return_within_5_s_in_a_worker_thread(response: str
     value, seconds = _timed_in_thread(grade, response, "2")
     assert value is False and seconds <= 5.0, seconds
     assert _timed_in_thread(grade, r"\boxed{\frac{1}{2}}", "0.5")[0] is True  # and grading still works after
+
+
+def test_without_a_worker_the_main_thread_grades_in_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    import pruner.grading as grading
+
+    def no_worker():
+        raise AssertionError("daemonic processes are not allowed to have children")
+
+    monkeypatch.setattr(grading, "_worker_pool", no_worker)
+    assert grade(r"\boxed{\frac{1}{2}}", "0.5") is True and grade(r"\boxed{\frac{1}{3}}", "0.5") is False
+    t0 = time.perf_counter()
+    assert grade(r"\boxed{" + "(" * 300 + "1" + ")" * 300 + "}", "2") is False
+    assert time.perf_counter() - t0 <= 5.0
+    assert _timed_in_thread(grade, r"\boxed{\frac{1}{2}}", "0.5")[0] is False  # off the main thread: no bound, so wrong
