@@ -58,7 +58,8 @@ def check_args(args: argparse.Namespace, models: list[tuple[str, str]]) -> None:
     from pruner.presample import check_model
 
     check_limit(args.limit, "--limit")
-    for flag, value, low in (("--n", args.n, 1), ("--max-new-tokens", args.max_new_tokens, 1), ("--warmup", args.warmup, 0)):
+    for flag, value, low in (("--n", args.n, 1), ("--max-new-tokens", args.max_new_tokens, 1),
+                             ("--warmup", args.warmup, 0)):
         if value < low:
             raise ValueError(f"{flag} must be >= {low}, got {value}")
     names = [name for name, _ in models]
@@ -82,8 +83,8 @@ def claim_out(args: argparse.Namespace, models: list[tuple[str, str]]) -> Any:
     config = {k: v for k, v in vars(args).items() if k not in ("worker", "model_name", "model_path", "worker_out",
                                                                 "overwrite", "out")}
     config["models"] = [f"{name}={path}" for name, path in models]
-    return claim_output(Output.folder(args.out), build_manifest("bench", config, inputs), what=f"benchmark folder {args.out}",
-                        resume=not args.overwrite, overwrite=args.overwrite)
+    return claim_output(Output.folder(args.out), build_manifest("bench", config, inputs),
+                        what=f"benchmark folder {args.out}", resume=not args.overwrite, overwrite=args.overwrite)
 
 
 def run_worker(args: argparse.Namespace) -> None:

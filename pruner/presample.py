@@ -350,7 +350,6 @@ def _sample_pending(cfg: PresampleConfig, out: Path, problems: list[dict], promp
                 for problem, prompt, ids, completions in zip(pending[chunk], prompts[chunk], prompt_ids[chunk], outputs):
                     for index, completion in enumerate(completions):
                         rec = _record(problem, index, prompt, ids, completion)
-                        records.append(rec)
                         lines.append(json.dumps(rec, ensure_ascii=False) + "\n")
                 # one write + fsync per chunk: a kill leaves whole chunks plus at most one torn line
                 fh.write("".join(lines))
