@@ -84,7 +84,8 @@ def claim_out(args: argparse.Namespace, models: list[tuple[str, str]]) -> Any:
                                                                 "overwrite", "out")}
     config["models"] = [f"{name}={path}" for name, path in models]
     return claim_output(Output.folder(args.out), build_manifest("bench", config, inputs),
-                        what=f"benchmark folder {args.out}", resume=not args.overwrite, overwrite=args.overwrite)
+                        what=f"benchmark folder {args.out}", resume=not args.overwrite, overwrite=args.overwrite,
+                        inputs=[p for _, p in models if Path(p).exists()] + ([data] if data.is_file() else []))
 
 
 def run_worker(args: argparse.Namespace) -> None:

@@ -350,18 +350,20 @@ def build_trainset(
     config = {"kind": kind, "lam": lam, "keep_per_problem": keep_per_problem, "seed": seed, "report": report,
               "ref_stats": str(ref_stats) if ref_stats is not None else None}
     manifest = _manifest(paths, fingerprint, ref_stats, config)
-    return _write_trainset(Path(out_dir), manifest, tensors, meta, stats, records if report else None, overwrite)
+    inputs = paths + ([Path(ref_stats)] if ref_stats is not None else [])
+    return _write_trainset(Path(out_dir), manifest, tensors, meta, stats, records if report else None, overwrite,
+                           inputs)
 
 
 def _write_trainset(out: Path, manifest: dict, tensors: dict, meta: dict, stats: list[dict],
-                    report_records: list[dict] | None, overwrite: bool) -> Path:
+                    report_records: list[dict] | None, overwrite: bool, inputs: list[Path]) -> Path:
     """Claim the folder (lock + manifest), then write the set; nothing is written on a refusal."""
     from safetensors.torch import save_file
 
     from pruner.manifest import Output, claim_output
 
     with claim_output(Output.folder(out), manifest, what=f"training set folder {out}", resume=not overwrite,
-                      overwrite=overwrite):
+                      overwrite=overwrite, inputs=inputs):
         save_file(tensors, str(out / "trainset.safetensors"))
         (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
         with (out / "problem_stats.jsonl").open("w", encoding="utf-8") as fh:

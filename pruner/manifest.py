@@ -183,7 +183,10 @@ class OutputLock:
         self.release()
 
     def __del__(self) -> None:
-        self.release()
+        try:
+            self.release()
+        except Exception:  # noqa: BLE001 - interpreter shutdown: the OS drops the lock anyway
+            pass
 
 
 def release_all() -> None:
@@ -235,17 +238,29 @@ def write_manifest(path: Path, manifest: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def _check_inputs_outside(output: Output, inputs: Iterable[str | os.PathLike]) -> None:
+    """An input inside the output would be read as this run's input and deleted by --overwrite."""
+    for item in inputs:
+        src = Path(item).expanduser().resolve()
+        for out in output.paths:
+            dst = out.resolve()
+            if src == dst or dst in src.parents:
+                raise ValueError(f"input {item} lies inside the output {out}: choose an output folder of its own")
+
+
 def claim_output(output: Output, manifest: dict[str, Any], *, what: str, resume: bool, overwrite: bool,
-                 legacy_hint: str = "") -> OutputLock:
+                 legacy_hint: str = "", inputs: Iterable[str | os.PathLike] = ()) -> OutputLock:
     """Lock the output and reconcile its manifest with this run's; returns the held lock.
 
     `resume=True`: an identical manifest continues. `overwrite=True`: existing outputs are
     deleted and this run starts afresh. Otherwise outputs from any other (or, without `resume`,
     the same) configuration are refused with the differing fields named. Outputs without a
-    manifest at all (older versions, hand-made files) are refused unless `overwrite`.
+    manifest at all (older versions, hand-made files) are refused unless `overwrite`. `inputs`:
+    local files/folders this run reads, which must not lie inside its output.
     """
     if resume and overwrite:
         raise ValueError("--resume and --overwrite contradict each other: choose one")
+    _check_inputs_outside(output, inputs)
     lock = OutputLock(output.lock, what).acquire()
     try:
         existing = output.existing()

@@ -295,8 +295,10 @@ def run(cfg: PresampleConfig, *, llm: Any = None) -> dict[str, Any]:
     prompt_ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in prompts]
     _check_prompt_lengths(cfg, problems, prompt_ids)
     model_id = str(Path(cfg.model).resolve()) if Path(cfg.model).exists() else cfg.model
+    local_inputs = [p for p in (cfg.model, cfg.problems) if Path(p).exists()]
     lock = claim_output(samples_output(out), _manifest(cfg, model_id, tokenizer), what=f"samples file {out}",
-                        resume=not cfg.overwrite, overwrite=cfg.overwrite, legacy_hint=NO_META_HINT)
+                        resume=not cfg.overwrite, overwrite=cfg.overwrite, legacy_hint=NO_META_HINT,
+                        inputs=local_inputs)
     with lock:
         try:
             final, new, gen_s = _sample_pending(cfg, out, problems, prompts, prompt_ids, llm)

@@ -75,7 +75,8 @@ def merge_shards(out: str | Path, shards: list[str | Path], *, overwrite: bool =
             owner[pid] = path
     merged = [r for _, records, _ in loaded for r in records]
     manifest = {**base, "merged_from": [{"file": str(p.resolve()), "content": file_digest(p)} for p in paths]}
-    with claim_output(samples_output(out), manifest, what=f"samples file {out}", resume=False, overwrite=overwrite):
+    with claim_output(samples_output(out), manifest, what=f"samples file {out}", resume=False, overwrite=overwrite,
+                      inputs=paths):
         _atomic_rewrite(out, merged)
         summary = {**summarize(merged), "out": str(out), "merged_shards": len(paths)}
         summary_path(out).write_text(json.dumps(summary, indent=2) + "\n")

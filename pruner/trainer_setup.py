@@ -100,8 +100,8 @@ def claim_run_folder(cfg: Any, tokenizer: Any, d: Dist) -> OutputLock | None:
         try:
             # config.json alone (a run that failed while loading the model) holds no results
             lock = claim_output(Output.folder(cfg.out, incidental=("config.json",)), run_manifest(cfg, tokenizer),
-                                what=f"run folder {cfg.out}",
-                                resume=cfg.resume, overwrite=cfg.overwrite)
+                                what=f"run folder {cfg.out}", resume=cfg.resume, overwrite=cfg.overwrite,
+                                inputs=[cfg.data] + ([cfg.model] if Path(cfg.model).exists() else []))
         except (RunStateError, ValueError) as exc:
             error = str(exc)
     error = broadcast_object(error)

@@ -57,6 +57,17 @@ def test_files_without_a_manifest_are_refused(tmp_path: Path) -> None:
     assert [p.name for p in folder.iterdir()] == ["manifest.json"]
 
 
+def test_an_input_inside_the_output_is_refused(tmp_path: Path) -> None:
+    """--overwrite would delete it: e.g. --out runs/x with --data runs/x/trainset."""
+    (tmp_path / "run" / "trainset").mkdir(parents=True)
+    for inputs in ([tmp_path / "run" / "trainset"], [tmp_path / "run"]):
+        with pytest.raises(ValueError, match="lies inside the output"):
+            claim_output(Output.folder(tmp_path / "run"), _m(), what="f", resume=False, overwrite=True, inputs=inputs)
+    assert (tmp_path / "run" / "trainset").is_dir()
+    claim_output(Output.folder(tmp_path / "other"), _m(), what="f", resume=False, overwrite=False,
+                 inputs=[tmp_path / "run" / "trainset"]).release()
+
+
 def _holder(lock: Path) -> subprocess.Popen:
     code = ("import time; from pathlib import Path; from pruner.manifest import OutputLock; "
             f"l = OutputLock(Path({str(lock)!r}), 'x').acquire(); print('held', flush=True); time.sleep(300)")
