@@ -143,9 +143,14 @@ class OutputLock:
                 if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
                     os.close(fd)
                     raise
-                self._check_pid_owner()
+                try:
+                    self._check_pid_owner()
+                except RunStateError:
+                    os.close(fd)
+                    raise
             try:  # the previous owner may have unlinked the file between our open and flock
-                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+                mine, current = os.fstat(fd), os.stat(self.path)
+                same = (mine.st_dev, mine.st_ino) == (current.st_dev, current.st_ino)
             except FileNotFoundError:
                 same = False
             if not same:
