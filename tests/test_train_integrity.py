@@ -151,3 +151,10 @@ def test_reference_cache_is_keyed_by_the_exact_tokens(tiny_model_dir, tmp_path):
     assert flat_a.numel() == flat_b.numel() and not torch.equal(flat_a, flat_b)
     assert content_key(a) != content_key(b)
     assert not (folder / "ref_logps-stale-None.safetensors").exists()  # --overwrite cleared the old set's cache
+
+
+def test_an_out_folder_holding_the_training_set_is_refused(tiny_model_dir, trainset):
+    # --overwrite would otherwise delete the very training set the run is about to read
+    with pytest.raises(RunStateError, match="lies inside the output"):
+        _train(tiny_model_dir, trainset, trainset.parent, "--overwrite", "--max-steps", "1")
+    assert (trainset / "trainset.safetensors").exists() and not (trainset.parent / "manifest.json").exists()
