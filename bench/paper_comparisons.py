@@ -61,7 +61,7 @@ def main() -> None:
                   *shlex.split(args.train_args)])
         models.append(f"{name}={out / 'export'}")
     _run([py, "bench/speed.py", "--models", *models, "--fast-prompt", "fast-prompt", "--limit",
-          str(args.test_problems), "--modes", *args.modes, "--out", str(run / "bench")])
+          str(args.test_problems), "--modes", *args.modes, "--out", str(run / "bench"), "--overwrite"])
 
 
 if __name__ == "__main__":

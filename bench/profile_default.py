@@ -120,7 +120,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="", help="model folder; empty = the embedded default model")
     parser.add_argument("--split", default="test")
-    parser.add_argument("--limit", type=int, default=0, help="first N problems only (0 = all)")
+    parser.add_argument("--limit", type=int, default=None, help="first N problems only (N >= 1; omit for all)")
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--temperature", type=float, default=0.6)
     parser.add_argument("--top-p", type=float, default=0.95)
@@ -129,6 +129,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS / "default_profile", help="path stem for .json/.md")
     args = parser.parse_args()
+    from pruner.data import check_limit
+
+    check_limit(args.limit, "--limit")  # before the engine starts
 
     import sys
 
@@ -142,7 +145,7 @@ def main() -> None:
 
     model = args.model or str(default_model_path())
     problems = default_problems(args.split)
-    problems = problems[: args.limit] if args.limit else problems
+    problems = problems[: args.limit] if args.limit is not None else problems
     start = time.perf_counter()
     llm = open_llm(model, dtype=args.dtype, max_model_len=2048, seed=args.seed)
     tok = llm.get_tokenizer()

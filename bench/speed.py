@@ -18,8 +18,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+# `python bench/speed.py` puts bench/ first on sys.path, where bench/kernels.py would shadow Hugging
+# Face's `kernels` package that transformers probes for (ImportError: CUDAProperties): drop it.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
 sys.path.insert(0, str(ROOT))
 
 MODES = {"greedy": dict(n=1, temperature=0.0, top_p=1.0), "sampled": dict(temperature=0.6, top_p=0.95)}
@@ -46,6 +50,42 @@ def parse_models(specs: list[str] | None) -> list[tuple[str, str]]:
             raise SystemExit(f"--models entries look like name=path, got {spec!r}")
         models.append((name, str(default_model_path()) if path == "embedded" else path))
     return models
+
+
+def check_args(args: argparse.Namespace, models: list[tuple[str, str]]) -> None:
+    """Every flag and every model checked before the first engine starts."""
+    from pruner.data import check_limit
+    from pruner.presample import check_model
+
+    check_limit(args.limit, "--limit")
+    for flag, value, low in (("--n", args.n, 1), ("--max-new-tokens", args.max_new_tokens, 1),
+                             ("--warmup", args.warmup, 0)):
+        if value < low:
+            raise ValueError(f"{flag} must be >= {low}, got {value}")
+    names = [name for name, _ in models]
+    if len(set(names)) != len(names):
+        raise ValueError(f"--models: repeated names in {names}")
+    for name, path in models:
+        check_model(path, f"--models {name}=")
+    unknown = set(args.fast_prompt) - set(names)
+    if unknown:
+        raise ValueError(f"--fast-prompt names {sorted(unknown)} are not among --models {names}")
+
+
+def claim_out(args: argparse.Namespace, models: list[tuple[str, str]]) -> Any:
+    """Lock --out and check its manifest: results of another comparison are never mixed in."""
+    from pruner.manifest import Output, build_manifest, claim_output, file_digest
+    from pruner.reflogps import model_fingerprint
+
+    data = Path(args.data)
+    inputs = {"models": {name: model_fingerprint(path) for name, path in models},
+              "data": file_digest(data) if data.is_file() else args.data}
+    config = {k: v for k, v in vars(args).items() if k not in ("worker", "model_name", "model_path", "worker_out",
+                                                                "overwrite", "out")}
+    config["models"] = [f"{name}={path}" for name, path in models]
+    return claim_output(Output.folder(args.out), build_manifest("bench", config, inputs),
+                        what=f"benchmark folder {args.out}", resume=not args.overwrite, overwrite=args.overwrite,
+                        inputs=[p for _, p in models if Path(p).exists()] + ([data] if data.is_file() else []))
 
 
 def run_worker(args: argparse.Namespace) -> None:
@@ -81,40 +121,46 @@ def run_worker(args: argparse.Namespace) -> None:
     Path(args.worker_out).write_text(json.dumps(runs))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="*", help="name=path (HF folder or hub id; 'embedded' = the default model); "
                    "the first is the base of every comparison")
     p.add_argument("--fast-prompt", nargs="*", default=[], help="names of models prompted with the paper's "
                    "fast-solving suffix (the prompt baseline)")
     p.add_argument("--data", default="embedded:test", help="problems: a file of ../shared/data, embedded:test, or a hub id")
-    p.add_argument("--limit", type=int, default=None, help="only the first N problems")
+    p.add_argument("--limit", type=int, default=None, help="only the first N problems (N >= 1; omit for all)")
     p.add_argument("--modes", nargs="*", default=["greedy", "sampled"], choices=sorted(MODES))
     p.add_argument("--n", type=int, default=4, help="samples per problem in the sampled mode (pass@1 averaged)")
     p.add_argument("--max-new-tokens", type=int, default=1024)
     p.add_argument("--warmup", type=int, default=8, help="prompts generated before timing starts")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(ROOT / "runs" / "default" / "bench"))
+    p.add_argument("--overwrite", action="store_true", help="replace results of another comparison in --out")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model-name", help=argparse.SUPPRESS)
     p.add_argument("--model-path", help=argparse.SUPPRESS)
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.worker:
         args.fast_prompt = bool(args.fast_prompt)
         return run_worker(args)
+    models = parse_models(args.models)
+    check_args(args, models)
+    with claim_out(args, models):
+        _benchmark(args, models)
 
+
+def _benchmark(args: argparse.Namespace, models: list[tuple[str, str]]) -> None:
     from bench.speed_report import summarize, write_report
 
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     runs = []
-    for name, path in parse_models(args.models):
+    for name, path in models:
         raw = out / f"raw_{name}.json"
         cmd = [sys.executable, __file__, "--worker", "--model-name", name, "--model-path", path, "--data", args.data,
                "--modes", *args.modes, "--n", str(args.n), "--max-new-tokens", str(args.max_new_tokens),
                "--warmup", str(args.warmup), "--seed", str(args.seed), "--worker-out", str(raw)]
-        if args.limit:
+        if args.limit is not None:
             cmd += ["--limit", str(args.limit)]
         if name in args.fast_prompt:
             cmd += ["--fast-prompt", "yes"]

@@ -51,8 +51,9 @@ def _iter_file(path: Path) -> Iterator[tuple[str, Any]]:
     """(location, record) pairs; location is `file:line` (JSONL) or `file[index]` (JSON, parquet)."""
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        with path.open(encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
+        with path.open("rb") as fh:
+            for lineno, raw in enumerate(fh, 1):
+                line = _decode(raw, path, lineno)
                 if not line.strip():
                     continue
                 try:
@@ -60,8 +61,12 @@ def _iter_file(path: Path) -> Iterator[tuple[str, Any]]:
                 except json.JSONDecodeError as exc:
                     raise ProblemFormatError(f"{path}:{lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
     elif suffix == ".json":
+        raw = path.read_bytes()
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            line = raw[: exc.start].count(b"\n") + 1
+            raise ProblemFormatError(f"{path}:{line}: invalid UTF-8 (byte {exc.start} of the file)") from None
         except json.JSONDecodeError as exc:
             raise ProblemFormatError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
         if isinstance(data, dict):  # {"data": [...]} / {"problems": [...]} wrappers
@@ -82,6 +87,22 @@ def _iter_file(path: Path) -> Iterator[tuple[str, Any]]:
             yield f"{path}[{index}]", record
     else:
         raise ProblemFormatError(f"{path}: unsupported file type {suffix!r} (use .json, .jsonl or .parquet)")
+
+
+def _decode(raw: bytes, path: Path, lineno: int) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ProblemFormatError(f"{path}:{lineno}: invalid UTF-8 at byte {exc.start} of the line") from None
+
+
+def check_limit(limit: int | None, name: str = "limit") -> int | None:
+    """None = all problems; a positive N = the first N; anything else is an error naming `name`."""
+    if limit is None:
+        return None
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise ValueError(f"{name} must be a positive number of problems or None for all, got {limit!r}")
+    return limit
 
 
 def _records_from_hub(source: str) -> Iterator[tuple[str, Any]]:
@@ -109,8 +130,10 @@ def load_problems(
     """Problems from a .json/.jsonl/.parquet file, `embedded:train|test`, or a hub id (`name[:split]`).
 
     A record without a usable answer is skipped (one warning counts and names them); a
-    malformed record raises ProblemFormatError naming file:line and the field.
+    malformed record raises ProblemFormatError naming file:line and the field. `limit`: None =
+    all, N >= 1 = the first N; 0 or negative is a ValueError.
     """
+    check_limit(limit)
     source_str = str(source)
     if source_str.startswith("embedded:"):
         from pruner import default_problems  # lazily: the embedded task is heavy to import

@@ -26,6 +26,13 @@ Decisions (tested in tests/test_dataset.py):
   sample are skipped. Rows come in (chosen, rejected) order; advantages +1 / -1.
 - `ref_stats` (problem_stats.jsonl of another set, or its folder) replaces each problem's own
   statistics, so on-policy rounds are rewarded against the original model.
+- Inputs are checked, not trusted: a samples file needs its `.meta.json` (merge shards with
+  `presample.py --merge`, never `cat`); a problem with fewer than the meta's K samples (an
+  interrupted pre-sampling) is refused by id; a record that is not UTF-8 JSON or lacks a field
+  names file:line and the field; an all-wrong set prints a warning.
+- The output folder gets a run manifest (settings + content hashes of the inputs) and a lock: a
+  folder holding a set built from other samples or settings is refused unless `--overwrite`,
+  which deletes it first (the reference log-prob caches included).
 """
 from __future__ import annotations
 
@@ -50,6 +57,11 @@ CLIP = (-2.0, 4.0)
 KINDS = ("lh", "sft", "dpo")
 
 
+# fields the training set reads from every sample record; a missing one names file:line
+SAMPLE_FIELDS = ("problem_id", "sample_index", "prompt", "prompt_token_ids", "response_token_ids", "correct")
+MERGE_HINT = "python pruner/presample.py --merge OUT SHARD..."
+
+
 def _read_samples(paths: list[Path]) -> list[dict]:
     from pruner.presample import read_samples
 
@@ -57,20 +69,59 @@ def _read_samples(paths: list[Path]) -> list[dict]:
     for path in paths:
         if not path.exists():
             raise FileNotFoundError(f"samples file {path} does not exist (run pruner/presample.py first)")
-        records.extend(read_samples(path))
+        records.extend(read_samples(path, required=SAMPLE_FIELDS))
     if not records:
         raise ValueError(f"no samples in {', '.join(map(str, paths))}")
     return records
 
 
 def _samples_meta(paths: list[Path]) -> dict[str, Any]:
+    """The samples' meta (model, tokenizer, sampling settings); every file must have one."""
     from pruner.presample import meta_path
 
-    metas = [json.loads(meta_path(p).read_text()) for p in paths if meta_path(p).exists()]
+    for p in paths:
+        if not meta_path(p).exists():
+            raise ValueError(f"{p} has no {meta_path(p).name}: its model, tokenizer and settings are unknown, so "
+                             "its token ids cannot be checked. Pre-sampling writes one; shard files concatenated by "
+                             f"hand lack it: merge shards with `{MERGE_HINT}`.")
+    metas = [json.loads(meta_path(p).read_text()) for p in paths]
     for m in metas[1:]:
         if m.get("tokenizer_fingerprint") != metas[0].get("tokenizer_fingerprint"):
             raise ValueError("the samples files were produced with different tokenizers")
-    return metas[0] if metas else {}
+    return metas[0]
+
+
+def _check_complete(records: list[dict], k: int | None, paths: list[Path]) -> None:
+    """Every problem must have its K samples: fewer means an interrupted pre-sampling run."""
+    if not k:
+        return
+    counts: dict[str, int] = {}
+    for rec in records:
+        counts[str(rec["problem_id"])] = counts.get(str(rec["problem_id"]), 0) + 1
+    short = [f"{pid} ({n})" for pid, n in counts.items() if n < k]
+    if short:
+        raise ValueError(f"{paths[0]}: {len(short)} problem(s) have fewer than k={k} samples: "
+                         f"{', '.join(short[:20])}{' ...' if len(short) > 20 else ''}. Resume pre-sampling with "
+                         "the same --out to complete them (their statistics would be biased).")
+
+
+def _warn_if_all_wrong(records: list[dict], paths: list[Path]) -> None:
+    if not any(_is_correct(r) for r in records):
+        print(f"WARNING: every one of the {len(records)} samples in {paths[0]} is wrong: the accuracy term of the "
+              "reward is zero everywhere, only length is rewarded. Check the grader and the answers, or sample "
+              "at a higher temperature.", flush=True)
+
+
+def _manifest(paths: list[Path], fingerprint: str, ref_stats: Any, config: dict[str, Any]) -> dict[str, Any]:
+    from pruner.manifest import build_manifest, file_digest, manifest_digest
+    from pruner.presample import meta_path
+
+    inputs: dict[str, Any] = {"tokenizer": fingerprint, "samples": [file_digest(p) for p in paths],
+                              "samples_manifests": [manifest_digest(meta_path(p)) for p in paths]}
+    if ref_stats is not None:
+        stats = Path(ref_stats) / "problem_stats.jsonl" if Path(ref_stats).is_dir() else Path(ref_stats)
+        inputs["ref_stats"] = file_digest(stats)
+    return build_manifest("dataset", config, inputs)
 
 
 def load_ref_stats(path: str | Path) -> dict[str, dict]:
@@ -149,6 +200,47 @@ def _select(kind: str, samples: list[dict], lengths: list[int], keep: int | None
     return [(best, True), (worst, False)]
 
 
+def _to_tensors(rows: list[dict], kind: str, lam: float) -> tuple[dict[str, torch.Tensor], float, float]:
+    """The training set's tensors from its rows; also the reward mean and std."""
+    import o1pruner_kernels
+
+    lengths_t = torch.tensor([len(r["response"]) for r in rows], dtype=torch.int64)
+    rewards = o1pruner_kernels.length_harmonizing_reward(
+        lengths_t,
+        torch.tensor([r["correct"] for r in rows], dtype=torch.float32),
+        torch.tensor([r["lbar"] for r in rows], dtype=torch.float64),
+        torch.tensor([r["abar"] for r in rows], dtype=torch.float64),
+        lam=lam, clip=CLIP,
+    ).float()
+    mean = float(rewards.double().mean())
+    std = float(rewards.double().std(unbiased=False)) if len(rows) > 1 else 0.0
+    if kind == "lh":
+        centred = rewards.double() - mean
+        advantages = (centred / std if std > 1e-8 else centred).float()
+    elif kind == "sft":
+        advantages = torch.ones(len(rows), dtype=torch.float32)
+    else:
+        advantages = torch.tensor([1.0 if r["chosen"] else -1.0 for r in rows], dtype=torch.float32)
+
+    sequences = [r["prompt"] + r["response"] for r in rows]
+    offsets = torch.zeros(len(rows) + 1, dtype=torch.int64)
+    offsets[1:] = torch.cumsum(torch.tensor([len(s) for s in sequences], dtype=torch.int64), 0)
+    tensors = {
+        "input_ids": torch.tensor([t for s in sequences for t in s], dtype=torch.int32),
+        "offsets": offsets,
+        "prompt_lengths": torch.tensor([len(r["prompt"]) for r in rows], dtype=torch.int32),
+        "response_lengths": lengths_t.to(torch.int32),
+        "rewards": rewards.contiguous(),
+        "advantages": advantages.contiguous(),
+        "correct": torch.tensor([r["correct"] for r in rows], dtype=torch.uint8),
+        "problem_index": torch.tensor([r["problem_index"] for r in rows], dtype=torch.int64),
+    }
+    if kind == "dpo":
+        tensors["pair_index"] = torch.arange(len(rows), dtype=torch.int64) // 2
+        tensors["chosen"] = torch.tensor([r["chosen"] for r in rows], dtype=torch.uint8)
+    return tensors, mean, std
+
+
 def build_trainset(
     samples_path: str | Path | list[str | Path],
     out_dir: str | Path,
@@ -160,15 +252,15 @@ def build_trainset(
     seed: int = 0,
     tokenizer: Any = None,
     report: bool = True,
+    overwrite: bool = False,
 ) -> Path:
     """Build the training set folder (trainset.safetensors, meta.json, problem_stats.jsonl, report/).
 
     `tokenizer`: a tokenizer object, a folder/id to load one from, or None for the model named
-    in the samples' `.meta.json`.
+    in the samples' `.meta.json`. The folder gets a run manifest (settings + content hashes of the
+    samples): a folder holding a set built from other samples or settings is refused unless
+    `overwrite` (which deletes it first, reference log-prob caches included).
     """
-    import o1pruner_kernels
-    from safetensors.torch import save_file
-
     from pruner.hf import eos_token_ids, load_tokenizer, tokenizer_fingerprint
 
     if kind not in KINDS:
@@ -178,6 +270,7 @@ def build_trainset(
     paths = [Path(p) for p in (samples_path if isinstance(samples_path, list) else [samples_path])]
     records = _read_samples(paths)
     meta_in = _samples_meta(paths)
+    _check_complete(records, (meta_in.get("config") or meta_in.get("sampling") or {}).get("k"), paths)
     model = meta_in.get("model")
     if isinstance(tokenizer, (str, Path)):
         model = model or str(tokenizer)
@@ -240,44 +333,8 @@ def build_trainset(
     if dropped_empty:
         log.warning("dropped %d sample(s) with no response tokens", dropped_empty)
 
-    lengths_t = torch.tensor([len(r["response"]) for r in rows], dtype=torch.int64)
-    rewards = o1pruner_kernels.length_harmonizing_reward(
-        lengths_t,
-        torch.tensor([r["correct"] for r in rows], dtype=torch.float32),
-        torch.tensor([r["lbar"] for r in rows], dtype=torch.float64),
-        torch.tensor([r["abar"] for r in rows], dtype=torch.float64),
-        lam=lam, clip=CLIP,
-    ).float()
-    mean = float(rewards.double().mean())
-    std = float(rewards.double().std(unbiased=False)) if len(rows) > 1 else 0.0
-    if kind == "lh":
-        centred = rewards.double() - mean
-        advantages = (centred / std if std > 1e-8 else centred).float()
-    elif kind == "sft":
-        advantages = torch.ones(len(rows), dtype=torch.float32)
-    else:
-        advantages = torch.tensor([1.0 if r["chosen"] else -1.0 for r in rows], dtype=torch.float32)
-
-    sequences = [r["prompt"] + r["response"] for r in rows]
-    offsets = torch.zeros(len(rows) + 1, dtype=torch.int64)
-    offsets[1:] = torch.cumsum(torch.tensor([len(s) for s in sequences], dtype=torch.int64), 0)
-    tensors = {
-        "input_ids": torch.tensor([t for s in sequences for t in s], dtype=torch.int32),
-        "offsets": offsets,
-        "prompt_lengths": torch.tensor([len(r["prompt"]) for r in rows], dtype=torch.int32),
-        "response_lengths": lengths_t.to(torch.int32),
-        "rewards": rewards.contiguous(),
-        "advantages": advantages.contiguous(),
-        "correct": torch.tensor([r["correct"] for r in rows], dtype=torch.uint8),
-        "problem_index": torch.tensor([r["problem_index"] for r in rows], dtype=torch.int64),
-    }
-    if kind == "dpo":
-        tensors["pair_index"] = torch.arange(len(rows), dtype=torch.int64) // 2
-        tensors["chosen"] = torch.tensor([r["chosen"] for r in rows], dtype=torch.uint8)
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out / "trainset.safetensors"))
+    tensors, mean, std = _to_tensors(rows, kind, lam)
+    _warn_if_all_wrong(records, paths)
     meta = {
         "format": TRAINSET_FORMAT, "kind": kind, "model": model, "tokenizer_fingerprint": fingerprint,
         "lam": lam, "clip": list(CLIP), "reward_mean": mean, "reward_std": std,
@@ -290,14 +347,32 @@ def build_trainset(
                          "policy": "appended to stopped responses lacking an EOS; truncated ones left unterminated"},
         "dropped_empty": dropped_empty, "sampling": meta_in.get("sampling"),
     }
-    (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-    with (out / "problem_stats.jsonl").open("w", encoding="utf-8") as fh:
-        for row in stats:
-            fh.write(json.dumps(row) + "\n")
-    if report:
-        from pruner.report import write_report
+    config = {"kind": kind, "lam": lam, "keep_per_problem": keep_per_problem, "seed": seed, "report": report,
+              "ref_stats": str(ref_stats) if ref_stats is not None else None}
+    manifest = _manifest(paths, fingerprint, ref_stats, config)
+    inputs = paths + ([Path(ref_stats)] if ref_stats is not None else [])
+    return _write_trainset(Path(out_dir), manifest, tensors, meta, stats, records if report else None, overwrite,
+                           inputs)
 
-        write_report(records, out / "report")
+
+def _write_trainset(out: Path, manifest: dict, tensors: dict, meta: dict, stats: list[dict],
+                    report_records: list[dict] | None, overwrite: bool, inputs: list[Path]) -> Path:
+    """Claim the folder (lock + manifest), then write the set; nothing is written on a refusal."""
+    from safetensors.torch import save_file
+
+    from pruner.manifest import Output, claim_output
+
+    with claim_output(Output.folder(out), manifest, what=f"training set folder {out}", resume=not overwrite,
+                      overwrite=overwrite, inputs=inputs):
+        save_file(tensors, str(out / "trainset.safetensors"))
+        (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        with (out / "problem_stats.jsonl").open("w", encoding="utf-8") as fh:
+            for row in stats:
+                fh.write(json.dumps(row) + "\n")
+        if report_records is not None:
+            from pruner.report import write_report
+
+            write_report(report_records, out / "report")
     return out
 
 
@@ -327,6 +402,7 @@ class DatasetConfig:
     seed: int = field(default=0, metadata={"help": "seed of the keep-per-problem draw"})
     tokenizer: str | None = field(default=None, metadata={"help": "tokenizer folder/id (default: the model in the samples' meta)"})
     report: bool = field(default=True, metadata={"help": "write the report/ folder (plots, tables)"})
+    overwrite: bool = field(default=False, metadata={"help": "replace an --out folder that holds a set built from other samples or settings"})
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -336,7 +412,8 @@ def main(argv: list[str] | None = None) -> Path:
     cfg = parse_config(DatasetConfig, argv)
     tok = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else None
     out = build_trainset(cfg.samples, cfg.out, kind=cfg.kind, lam=cfg.lam, keep_per_problem=cfg.keep_per_problem,
-                         ref_stats=cfg.ref_stats, seed=cfg.seed, tokenizer=tok, report=cfg.report)
+                         ref_stats=cfg.ref_stats, seed=cfg.seed, tokenizer=tok, report=cfg.report,
+                         overwrite=cfg.overwrite)
     meta = json.loads((out / "meta.json").read_text())
     print(json.dumps({k: meta[k] for k in ("kind", "num_samples", "num_problems", "reward_mean", "reward_std")}, indent=2))
     print(f"wrote {out}")

@@ -4,7 +4,9 @@ pre-sampling (vLLM) -> training set (length-harmonizing reward) -> `torchrun` tr
 -> `bench/speed.py` (base vs pruned, same prompts) -> the before/after table.
 
 Each stage is the same command a user runs by hand (printed before it runs), and each resumes or
-reuses its output, so an interrupted demo continues where it stopped.
+reuses its output, so an interrupted demo continues where it stopped; a stage whose folder holds
+another configuration's output refuses (run manifests), and the benchmark, a new measurement each
+time, replaces its folder (`--overwrite`).
 """
 from __future__ import annotations
 
@@ -44,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     _run([py, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}", "pruner/train.py",
           "--data", str(run / "trainset"), "--out", str(run / "train"), "--resume"], env)
     _run([py, "bench/speed.py", "--models", "base=embedded", f"pruned={run / 'train' / 'export'}",
-          "--limit", str(args.test_problems), "--out", str(run / "bench")], env)
+          "--limit", str(args.test_problems), "--out", str(run / "bench"), "--overwrite"], env)
     print(f"\ndemo finished in {(time.perf_counter() - start) / 60:.1f} min; results in {run / 'bench'}")
 
 

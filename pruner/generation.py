@@ -5,7 +5,7 @@ with `if __name__ == "__main__":`.
 
 Many GPUs: within a node use `tensor_parallel_size` (one big model) or `data_parallel_size`
 (several replicas, where the installed vLLM supports it). Across nodes, run one process per
-node with `--shard i/n` (pre-sampling) and concatenate the shard files: no coordination needed.
+node with `--shard i/n` (pre-sampling), then `presample.py --merge OUT SHARD...`: no coordination needed.
 """
 from __future__ import annotations
 

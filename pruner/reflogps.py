@@ -12,7 +12,8 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from pruner.batching import collate, response_offsets
 from pruner.distributed import Dist, all_reduce_sum, barrier
@@ -38,8 +39,20 @@ def model_fingerprint(path: str) -> str:
     return digest.hexdigest()[:16]
 
 
-def cache_path(trainset: Path, model_key: str, temperature: float) -> Path:
-    return trainset / f"ref_logps-{model_key}-t{temperature:g}.safetensors"
+def content_key(data: dict) -> str:
+    """Hash of exactly what the table is computed for: every token id, the sequence offsets and the
+    prompt/response split. A rebuilt set with the same token count but another order or other
+    samples gets another key, so a stale table is never reused."""
+    digest = hashlib.sha256()
+    for name in ("input_ids", "offsets", "prompt_lengths", "response_lengths"):
+        tensor = data[name].contiguous().to(torch.int64)
+        digest.update(name.encode())
+        digest.update(tensor.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def cache_path(trainset: Path, model_key: str, temperature: float, data_key: str) -> Path:
+    return trainset / f"ref_logps-{model_key}-t{temperature:g}-{data_key}.safetensors"
 
 
 @torch.no_grad()
@@ -81,16 +94,21 @@ def compute_reference_logprobs(policy: torch.nn.Module, data: dict, d: Dist, *, 
 def reference_logprobs(policy: torch.nn.Module, data: dict, trainset: Path, model_path: str, d: Dist, *,
                        temperature: float, micro_batch: int, pad_id: int) -> tuple[torch.Tensor, Path, bool]:
     """Load the cached table for this model and training set, or compute and cache it."""
-    path = cache_path(trainset, model_fingerprint(model_path), temperature)
+    model_key, data_key = model_fingerprint(model_path), content_key(data)
+    path = cache_path(trainset, model_key, temperature, data_key)
     if path.exists():
-        flat = load_file(str(path))["logps"]
-        if flat.numel() == int(data["response_offsets"][-1]):
+        with safe_open(str(path), framework="pt") as fh:
+            stored = fh.metadata() or {}
+            flat = fh.get_tensor("logps")
+        if (stored.get("data_key"), stored.get("model_key")) == (data_key, model_key) \
+                and flat.numel() == int(data["response_offsets"][-1]):
             return flat, path, True
     flat = compute_reference_logprobs(policy, data, d, micro_batch=micro_batch, pad_id=pad_id)
     if d.is_main:
         tmp = path.with_suffix(".tmp")
         save_file({"logps": flat}, str(tmp), metadata={"model": model_path, "temperature": str(temperature),
-                                                       "trainset": json.dumps(str(trainset))})
+                                                       "trainset": json.dumps(str(trainset)),
+                                                       "model_key": model_key, "data_key": data_key})
         os.replace(tmp, path)
     barrier()
     return flat, path, False

@@ -25,11 +25,13 @@ from pruner.checkpoint import export_hf, latest_checkpoint, load_checkpoint, sav
 from pruner.cli import parse_config
 from pruner.distributed import all_reduce_sum, print0
 from pruner.losses import LOSSES, compute_loss, count_units, normalizer_units
+from pruner.manifest import release_all
 from pruner.metrics import MetricsLogger, peak_memory_gib, plot_metrics
 from pruner.modeling import prepare_model
 from pruner.onpolicy import resample
 from pruner.reflogps import attach_response_offsets, reference_logprobs
-from pruner.trainer_setup import check_inputs, cosine_with_warmup, load_training_data, resolve_defaults
+from pruner.trainer_setup import (check_inputs, claim_run_folder, cosine_with_warmup, load_training_data,
+                                  resolve_defaults)
 
 
 @dataclass
@@ -62,7 +64,8 @@ class TrainConfig:
     meta_init: bool = field(default=True, metadata={"help": "with several processes only rank 0 reads the weights; the others receive their shards"})
     ckpt_every: int = field(default=50, metadata={"help": "save a resumable checkpoint every N steps (and at the end)"})
     keep_checkpoints: int = field(default=2, metadata={"help": "how many recent checkpoints to keep"})
-    resume: bool = field(default=False, metadata={"help": "continue from the latest checkpoint in --out"})
+    resume: bool = field(default=False, metadata={"help": "continue from the latest checkpoint in --out (same configuration only)"})
+    overwrite: bool = field(default=False, metadata={"help": "delete what --out holds (another run's checkpoints, metrics) and start afresh"})
     stop_after: int = field(default=0, metadata={"help": "exit after this many steps, as a preempted run would (after its checkpoint)"})
     max_bad_steps: int = field(default=3, metadata={"help": "stop when this many steps in a row have a NaN/inf loss or gradient"})
     export: bool = field(default=True, metadata={"help": "export the final model as a Hugging Face folder <out>/export"})
@@ -80,6 +83,7 @@ def train(cfg: TrainConfig) -> Path | None:
     check_inputs(cfg, data, tokenizer, d.world_size)
     accum = check_batch_sizes(cfg.global_batch_size, cfg.micro_batch_size, d.world_size, 2 if cfg.loss == "dpo" else 1)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    run_lock = claim_run_folder(cfg, tokenizer, d)  # noqa: F841 - held (rank 0) until train() returns
     if d.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
@@ -217,7 +221,10 @@ def _old_logprobs(policy, data: dict, trainset: Path, model: str, cfg: TrainConf
 
 
 def main(argv: list[str] | None = None) -> None:
-    train(parse_config(TrainConfig, argv))
+    try:
+        train(parse_config(TrainConfig, argv))
+    finally:
+        release_all()  # also when train() raised: its frame (and lock) may outlive the exception
 
 
 if __name__ == "__main__":

@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 import math
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from pruner.distributed import Dist, broadcast_object
 from pruner.losses import LOSSES
+from pruner.manifest import (Output, OutputLock, RunStateError, build_manifest, claim_output, file_digest,
+                             manifest_digest, model_inputs)
 from pruner.reflogps import attach_response_offsets
 
 PAPER_LR = 2e-7          # the paper's code for 7B models
@@ -72,6 +75,39 @@ def check_inputs(cfg: Any, data: dict, tokenizer: Any, world_size: int) -> None:
     if len(data["prompt_lengths"]) < cfg.global_batch_size:
         raise ValueError(f"{cfg.data}: {len(data['prompt_lengths'])} samples are fewer than one global batch "
                          f"of {cfg.global_batch_size}; lower --global-batch-size")
+
+
+# Flags that may change between a run and its --resume: where to stop, how often to save, what to
+# show or export, and memory-only switches that leave the numbers as they are.
+VOLATILE = ("out", "resume", "overwrite", "stop_after", "ckpt_every", "keep_checkpoints", "export", "tensorboard",
+            "max_bad_steps", "meta_init", "activation_checkpointing")
+
+
+def run_manifest(cfg: Any, tokenizer: Any) -> dict[str, Any]:
+    """The trainer's manifest: resolved flags, the model and tokenizer, the training set's content."""
+    data = Path(cfg.data)
+    inputs = {**model_inputs(cfg.model, tokenizer), "data": file_digest(data / "trainset.safetensors"),
+              "data_manifest": manifest_digest(data / "manifest.json")}
+    return build_manifest("train", asdict(cfg), inputs, volatile=VOLATILE)
+
+
+def claim_run_folder(cfg: Any, tokenizer: Any, d: Dist) -> OutputLock | None:
+    """Lock --out (rank 0) and check its manifest: a fresh run never lands in another run's folder
+    (its checkpoints would mix), and --resume continues only an identical configuration. Every
+    rank raises the same error, so no rank waits on a collective that will never come."""
+    lock, error = None, None
+    if d.is_main:
+        try:
+            # config.json alone (a run that failed while loading the model) holds no results
+            lock = claim_output(Output.folder(cfg.out, incidental=("config.json",)), run_manifest(cfg, tokenizer),
+                                what=f"run folder {cfg.out}", resume=cfg.resume, overwrite=cfg.overwrite,
+                                inputs=[cfg.data] + ([cfg.model] if Path(cfg.model).exists() else []))
+        except (RunStateError, ValueError) as exc:
+            error = str(exc)
+    error = broadcast_object(error)
+    if error:
+        raise RunStateError(error)
+    return lock
 
 
 def cosine_with_warmup(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float,

@@ -90,3 +90,14 @@ def build_tiny_model(out_dir: Path, *, vocab_size: int = 512, seed: int = 0) -> 
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Folder of a tiny random-init Qwen2 (config, safetensors, tokenizer with a ChatML template)."""
     return build_tiny_model(tmp_path_factory.mktemp("tiny_model"))
+
+
+def write_samples_meta(samples: Path, tokenizer, *, model: Path | str | None = None, k: int | None = None) -> Path:
+    """The `.meta.json` pre-sampling writes next to a samples file (the fields the dataset reads)."""
+    from pruner.hf import tokenizer_fingerprint
+
+    meta = {"model": str(model) if model is not None else None, "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+            "sampling": {"k": k}}
+    path = samples.with_name(samples.name + ".meta.json")
+    path.write_text(json.dumps(meta))
+    return path

@@ -95,3 +95,40 @@ def test_kernel_benchmark_writes_a_row_per_provider_and_shape(tmp_path):
         assert r["status"] == "ok" and r["device"] == "cpu"
         fwd, bwd, total = float(r["fwd_ms"]), float(r["bwd_ms"]), float(r["total_ms"])
         assert fwd > 0 and bwd > 0 and total >= max(fwd, bwd)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--models", "base=embedded", "pruned=/no/such/export"], "--models pruned= /no/such/export: no such folder"),
+    (["--models", "base=embedded", "twin=embedded", "--limit", "0"], "--limit must be a positive number"),
+    (["--models", "base=embedded", "twin=embedded", "--n", "0"], "--n must be >= 1"),
+])
+def test_speed_checks_every_model_and_flag_before_the_first_benchmark(tmp_path, args, message):
+    # A missing second model used to be found only after the first had been benchmarked in full.
+    out = tmp_path / "bench"
+    proc = subprocess.run([sys.executable, "bench/speed.py", *args, "--out", str(out)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
+    assert "generating with" not in proc.stdout and not out.exists()
+
+
+def test_speed_refuses_an_out_folder_of_another_comparison(tmp_path):
+    import argparse
+
+    from bench.speed import claim_out
+    from pruner import default_model_path
+    from pruner.manifest import RunStateError
+
+    models = [("base", str(default_model_path())), ("twin", str(default_model_path()))]
+
+    def args(**kw):
+        base = dict(models=None, fast_prompt=[], data="embedded:test", limit=3, modes=["greedy"], n=4,
+                    max_new_tokens=64, warmup=1, seed=0, out=str(tmp_path / "b"), overwrite=False, worker=False,
+                    model_name=None, model_path=None, worker_out=None)
+        return argparse.Namespace(**{**base, **kw})
+
+    with claim_out(args(), models):
+        (tmp_path / "b" / "results.json").write_text("{}")
+    with pytest.raises(RunStateError, match=r"config\.limit: was 3, now 5"):
+        claim_out(args(limit=5), models)
+    with claim_out(args(limit=5, overwrite=True), models):
+        assert not (tmp_path / "b" / "results.json").exists()

@@ -101,3 +101,25 @@ def test_embedded_task_when_present() -> None:
         pytest.skip("embedded task not landed yet")
     problems = load_problems("embedded:test", limit=5)
     assert len(problems) == 5 and all(p["answer"] and isinstance(p["id"], str) for p in problems)
+
+
+@pytest.mark.parametrize("limit", [0, -1, -5])
+def test_limit_zero_or_negative_is_an_error_everywhere(tmp_path: Path, limit: int) -> None:
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps({"problem": f"q{i}", "answer": str(i)}) + "\n" for i in range(3)))
+    for source in (path, "embedded:train"):
+        with pytest.raises(ValueError, match=f"limit must be a positive number of problems or None for all, got {limit}"):
+            load_problems(source, limit=limit)
+    assert len(load_problems(path, limit=2)) == 2 and len(load_problems(path)) == 3
+    assert len(load_problems("embedded:train", limit=2)) == 2
+
+
+def test_invalid_utf8_names_file_and_line(tmp_path: Path) -> None:
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_bytes(b'{"problem": "q", "answer": "1"}\n{"problem": "\xff", "answer": "2"}\n')
+    with pytest.raises(ProblemFormatError, match=r"p\.jsonl:2: invalid UTF-8"):
+        load_problems(jsonl)
+    whole = tmp_path / "p.json"
+    whole.write_bytes(b'[{"problem": "q", "answer": "1"},\n {"problem": "\xff", "answer": "2"}]')
+    with pytest.raises(ProblemFormatError, match=r"p\.json:2: invalid UTF-8"):
+        load_problems(whole)

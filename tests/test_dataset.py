@@ -9,6 +9,7 @@ import torch
 
 from pruner.dataset import build_trainset, load_trainset
 from pruner.hf import load_tokenizer
+from conftest import write_samples_meta
 
 LAM = 2.0
 
@@ -29,14 +30,17 @@ def _sample(pid: str, i: int, n_tokens: int, correct: bool, eos: int, *, finish:
             "correct": correct, "answer": "1"}
 
 
-def _write(tmp: Path, samples: list[dict]) -> Path:
+def _write(tmp: Path, samples: list[dict], tok=None) -> Path:
     path = tmp / "samples.jsonl"
     path.write_text("".join(json.dumps(s) + "\n" for s in samples))
+    if tok is not None:
+        write_samples_meta(path, tok)
     return path
 
 
 def _build(tmp: Path, samples: list[dict], tok, **kw) -> dict:
-    out = build_trainset(_write(tmp, samples), tmp / "ts", tokenizer=tok, report=kw.pop("report", False), **kw)
+    out = build_trainset(_write(tmp, samples, tok), tmp / "ts", tokenizer=tok, report=kw.pop("report", False),
+                         overwrite=True, **kw)
     return load_trainset(out)
 
 
@@ -150,11 +154,11 @@ def test_sft_and_dpo_selection(tmp_path: Path, tok) -> None:
 
 def test_ref_stats_override(tmp_path: Path, tok) -> None:
     eos = tok.eos_token_id
-    first = build_trainset(_write(tmp_path, [_sample("A", 0, 10, True, eos), _sample("A", 1, 30, False, eos)]),
+    first = build_trainset(_write(tmp_path, [_sample("A", 0, 10, True, eos), _sample("A", 1, 30, False, eos)], tok),
                            tmp_path / "orig", tokenizer=tok, report=False)
     new = tmp_path / "round1"
     new.mkdir()
-    ts = load_trainset(build_trainset(_write(new, [_sample("A", 0, 5, True, eos)]), new / "ts",
+    ts = load_trainset(build_trainset(_write(new, [_sample("A", 0, 5, True, eos)], tok), new / "ts",
                                       tokenizer=tok, ref_stats=first, report=False))
     assert ts["rewards"].tolist() == pytest.approx([_r(20, 5, 1, 0.5)])
 
@@ -168,7 +172,7 @@ def test_other_tokenizer_is_detected(tmp_path: Path, tok, tiny_model_dir: Path) 
 
 
 def test_tokenizer_given_as_folder(tmp_path: Path, tok, tiny_model_dir: Path) -> None:
-    path = _write(tmp_path, [_sample("A", 0, 3, True, tok.eos_token_id)])
+    path = _write(tmp_path, [_sample("A", 0, 3, True, tok.eos_token_id)], tok)
     ts = load_trainset(build_trainset(path, tmp_path / "ts", tokenizer=str(tiny_model_dir), report=False))
     assert ts["meta"]["model"] == str(tiny_model_dir) and ts["meta"]["num_samples"] == 1
 
@@ -186,10 +190,70 @@ def test_ids_past_the_tokenizer_are_kept_up_to_the_models_vocabulary(tmp_path: P
     eos = tok.eos_token_id
     ok = _sample("A", 0, 3, True, eos)
     ok["response_token_ids"] = [len(tok) + 5, 6, eos]
-    ts = load_trainset(build_trainset(_write(tmp_path, [ok]), tmp_path / "ts", tokenizer=str(model), report=False))
+    ts = load_trainset(build_trainset(_write(tmp_path, [ok], tok), tmp_path / "ts", tokenizer=str(model), report=False))
     assert ts["meta"]["num_samples"] == 1 and len(tok) + 5 in ts["input_ids"].tolist()
     bad = dict(ok, response_token_ids=[len(tok) + 64, 6, eos])
-    path = _write(tmp_path, [bad])
+    path = _write(tmp_path, [bad], tok)
     with pytest.raises(ValueError, match="outside the model's vocabulary") as err:
         build_trainset(path, tmp_path / "ts2", tokenizer=str(model), report=False)
     assert str(path) in str(err.value)
+
+
+# --- input integrity (issue 12): every bad input names file, line and field; nothing half-built ---
+
+def _k_meta(path: Path, tok, k: int) -> None:
+    write_samples_meta(path, tok, k=k)
+
+
+def test_problems_with_fewer_than_k_samples_are_refused_by_id(tmp_path: Path, tok) -> None:
+    eos = tok.eos_token_id
+    samples = [_sample("A", i, 3, True, eos) for i in range(3)] + [_sample("B", 0, 3, False, eos)]
+    path = _write(tmp_path, samples)
+    _k_meta(path, tok, 3)
+    with pytest.raises(ValueError, match=r"fewer than k=3 samples: B \(1\)"):
+        build_trainset(path, tmp_path / "ts", tokenizer=tok, report=False)
+    assert not (tmp_path / "ts").exists()
+
+
+def test_all_wrong_set_warns_on_stdout(tmp_path: Path, tok, capsys: pytest.CaptureFixture) -> None:
+    eos = tok.eos_token_id
+    _build(tmp_path, [_sample("A", i, 3 + i, False, eos) for i in range(2)], tok)
+    assert "every one of the 2 samples" in capsys.readouterr().out
+    _build(tmp_path, [_sample("A", 0, 3, True, eos), _sample("A", 1, 4, False, eos)], tok)
+    assert "WARNING" not in capsys.readouterr().out
+
+
+def test_invalid_utf8_and_missing_fields_name_file_line_and_field(tmp_path: Path, tok) -> None:
+    eos = tok.eos_token_id
+    good = json.dumps(_sample("A", 0, 3, True, eos)) + "\n"
+    path = tmp_path / "samples.jsonl"
+    write_samples_meta(path, tok)
+    path.write_bytes(good.encode() + b'{"problem_id": "A\xff\xfe"}\n' + good.encode())
+    with pytest.raises(ValueError, match=r"samples\.jsonl:2: invalid UTF-8"):
+        build_trainset(path, tmp_path / "ts", tokenizer=tok, report=False)
+    broken = _sample("A", 1, 3, True, eos)
+    del broken["prompt_token_ids"]
+    path.write_text(good + json.dumps(broken) + "\n")
+    with pytest.raises(ValueError, match=r"samples\.jsonl:2: sample record has no field 'prompt_token_ids'"):
+        build_trainset(path, tmp_path / "ts", tokenizer=tok, report=False)
+    assert not (tmp_path / "ts").exists()
+
+
+def test_rebuild_into_a_folder_of_another_set_is_refused_unless_overwrite(tmp_path: Path, tok) -> None:
+    """case 3's cause: the folder (and its reference log-prob cache) belonged to another build."""
+    eos = tok.eos_token_id
+    samples = [_sample(p, i, 3 + i, i == 0, eos) for p in "AB" for i in range(2)]
+    out = build_trainset(_write(tmp_path, samples, tok), tmp_path / "ts", tokenizer=tok, report=False)
+    (out / "ref_logps-model-t1-key.safetensors").write_bytes(b"stale")
+    # identical inputs and settings: rebuilt in place (the result is the same set)
+    build_trainset(_write(tmp_path, samples, tok), out, tokenizer=tok, report=False)
+    reordered = samples[2:] + samples[:2]  # the same samples, other problem order, same token count
+    with pytest.raises(RuntimeError, match=r"inputs\.samples"):
+        build_trainset(_write(tmp_path, reordered, tok), out, tokenizer=tok, report=False)
+    with pytest.raises(RuntimeError, match=r"config\.lam: was 2\.0, now 5\.0"):
+        build_trainset(_write(tmp_path, samples, tok), out, tokenizer=tok, report=False, lam=5.0)
+    assert (out / "ref_logps-model-t1-key.safetensors").exists()  # refusals delete nothing
+    ts = load_trainset(build_trainset(_write(tmp_path, reordered, tok), out, tokenizer=tok, report=False,
+                                      overwrite=True))
+    assert not (out / "ref_logps-model-t1-key.safetensors").exists()
+    assert [s["id"] for s in ts["stats"]] == ["B", "A"]

@@ -2,14 +2,19 @@
 from __future__ import annotations
 
 import json
+import random
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
-from pruner.grading import extract_answer, grade
+from pruner.grading import extract_answer, final_part, grade
 
 # the shared sets live next to the project root (../shared/data)
 MATH500 = Path(__file__).resolve().parents[2] / "shared" / "data" / "math500.jsonl"
+if not MATH500.exists():
+    MATH500 = Path("/work/shared/data/math500.jsonl")
 
 
 @pytest.mark.parametrize(
@@ -64,3 +69,82 @@ def test_math500_reference_solutions_bar() -> None:
     shifted = [(r["solution"], rows[(i + 1) % len(rows)]["answer"], r["answer"]) for i, r in enumerate(rows)]
     false_pos = [(own, other) for sol, other, own in shifted if grade(sol, other) and own.replace(" ", "") != other.replace(" ", "")]
     assert len(false_pos) / len(rows) <= 0.01, false_pos
+
+
+# --- hard bounds (issue 12, case 6) ---
+
+def _quadratic_extract(response: str) -> str | None:
+    """The former algorithm (each box scanned to its end): the reference the linear pass must match."""
+    import re
+
+    text = final_part(response)
+    for match in reversed(list(re.finditer(r"\\(?:boxed|fbox)\s*", text))):
+        start, content = match.end(), None
+        if start < len(text) and text[start] != "{":
+            bare = re.match(r"[^\s$\\{}]+", text[start:])
+            content = bare.group(0) if bare else None
+        elif start < len(text):
+            depth, i = 0, start
+            while i < len(text):
+                if text[i] == "\\":
+                    i += 2
+                    continue
+                depth += {"{": 1, "}": -1}.get(text[i], 0)
+                if depth == 0:
+                    content = text[start + 1:i]
+                    break
+                i += 1
+        if content is not None and content.strip():
+            return content.strip()
+    return None
+
+
+def test_linear_extraction_matches_the_scan_per_box_on_random_text() -> None:
+    rng = random.Random(0)
+    atoms = ["\\boxed", "\\fbox", "{", "}", "\\{", "\\}", " ", "1", "x", "</think>", "\\", "$"]
+    for _ in range(3000):
+        text = "".join(rng.choice(atoms) for _ in range(rng.randint(0, 30)))
+        assert extract_answer(text) == _quadratic_extract(text), text
+
+
+def _timed_in_thread(fn, *args) -> tuple[object, float]:
+    result: dict = {}
+
+    def target() -> None:
+        t0 = time.perf_counter()
+        result["value"] = fn(*args)
+        result["s"] = time.perf_counter() - t0
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(60)
+    assert not thread.is_alive(), "grading hung in a worker thread"
+    return result["value"], result["s"]
+
+
+@pytest.mark.parametrize("response", [
+    "\\boxed{" * 20000,                                              # 105 s before (quadratic extraction)
+    "\\boxed{" + "{" * 400 + "1" + "}" * 400 + "}",                   # deeply nested, under the size cap
+    "\\boxed{" + "(" * 300 + "1" + ")" * 300 + "}",                   # sympy parser blow-up
+    "\\boxed{9^{9^{9^{9}}}}",                                          # a tower sympy tries to evaluate
+    "\\boxed{" + "x+" * 5000 + "1}",                                   # over MAX_ANSWER_CHARS
+])
+def test_pathological_answers_return_within_5_s_in_a_worker_thread(response: str) -> None:
+    assert _timed_in_thread(grade, r"\boxed{\frac{1}{2}}", "0.5")[0] is True  # the worker is up (one-time start)
+    value, seconds = _timed_in_thread(grade, response, "2")
+    assert value is False and seconds <= 5.0, seconds
+    assert _timed_in_thread(grade, r"\boxed{\frac{1}{2}}", "0.5")[0] is True  # and grading still works after
+
+
+def test_without_a_worker_the_main_thread_grades_in_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    import pruner.grading as grading
+
+    def no_worker():
+        raise AssertionError("daemonic processes are not allowed to have children")
+
+    monkeypatch.setattr(grading, "_worker_pool", no_worker)
+    assert grade(r"\boxed{\frac{1}{2}}", "0.5") is True and grade(r"\boxed{\frac{1}{3}}", "0.5") is False
+    t0 = time.perf_counter()
+    assert grade(r"\boxed{" + "(" * 300 + "1" + ")" * 300 + "}", "2") is False
+    assert time.perf_counter() - t0 <= 5.0
+    assert _timed_in_thread(grade, r"\boxed{\frac{1}{2}}", "0.5")[0] is False  # off the main thread: no bound, so wrong

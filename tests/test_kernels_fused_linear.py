@@ -102,6 +102,9 @@ def test_rejects_bad_arguments():
         fused_linear_logprobs(h, w, y, backend="torch", block_m=3)
     with pytest.raises(IndexError):
         fused_linear_logprobs(h, w, torch.full((4,), 10), backend="torch")
+    for backend in ("torch", "triton"):  # V = 0 used to divide by zero deep in the chunking
+        with pytest.raises(ValueError, match="V = 0"):
+            fused_linear_logprobs(h, torch.randn(0, 8), y, backend=backend)
 
 
 # Peak RSS (ru_maxrss, kB on Linux) of a fresh interpreter, read before and after one forward +

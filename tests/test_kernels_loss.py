@@ -91,6 +91,9 @@ def test_ratio_loss_rejects_bad_arguments():
         clipped_ratio_loss(logps, old, adv[:3], mask)
     with pytest.raises(ValueError):
         clipped_ratio_loss(logps, old, adv, mask, eps_low=1.0)
+    for bad in (0, -3.0, float("inf")):  # normalizer=0 used to return inf
+        with pytest.raises(ValueError, match="normalizer must be a positive finite count"):
+            clipped_ratio_loss(logps, old, adv, mask, normalizer=bad)
 
 
 def test_sequence_logprobs():

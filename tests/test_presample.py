@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from pruner.manifest import RunStateError
 from pruner.presample import PresampleConfig, read_samples, run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,7 +122,7 @@ def test_complete_file_resumes_to_nothing_and_bad_middle_line_is_an_error(tmp_pa
 
 def test_refuses_resume_with_other_settings(tmp_path: Path, tiny_model_dir: Path) -> None:
     run(_cfg(tmp_path, tiny_model_dir), llm=FakeLLM())
-    with pytest.raises(SystemExit, match="temperature"):
+    with pytest.raises(RunStateError, match="config.temperature: was 0.5, now 0.9"):
         run(_cfg(tmp_path, tiny_model_dir, temperature=0.9), llm=FakeLLM())
 
 

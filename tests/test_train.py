@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def _write_samples(path: Path, model_dir: Path, problems: int = 12, k: int = 4, seed: int = 0) -> Path:
     """Samples in pre-sampling's format: prompts through the chat template, responses of varied length."""
+    from conftest import write_samples_meta
     from transformers import AutoTokenizer
 
     from pruner.prompting import build_prompt
@@ -36,6 +37,7 @@ def _write_samples(path: Path, model_dir: Path, problems: int = 12, k: int = 4, 
                     "response": text, "response_token_ids": ids, "response_tokens": len(ids),
                     "finish_reason": "stop", "extracted_answer": "1" if correct else "2", "correct": correct,
                     "answer": "1"}) + "\n")
+    write_samples_meta(path, tok, model=model_dir, k=k)
     return path
 
 

@@ -173,6 +173,8 @@ def fused_linear_logprobs(
     temperature = check_temperature(temperature)
     if hidden.shape[-1] != weight.shape[-1] or weight.dim() != 2:
         raise ValueError(f"hidden [..., D] and weight [V, D] disagree: {tuple(hidden.shape)} vs {tuple(weight.shape)}")
+    if weight.shape[0] == 0:
+        raise ValueError("weight has V = 0 rows: log-probs need a vocabulary of at least one token")
     check_labels(labels, hidden.shape[:-1], "hidden.shape[:-1]")
     if not (hidden.is_floating_point() and weight.is_floating_point()):
         raise TypeError("hidden and weight must be floating point")

@@ -174,7 +174,8 @@ def clipped_ratio_loss(
     logps, old_logps, mask [B, T]; advantages [B]. level="sequence": r_b = exp(masked mean of
     logps - old_logps) (the paper's); level="token": r_bt = exp(logps - old_logps). Units with no
     valid token contribute 0 and get zero gradient; an all-masked batch gives loss 0, never NaN.
-    `normalizer` replaces the local count of valid units as the denominator of the summed terms.
+    `normalizer` replaces the local count of valid units as the denominator of the summed terms
+    (a number must be > 0: ValueError otherwise).
     """
     if level not in ("sequence", "token"):
         raise ValueError(f"level must be 'sequence' or 'token', got {level!r}")
@@ -184,6 +185,9 @@ def clipped_ratio_loss(
         raise ValueError(f"advantages must be [B] = [{logps.shape[0]}], got {tuple(advantages.shape)}")
     if not (0.0 <= eps_low < 1.0 and eps_high >= 0.0):
         raise ValueError(f"need 0 <= eps_low < 1 and eps_high >= 0, got {eps_low}, {eps_high}")
+    if normalizer is not None and not isinstance(normalizer, torch.Tensor) and not 0 < normalizer < float("inf"):
+        # a tensor normalizer is not read back here: that would sync the device on every step
+        raise ValueError(f"normalizer must be a positive finite count of units, got {normalizer}")
     old_logps, advantages = old_logps.detach(), advantages.detach()
     if resolve_backend(backend, logps, old_logps, advantages, mask) == "torch":
         m = mask if mask.dtype == torch.bool else mask != 0
