@@ -21,9 +21,6 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-# `python bench/speed.py` puts bench/ first on sys.path, where bench/kernels.py would shadow Hugging
-# Face's `kernels` package that transformers probes for (ImportError: CUDAProperties): drop it.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
 sys.path.insert(0, str(ROOT))
 
 MODES = {"greedy": dict(n=1, temperature=0.0, top_p=1.0), "sampled": dict(temperature=0.6, top_p=0.95)}
