@@ -7,7 +7,6 @@ One entry point, one loop that reads top to bottom. The same code runs as a sing
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 import warnings
@@ -20,15 +19,16 @@ if __package__ in (None, ""):  # `python pruner/train.py` / torchrun: make the p
 import torch
 
 from pruner import distributed
-from pruner.batching import check_batch_sizes, collate, plan_epoch
+from pruner.batching import check_batch_sizes, plan_epoch
 from pruner.checkpoint import export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
 from pruner.cli import parse_config
-from pruner.distributed import all_reduce_sum, print0
-from pruner.losses import LOSSES, compute_loss, count_units, normalizer_units
+from pruner.distributed import print0
+from pruner.losses import LOSSES
 from pruner.metrics import MetricsLogger, peak_memory_gib, plot_metrics
 from pruner.modeling import prepare_model
 from pruner.onpolicy import resample
-from pruner.reflogps import attach_response_offsets, reference_logprobs
+from pruner.reflogps import reference_logprobs
+from pruner.step import LossSpec, StepResult, train_step
 from pruner.trainer_setup import check_inputs, cosine_with_warmup, load_training_data, resolve_defaults
 
 
@@ -107,7 +107,7 @@ def train(cfg: TrainConfig) -> Path | None:
         print0(f"resumed from {ckpt} at step {step}")
     logger = MetricsLogger(out / "metrics.jsonl", enabled=d.is_main, total_steps=total_steps, start_step=step,
                            tensorboard=cfg.tensorboard)
-    units = normalizer_units(cfg.loss, cfg.ratio_level)
+    spec = LossSpec.from_config(cfg)
     bad_steps, t_start = 0, time.perf_counter()
     plan, plan_key, data_round = [], None, 0
 
@@ -124,37 +124,14 @@ def train(cfg: TrainConfig) -> Path | None:
             plan = plan_epoch(_lengths(data), epoch=epoch + 1000 * round_index, pairs=data.get("pairs"), **plan_args)
             plan_key = (round_index, epoch)
         t_step = time.perf_counter()
-        global_step = plan[in_epoch]
-        step_indices = [i for r in global_step for m in r for i in m]
-        # The loss is a sum over the step's units divided by their count over ALL ranks and
-        # micro-batches; every rank knows the plan, so no collective is needed for it.
-        normalizer = count_units(units, data["response_lengths"][step_indices].tolist())
-        totals = torch.zeros(4, dtype=torch.float64)  # loss, tokens, sequences, non-finite flag
-        stat_sums: dict[str, float] = {}
-        for indices in global_step[d.rank]:
-            batch = collate(data, indices, pad_id=pad_id, ref_flat=old_flat).to(d.device)
-            logps = policy(batch.input_ids, batch.attention_mask, batch.labels)
-            chosen = data["chosen"][indices].to(d.device) if "chosen" in data else None
-            loss, stats = compute_loss(cfg.loss, logps, batch.old_logps, batch.mask,
-                                       data["advantages"][indices].to(d.device), normalizer,
-                                       ratio_level=cfg.ratio_level, eps_low=cfg.eps_low, eps_high=cfg.eps_high,
-                                       dpo_beta=cfg.dpo_beta, chosen=chosen)
-            # FSDP averages gradients over ranks; the loss is already a global mean, so undo that.
-            (loss * d.world_size).backward()
-            totals += torch.tensor([loss.item(), batch.attention_mask.sum().item(), len(indices), 0.0],
-                                   dtype=torch.float64)
-            for k, v in stats.items():
-                stat_sums[k] = stat_sums.get(k, 0.0) + float(v) / len(global_step[d.rank])
-        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        totals[3] = 0.0 if math.isfinite(totals[0].item()) and torch.isfinite(grad_norm).item() else 1.0
-        all_reduce_sum(totals)
+        result = train_step(policy, optimizer, data, plan[in_epoch], spec=spec, d=d, pad_id=pad_id,
+                            old_flat=old_flat, max_grad_norm=cfg.max_grad_norm)
         step += 1
-        if totals[3] > 0:  # some rank saw NaN/inf: nobody updates, so the ranks stay identical
-            optimizer.zero_grad(set_to_none=True)
-            with warnings.catch_warnings():  # the schedule follows the step count, updates or not
-                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler")
-                scheduler.step()
+        lr = scheduler.get_last_lr()[0]
+        with warnings.catch_warnings():  # the schedule follows the step count, updates or not
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler")
+            scheduler.step()
+        if not result.finite:  # some rank saw NaN/inf: nobody updated, so the ranks stay identical
             bad_steps += 1
             logger.write(f"step {step}: non-finite loss or gradient norm; update skipped ({bad_steps} in a row)")
             if bad_steps >= cfg.max_bad_steps:
@@ -162,20 +139,8 @@ def train(cfg: TrainConfig) -> Path | None:
                                          f"step {step} (lower --lr, check the data)")
             continue
         bad_steps = 0
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-
-        stats_vec = all_reduce_sum(torch.tensor([stat_sums[k] for k in sorted(stat_sums)], dtype=torch.float64))
-        elapsed = time.perf_counter() - t_step
-        row = {"step": step, "round": round_index, "epoch": epoch, "loss": totals[0].item(), "lr": lr,
-               "grad_norm": grad_norm.item(), "mean_advantage": data["advantages"][step_indices].mean().item(),
-               "mean_response_tokens": float(data["response_lengths"][step_indices].float().mean()),
-               "tokens_per_s": totals[1].item() / elapsed, "step_time_s": elapsed,
-               "peak_memory_gib": peak_memory_gib(d.device)}
-        row.update({k: v / d.world_size for k, v in zip(sorted(stat_sums), stats_vec.tolist())})
-        logger.log(row)
+        logger.log(_step_row(result, data, plan[in_epoch], step=step, round_index=round_index, epoch=epoch, lr=lr,
+                             elapsed=time.perf_counter() - t_step, device=d.device))
 
         if step % cfg.ckpt_every == 0 or step == total_steps or step == cfg.stop_after:
             save_checkpoint(out / "checkpoints", step, policy, optimizer, scheduler, {"round": round_index}, d,
@@ -197,6 +162,17 @@ def train(cfg: TrainConfig) -> Path | None:
         plot_metrics(out / "metrics.jsonl", out / "metrics.png")
     distributed.shutdown()
     return exported
+
+
+def _step_row(result: StepResult, data: dict, step_plan: list, *, step: int, round_index: int, epoch: int,
+              lr: float, elapsed: float, device: torch.device) -> dict:
+    """The metrics.jsonl row of one step (host values only: the step already synced once)."""
+    indices = [i for rank in step_plan for micro in rank for i in micro]
+    return {"step": step, "round": round_index, "epoch": epoch, "loss": result.loss, "lr": lr,
+            "grad_norm": result.grad_norm, "mean_advantage": data["advantages"][indices].mean().item(),
+            "mean_response_tokens": float(data["response_lengths"][indices].float().mean()),
+            "tokens_per_s": result.tokens / elapsed, "step_time_s": elapsed,
+            "peak_memory_gib": peak_memory_gib(device), **result.stats}
 
 
 def _lengths(data: dict) -> list[int]:
