@@ -27,6 +27,7 @@ from pruner.losses import LOSSES
 from pruner.metrics import MetricsLogger, peak_memory_gib, plot_metrics
 from pruner.modeling import prepare_model
 from pruner.onpolicy import resample
+from pruner.plan import check_memory_plan
 from pruner.reflogps import reference_logprobs
 from pruner.step import LossSpec, StepResult, train_step
 from pruner.trainer_setup import check_inputs, cosine_with_warmup, load_training_data, resolve_defaults
@@ -65,6 +66,7 @@ class TrainConfig:
     resume: bool = field(default=False, metadata={"help": "continue from the latest checkpoint in --out"})
     stop_after: int = field(default=0, metadata={"help": "exit after this many steps, as a preempted run would (after its checkpoint)"})
     max_bad_steps: int = field(default=3, metadata={"help": "stop when this many steps in a row have a NaN/inf loss or gradient"})
+    plan_check: bool = field(default=True, metadata={"help": "estimate per-rank memory before loading weights (python -m pruner.plan) and refuse, on CUDA, a run that will not fit; --no-plan-check runs it anyway"})
     export: bool = field(default=True, metadata={"help": "export the final model as a Hugging Face folder <out>/export"})
     tensorboard: bool = field(default=False, metadata={"help": "also write TensorBoard scalars"})
     rounds: int = field(default=1, metadata={"help": "on-policy rounds: > 1 re-samples from the current model between rounds"})
@@ -86,6 +88,7 @@ def train(cfg: TrainConfig) -> Path | None:
     print0(f"o1-pruner: {d.world_size} process(es) on {d.device}, loss={cfg.loss}, ratio={cfg.ratio_level}, "
            f"lr={cfg.lr:g}, global batch {cfg.global_batch_size} = {cfg.micro_batch_size} x {d.world_size} x {accum}")
 
+    check_memory_plan(cfg, d, data)                    # before any weight is read: will it fit?
     policy = prepare_model(cfg.model, d, temperature=cfg.temperature, liger=cfg.liger,
                            activation_checkpointing=cfg.activation_checkpointing,
                            mixed_precision=cfg.mixed_precision, meta_init=cfg.meta_init)
