@@ -13,7 +13,8 @@ Per rank (bytes), with e = bytes of the compute dtype (2 under the bf16 MixedPre
   params     4 x local shard (fp32 master weights, FSDP2 pads dim 0 to ceil(rows / world))
   grads      4 x local shard (fp32 sharded gradients)
   optimizer  8 x local shard (AdamW exp_avg + exp_avg_sq, fp32)
-  fsdp_unsharded  e x (root group: embedding + head + final norm, held for the whole step)
+  fsdp_unsharded  (e + 4) x root group (embedding + head + final norm: its compute copy, held for
+             the whole step, and its unsharded fp32 gradient until the root's reduce-scatter)
              + 2 e x largest block (the all-gathered block and the prefetched next one)
              + 4 x largest block (its unsharded fp32 gradient before the reduce-scatter)
   activations  per token: L x layer + outside-layers + backward transients, where, measured with
@@ -23,7 +24,7 @@ Per rank (bytes), with e = bytes of the compute dtype (2 under the bf16 MixedPre
                outside layers = (e + 4) h + 2 e head_dim (embedding, final norm, rotary cos/sin)
                backward       = e (4h + 2i), plus one recomputed layer under checkpointing
   head_workspace  the fused log-prob head: on CUDA (Triton) a dz chunk of <= 1 GiB, d_hidden
-             N x h x e and an fp32 d_weight (x2 when chunked); on the CPU (PyTorch chunks) 3 x 32 MiB
+             N x h x e and an fp32 d_weight (x2 when chunked); on the CPU (PyTorch chunks) 3 x <= 32 MiB
              logits chunks, fp32 weight and d_weight copies and an fp32 d_hidden. It replaces the
              N x V fp32 logits (`logits_avoided`) that log_softmax + gather would hold.
 """
@@ -146,7 +147,8 @@ def head_workspace_bytes(config, tokens: int, *, elem: int, device: str) -> int:
         dw = 4 * vocab * h * (2 if tokens > chunk else 0)  # fp32 accumulator + one fp32 partial product
         return chunk * vocab * elem + tokens * h * elem + dw + per_token_out
     weight_copies = 4 * vocab * h * (2 if elem != 4 else 1)  # fp32 weight (a copy below fp32) + fp32 d_weight
-    return 3 * CPU_CHUNK_BYTES + weight_copies + 4 * tokens * h + per_token_out
+    chunk_rows = max(1, min(tokens, CPU_CHUNK_BYTES // (4 * vocab)))  # fused_linear._chunk_rows
+    return 3 * 4 * chunk_rows * vocab + weight_copies + 4 * tokens * h + per_token_out
 
 
 @dataclass
@@ -175,7 +177,9 @@ def estimate(config, *, gpus: int, gpu_memory_gib: float, micro_batch_tokens: in
     block = max((sum(math.prod(s) for s in b) for b in layout.block_shapes), default=0)
     per_rank = {
         "params": 4 * local, "grads": 4 * local, "optimizer": 8 * local,
-        "fsdp_unsharded": elem * root + (2 * elem + 4) * block,
+        # root group (embedding, head, final norm): its compute copy for the whole step and its
+        # unsharded fp32 gradient from the head's backward until the root's reduce-scatter.
+        "fsdp_unsharded": (elem + 4) * root + (2 * elem + 4) * block,
         "activations": activation_bytes(config, micro_batch_tokens, elem=elem, checkpointing=activation_checkpointing),
         "head_workspace": head_workspace_bytes(config, micro_batch_tokens, elem=elem, device=device),
     }
