@@ -198,8 +198,13 @@ def suggest(config, plan: MemoryPlan, layout: ShardLayout) -> list[str]:
     args = dict(gpus=plan.gpus, micro_batch_tokens=plan.micro_batch_tokens,
                 activation_checkpointing=plan.activation_checkpointing)
     found = []
-    if not plan.activation_checkpointing and estimate(config, **{**args, "activation_checkpointing": True}, **base).fits:
-        found.append("add --activation-checkpointing")
+    if not plan.activation_checkpointing:
+        with_ckpt = estimate(config, **{**args, "activation_checkpointing": True}, **base)
+        if with_ckpt.fits:
+            found.append("add --activation-checkpointing")
+        else:  # checkpointing is nearly free of memory cost to try first: what it still needs
+            found += [f"add --activation-checkpointing and {s}" for s in suggest(config, with_ckpt, layout)
+                      if not s.startswith("no single")]
     tokens = plan.micro_batch_tokens // 2
     while tokens >= 256 and not estimate(config, **{**args, "micro_batch_tokens": tokens}, **base).fits:
         tokens //= 2

@@ -130,18 +130,10 @@ def train(cfg: TrainConfig) -> Path | None:
         result = train_step(policy, optimizer, data, plan[in_epoch], spec=spec, d=d, pad_id=pad_id,
                             old_flat=old_flat, max_grad_norm=cfg.max_grad_norm)
         step += 1
-        lr = scheduler.get_last_lr()[0]
-        with warnings.catch_warnings():  # the schedule follows the step count, updates or not
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler")
-            scheduler.step()
-        if not result.finite:  # some rank saw NaN/inf: nobody updated, so the ranks stay identical
-            bad_steps += 1
-            logger.write(f"step {step}: non-finite loss or gradient norm; update skipped ({bad_steps} in a row)")
-            if bad_steps >= cfg.max_bad_steps:
-                raise FloatingPointError(f"{bad_steps} steps in a row with NaN/inf loss or gradients; stopping at "
-                                         f"step {step} (lower --lr, check the data)")
+        lr = _advance_schedule(scheduler)
+        bad_steps = _count_bad_steps(result, bad_steps, step, cfg.max_bad_steps, logger)
+        if not result.finite:  # nobody updated, so the ranks stay identical; nothing to log or save
             continue
-        bad_steps = 0
         logger.log(_step_row(result, data, plan[in_epoch], step=step, round_index=round_index, epoch=epoch, lr=lr,
                              elapsed=time.perf_counter() - t_step, device=d.device))
 
@@ -155,8 +147,33 @@ def train(cfg: TrainConfig) -> Path | None:
             return None
 
     logger.close()
-    wall = time.perf_counter() - t_start
-    print0(f"trained {total_steps} steps in {wall:.1f}s")
+    print0(f"trained {total_steps} steps in {time.perf_counter() - t_start:.1f}s")
+    return _finish(policy, cfg, out, d)
+
+
+def _advance_schedule(scheduler: torch.optim.lr_scheduler.LRScheduler) -> float:
+    """Step the schedule (it follows the step count, updates or not); returns the step's learning rate."""
+    lr = scheduler.get_last_lr()[0]
+    with warnings.catch_warnings():  # a skipped update is deliberate, not the misuse torch warns about
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler")
+        scheduler.step()
+    return lr
+
+
+def _count_bad_steps(result: StepResult, bad_steps: int, step: int, max_bad_steps: int, logger: MetricsLogger) -> int:
+    """Steps in a row with a NaN/inf loss or gradient norm (on any rank); too many stops the run."""
+    if result.finite:
+        return 0
+    bad_steps += 1
+    logger.write(f"step {step}: non-finite loss or gradient norm; update skipped ({bad_steps} in a row)")
+    if bad_steps >= max_bad_steps:
+        raise FloatingPointError(f"{bad_steps} steps in a row with NaN/inf loss or gradients; stopping at "
+                                 f"step {step} (lower --lr, check the data)")
+    return bad_steps
+
+
+def _finish(policy: torch.nn.Module, cfg: TrainConfig, out: Path, d) -> Path | None:
+    """Export the final policy, draw the curves, leave the process group."""
     exported = None
     if cfg.export:
         exported = export_hf(policy, out / "export", cfg.model, d)
