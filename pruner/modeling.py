@@ -47,7 +47,7 @@ class TokenLogprobs(nn.Module):
         return logps.clone() if logps._base is not None else logps
 
 
-LIGER_MODEL_TYPES = ("qwen2", "llama")  # the architectures of the presets (pruner/plan.py)
+LIGER_MODEL_TYPES = ("qwen2", "llama")  # the architectures of the presets (pruner/presets.py)
 _LIGER_KERNELS = {"rope": "apply_rotary_pos_emb", "rms_norm": "{Prefix}RMSNorm", "swiglu": "{Prefix}MLP"}
 
 
