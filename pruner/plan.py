@@ -233,7 +233,8 @@ def format_table(plan: MemoryPlan) -> str:
     labels = {"params": "params (fp32 shard)", "grads": "grads (fp32 shard)", "optimizer": "optimizer (AdamW fp32)",
               "fsdp_unsharded": "FSDP unsharded buffers", "activations": "activations",
               "head_workspace": "fused head workspace", "total": "total"}
-    lines = [f"memory plan: {plan.name} ({plan.param_count / 1e9:.2f} B params) on {plan.gpus} x "
+    count = f"{plan.param_count / 1e9:.2f} B" if plan.param_count >= 1e8 else f"{plan.param_count / 1e6:.2f} M"
+    lines = [f"memory plan: {plan.name} ({count} params) on {plan.gpus} x "
              f"{plan.gpu_memory_gib:g} GiB, {plan.micro_batch_tokens} tokens per micro-batch, {plan.compute_dtype} "
              f"compute, activation checkpointing {'on' if plan.activation_checkpointing else 'off'}",
              "", "| per rank | GiB |", "|---|---:|"]
@@ -254,7 +255,7 @@ def refuse_if_too_big(plan: MemoryPlan, device_type: str, enforce: bool) -> None
     if plan.fits or device_type != "cuda" or not enforce:
         return
     raise MemoryError(f"this run needs about {plan.per_rank['total'] / GIB:.1f} GiB per GPU, more than the "
-                      f"{plan.gpu_memory_gib:.1f} GiB each has ({plan.param_count / 1e9:.2f} B params on {plan.gpus} "
+                      f"{plan.gpu_memory_gib:.1f} GiB each has ({plan.param_count / 1e9:.3f} B params on {plan.gpus} "
                       f"GPU(s), {plan.micro_batch_tokens} tokens per micro-batch). To fit: "
                       + "; or ".join(plan.suggestions) + ". (--no-plan-check runs it anyway.)")
 

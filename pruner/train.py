@@ -99,9 +99,7 @@ def train(cfg: TrainConfig) -> Path | None:
     plan_args = dict(global_batch=cfg.global_batch_size, micro_batch=cfg.micro_batch_size,
                      world_size=d.world_size, seed=cfg.seed)
     steps_per_round = _steps_per_epoch(data, plan_args) * cfg.epochs
-    total_steps = steps_per_round * cfg.rounds
-    if cfg.max_steps:
-        total_steps = min(total_steps, cfg.max_steps)
+    total_steps = min(steps_per_round * cfg.rounds, cfg.max_steps or steps_per_round * cfg.rounds)
     scheduler = cosine_with_warmup(optimizer, total_steps, cfg.warmup_ratio, cfg.min_lr_ratio)
 
     step = 0
@@ -140,15 +138,12 @@ def train(cfg: TrainConfig) -> Path | None:
         if step % cfg.ckpt_every == 0 or step == total_steps or step == cfg.stop_after:
             save_checkpoint(out / "checkpoints", step, policy, optimizer, scheduler, {"round": round_index}, d,
                             keep=cfg.keep_checkpoints)
-        if cfg.stop_after and cfg.stop_after <= step < total_steps:
+        if cfg.stop_after and cfg.stop_after <= step < total_steps:  # a preempted run, as asked
             print0(f"stopping after step {step} as asked (--stop-after); --resume continues")
-            logger.close()
-            distributed.shutdown()
-            return None
+            return _finish(policy, cfg, out, d, logger, final=False)
 
-    logger.close()
     print0(f"trained {total_steps} steps in {time.perf_counter() - t_start:.1f}s")
-    return _finish(policy, cfg, out, d)
+    return _finish(policy, cfg, out, d, logger, final=True)
 
 
 def _advance_schedule(scheduler: torch.optim.lr_scheduler.LRScheduler) -> float:
@@ -172,8 +167,13 @@ def _count_bad_steps(result: StepResult, bad_steps: int, step: int, max_bad_step
     return bad_steps
 
 
-def _finish(policy: torch.nn.Module, cfg: TrainConfig, out: Path, d) -> Path | None:
-    """Export the final policy, draw the curves, leave the process group."""
+def _finish(policy: torch.nn.Module, cfg: TrainConfig, out: Path, d, logger: MetricsLogger, *,
+            final: bool) -> Path | None:
+    """Close the metrics; after the last step export the policy and draw the curves; leave the group."""
+    logger.close()
+    if not final:  # stopped early on purpose (--stop-after): --resume continues, nothing to publish
+        distributed.shutdown()
+        return None
     exported = None
     if cfg.export:
         exported = export_hf(policy, out / "export", cfg.model, d)
