@@ -36,11 +36,13 @@ if [ "$DRY" = 1 ]; then
   STEP_ARGS=(--preset cpu-small --batch 2 --seq 128 --steps 1 --warmup 1)
   TEST_FILTER=(-k "not memory")
   FIXTURE_ARGS=(--arch cpu-small --response-tokens 48 --problems 2 --k 4)
+  TRAIN_DEVICE=(--device cpu)  # --dry on a GPU machine too: the interpreter is on, so stay on the CPU
 else
   KERNEL_ARGS=(--n 4096,8192,16384 --d 3584 --v 152064 --reps 10 --warmup 3 --dtype bfloat16)
   STEP_ARGS=(--preset qwen2.5-1.5b --batch 1 --seq 4096 --steps 3 --warmup 2 --activation-checkpointing)
   TEST_FILTER=()
   FIXTURE_ARGS=(--arch qwen2.5-1.5b --response-tokens 4096 --problems 2 --k 4)
+  TRAIN_DEVICE=(--device cuda)
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu_info.csv" 2>/dev/null || true
 $PY -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee "$OUT/versions.txt"
@@ -66,8 +68,8 @@ TR="$OUT/trainer"
 rm -rf "$TR"
 TRAIN=(-m torch.distributed.run --standalone --nproc_per_node 1 pruner/train.py --model "$TR/fixture/model"
        --data "$TR/fixture/trainset" --global-batch-size 2 --micro-batch-size 1 --lr 1e-6 --warmup-ratio 0
-       --max-steps 3 --ckpt-every 100 --keep-checkpoints 1)
-run_step trainer_fixture 40 $PY bench/trainer_fixture.py "${FIXTURE_ARGS[@]}" --out "$TR/fixture"
+       --max-steps 3 --ckpt-every 100 --keep-checkpoints 1 "${TRAIN_DEVICE[@]}")
+run_step trainer_fixture 40 $PY bench/trainer_fixture.py "${FIXTURE_ARGS[@]}" --device "${TRAIN_DEVICE[1]}" --out "$TR/fixture"
 run_step trainer_run 75 $PY "${TRAIN[@]}" --out "$TR/run" --stop-after 2 --no-export
 run_step trainer_resume 50 $PY "${TRAIN[@]}" --out "$TR/run" --resume
 run_step trainer_export_loads 25 $PY -c "import sys, torch; from transformers import AutoModelForCausalLM

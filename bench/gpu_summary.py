@@ -40,7 +40,7 @@ def trainer_runs(results: Path) -> dict[str, dict]:
     """The real trainer's runs (bench/gpu_check.sh stage 4): peak memory, tokens/s, plan vs measured."""
     runs = {}
     status = (results / "gpu_check_status.txt").read_text() if (results / "gpu_check_status.txt").exists() else ""
-    for name, label in (("run", "trainer (bf16, fused head)"), ("ac", "trainer --activation-checkpointing")):
+    for name, label in (("run", "trainer (fused head; bf16 on a GPU)"), ("ac", "trainer --activation-checkpointing")):
         folder = results / "trainer" / name
         metrics = folder / "metrics.jsonl"
         if not metrics.exists():
