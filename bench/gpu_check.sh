@@ -4,7 +4,13 @@
 #   2. bench/kernel_ops.py at D=3584, V=152064, N=4k/8k/16k against eager, torch.compile, Liger, CCE,
 #   3. training steps of a Qwen2.5-1.5B-shaped model (random init, 4k-token sequences) under FSDP2
 #      on 1 GPU, against the paper code's recipe (second reference model, full fp32 logits),
-#   4. the summary table, printed last.
+#   4. the REAL trainer, `torchrun --nproc_per_node 1 pruner/train.py` (NCCL on a GPU), on a
+#      Qwen2.5-1.5B-shaped random-weight model with 4k-token responses (bench/trainer_fixture.py):
+#      reference log-probs once, bf16 MixedPrecisionPolicy, Liger patched, fused head, a DCP
+#      checkpoint, --resume, the HF export loaded back by transformers; then the same at
+#      --activation-checkpointing. Peak memory, tokens/s and the memory planner's estimate go to the summary,
+#   5. the summary table, printed last.
+# Nothing from this project is installed there: it runs from the tree (PYTHONPATH below), without vLLM.
 # Results go to $OUT (default bench/results/). Liger-Kernel and Cut Cross-Entropy travel as wheels in
 # bench/wheels/ (no network there). Without a GPU (or with --dry) the same steps run on the CPU at
 # small shapes, with the Triton interpreter, so the script is known to work before GPU time is spent.
@@ -14,6 +20,7 @@ OUT="${OUT:-bench/results}"
 mkdir -p "$OUT"
 PY="${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}"
 DRY=0
+LIMIT_SCALE=1  # the stage limits below add up to 475 s on a GPU (<= 8 minutes with set-up)
 [ "${1:-}" = "--dry" ] && DRY=1
 $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" || DRY=1
 
@@ -24,19 +31,24 @@ export PYTHONPATH="$PWD:$PWD/kernels:$SITE${PYTHONPATH:+:$PYTHONPATH}"
 if [ "$DRY" = 1 ]; then
   export TRITON_INTERPRET=1
   echo "== dry mode: CPU, small shapes, Triton interpreter =="
+  LIMIT_SCALE=8  # the interpreter and a 2-core CPU are far slower than the GPU the limits are set for
   KERNEL_ARGS=(--n 256 --d 64 --v 1000 --reps 2 --warmup 1 --dtype float32)
   STEP_ARGS=(--preset cpu-small --batch 2 --seq 128 --steps 1 --warmup 1)
   TEST_FILTER=(-k "not memory")
+  FIXTURE_ARGS=(--arch cpu-small --response-tokens 48 --problems 2 --k 4)
+  TRAIN_DEVICE=(--device cpu)  # --dry on a GPU machine too: the interpreter is on, so stay on the CPU
 else
   KERNEL_ARGS=(--n 4096,8192,16384 --d 3584 --v 152064 --reps 10 --warmup 3 --dtype bfloat16)
   STEP_ARGS=(--preset qwen2.5-1.5b --batch 1 --seq 4096 --steps 3 --warmup 2 --activation-checkpointing)
   TEST_FILTER=()
+  FIXTURE_ARGS=(--arch qwen2.5-1.5b --response-tokens 4096 --problems 2 --k 4)
+  TRAIN_DEVICE=(--device cuda)
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu_info.csv" 2>/dev/null || true
 $PY -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee "$OUT/versions.txt"
 
 run_step() {  # name, time limit (s), command...
-  local name="$1" limit="$2"; shift 2
+  local name="$1" limit=$(( $2 * LIMIT_SCALE )); shift 2
   echo "== $name =="
   local start=$SECONDS
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
@@ -45,9 +57,25 @@ run_step() {  # name, time limit (s), command...
   tail -n 15 "$OUT/$name.log"
 }
 : > "$OUT/gpu_check_status.txt"
-run_step kernel_tests 150 $PY -m pytest -q -p no:cacheprovider tests/test_kernels_*.py "${TEST_FILTER[@]}" \
+run_step kernel_tests 90 $PY -m pytest -q -p no:cacheprovider tests/test_kernels_*.py "${TEST_FILTER[@]}" \
   --junitxml "$OUT/kernel_tests.xml"
-run_step kernel_bench 200 $PY bench/kernel_ops.py --ops fused_linear,logprobs,ratio_loss "${KERNEL_ARGS[@]}" \
+run_step kernel_bench 100 $PY bench/kernel_ops.py --ops fused_linear,logprobs,ratio_loss "${KERNEL_ARGS[@]}" \
   --out "$OUT/kernels.csv"
-run_step train_step 150 $PY bench/train_step.py --torchrun "${STEP_ARGS[@]}" --out "$OUT"
+run_step train_step 50 $PY bench/train_step.py --torchrun "${STEP_ARGS[@]}" --out "$OUT"
+
+# The trainer as users run it. 8 samples, 2 per step, 3 steps: stop after 2 (DCP checkpoint), resume, export.
+TR="$OUT/trainer"
+rm -rf "$TR"
+TRAIN=(-m torch.distributed.run --standalone --nproc_per_node 1 pruner/train.py --model "$TR/fixture/model"
+       --data "$TR/fixture/trainset" --global-batch-size 2 --micro-batch-size 1 --lr 1e-6 --warmup-ratio 0
+       --max-steps 3 --ckpt-every 100 --keep-checkpoints 1 "${TRAIN_DEVICE[@]}")
+run_step trainer_fixture 40 $PY bench/trainer_fixture.py "${FIXTURE_ARGS[@]}" --device "${TRAIN_DEVICE[1]}" --out "$TR/fixture"
+run_step trainer_run 75 $PY "${TRAIN[@]}" --out "$TR/run" --stop-after 2 --no-export
+run_step trainer_resume 50 $PY "${TRAIN[@]}" --out "$TR/run" --resume
+run_step trainer_export_loads 25 $PY -c "import sys, torch; from transformers import AutoModelForCausalLM
+m = AutoModelForCausalLM.from_pretrained(sys.argv[1]); out = m(torch.tensor([[1, 2, 3]])).logits
+assert torch.isfinite(out).all(); print('export loads:', type(m).__name__, sum(p.numel() for p in m.parameters()))" "$TR/run/export"
+rm -rf "$TR/run/checkpoints"  # ~18 GB at 1.5B (params + AdamW states): free the disk for the next run
+run_step trainer_ac 45 $PY "${TRAIN[@]}" --out "$TR/ac" --activation-checkpointing --no-export
+rm -rf "$TR/ac/checkpoints"
 $PY bench/gpu_summary.py --results "$OUT"

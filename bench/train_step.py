@@ -1,7 +1,8 @@
 """One training step of this trainer against the paper code's recipe, at the same batch.
 
-ours : one model; reference log-probs precomputed once (DESIGN §1.4); token log-probs from the
-       fused kernel (no [N, V] logits); the fused clipped-ratio loss.
+ours : the trainer's own step (pruner.step.train_step, as pruner/train.py calls it) on the trainer's
+       FSDP2 policy: one model; reference log-probs precomputed once (DESIGN §1.4); token log-probs
+       from the fused kernel (no [N, V] logits); the fused clipped-ratio loss.
 paper: the policy AND a second reference model forwarded every step; full fp32 logits,
        log_softmax + gather; the same loss in plain PyTorch.
 
@@ -23,39 +24,41 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+# `python bench/train_step.py` puts bench/ first on sys.path, where bench/kernels.py would shadow
+# Hugging Face's `kernels` package that transformers imports: the project root replaces it.
+sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
 
 import torch  # noqa: E402
 
-PRESETS = {  # architectures of real models, built with random weights (nothing is downloaded)
-    "qwen2.5-1.5b": dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
-                         intermediate_size=8960, vocab_size=151936, tie_word_embeddings=True),
-    "qwen2.5-0.5b": dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
-                         intermediate_size=4864, vocab_size=151936, tie_word_embeddings=True),
-    "cpu-small": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                      intermediate_size=768, vocab_size=32000, tie_word_embeddings=False),
-}
+from pruner.presets import ARCHITECTURES  # noqa: E402
+
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
 
 def build_model(preset: str, device: torch.device):
-    from transformers import AutoModelForCausalLM, Qwen2Config
+    """A random-weight model of a real architecture (pruner/presets.py); nothing is downloaded."""
+    from transformers import AutoModelForCausalLM
 
-    config = Qwen2Config(**PRESETS[preset], max_position_embeddings=32768, rope_theta=1e6)
+    from pruner.presets import config_for
+
+    config = config_for(preset)
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
     with torch.device(device):
         return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
 
-def make_batch(vocab: int, batch: int, seq: int, device: torch.device):
+def make_data(vocab: int, sequences: int, seq: int) -> dict:
+    """An in-memory training set in pruner/dataset.py's tensor layout: a quarter prompt, the rest response."""
+    from pruner.reflogps import attach_response_offsets
+
     g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, vocab, (batch, seq), generator=g)
-    labels = ids.roll(-1, dims=1)
-    labels[:, : seq // 4] = -100   # the prompt
-    labels[:, -1] = -100
-    adv = torch.randn(batch, generator=g)
-    return ids.to(device), labels.to(device), adv.to(device)
+    prompt = seq // 4
+    return attach_response_offsets({
+        "input_ids": torch.randint(0, vocab, (sequences * seq,), generator=g),
+        "offsets": torch.arange(sequences + 1) * seq,
+        "prompt_lengths": torch.full((sequences,), prompt), "response_lengths": torch.full((sequences,), seq - prompt),
+        "advantages": torch.randn(sequences, generator=g)})
 
 
 def _peak(device: torch.device) -> float:
@@ -64,82 +67,92 @@ def _peak(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def run_recipe(args) -> dict:
-    import o1pruner_kernels
-    from pruner import distributed
-    from pruner.modeling import TokenLogprobs
+def ours_step(args, d) -> tuple[callable, int]:
+    """The trainer's own step (pruner.step.train_step) on the trainer's own FSDP2 policy."""
+    from pruner.modeling import TokenLogprobs, shard_policy
+    from pruner.reflogps import compute_reference_logprobs
+    from pruner.step import LossSpec, train_step
 
-    d = distributed.init(args.device)
-    device = d.device
-    lm = build_model(args.preset, device)
+    lm = build_model(args.preset, d.device)
     n_params = sum(p.numel() for p in lm.parameters())
-    policy = TokenLogprobs(lm)
-    ref_lm = build_model(args.preset, device) if args.recipe == "paper" else None
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    if args.activation_checkpointing:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    policy = shard_policy(TokenLogprobs(lm), d, mixed_precision=True)
+    data = make_data(lm.config.vocab_size, args.batch * d.world_size, args.seq)
+    # Precomputed once before training (DESIGN §1.4), by the trainer's own function: not part of a step.
+    old = compute_reference_logprobs(policy, data, d, micro_batch=args.batch, pad_id=0, show_progress=False)
+    opt = torch.optim.AdamW(policy.parameters(), lr=1e-6)
+    step_plan = [[list(range(r * args.batch, (r + 1) * args.batch))] for r in range(d.world_size)]
+
+    def step() -> float:
+        return train_step(policy, opt, data, step_plan, spec=LossSpec("lh"), d=d, pad_id=0, old_flat=old,
+                          max_grad_norm=10.0).loss
+    return step, n_params
+
+
+def paper_step(args, d) -> tuple[callable, int]:
+    """The paper code's recipe: policy AND reference model forwarded every step, full fp32 logits."""
+    lm, ref_lm = build_model(args.preset, d.device), build_model(args.preset, d.device)
+    n_params = sum(p.numel() for p in lm.parameters())
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if d.device.type == "cuda" else torch.autocast("cpu", enabled=False)
     if d.enabled:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" else None
-        kw = {"mp_policy": mp} if mp else {}
-        # The root is what the recipe calls: our log-prob wrapper, or the HF models themselves.
-        for model, root in ((lm, policy if args.recipe == "ours" else lm), (ref_lm, ref_lm)):
-            if model is None:
-                continue
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if d.device.type == "cuda" else None
+        for model in (lm, ref_lm):
             for block in model.model.layers:
-                fully_shard(block, **kw)
-            fully_shard(root, **kw)
-        autocast = torch.autocast(device.type, enabled=False)
+                fully_shard(block, **({"mp_policy": mp} if mp else {}))
+            fully_shard(model, **({"mp_policy": mp} if mp else {}))
+        autocast = torch.autocast(d.device.type, enabled=False)
     if args.activation_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    opt = torch.optim.AdamW(policy.parameters(), lr=1e-6)
-    ids, labels, adv = make_batch(lm.config.vocab_size, args.batch, args.seq, device)
-    mask = labels != -100
-    attn = torch.ones_like(ids)
-    if args.recipe == "ours":
-        with torch.no_grad(), autocast:  # precomputed once before training, not part of a step
-            old = policy(ids, attn, labels).float()
+    opt = torch.optim.AdamW(lm.parameters(), lr=1e-6)
+    data = make_data(lm.config.vocab_size, args.batch, args.seq)
+    ids = data["input_ids"].view(args.batch, args.seq).to(d.device)
+    labels = ids.roll(-1, dims=1)
+    labels[:, : args.seq // 4 - 1] = -100   # the prompt
+    labels[:, -1] = -100
+    mask, attn, adv = labels != -100, torch.ones_like(ids), data["advantages"].to(d.device)
 
-    def paper_logps(model, grad: bool):
+    def logps_of(model, grad: bool):
         with torch.set_grad_enabled(grad), autocast:
             logits = model(input_ids=ids, attention_mask=attn).logits.float()
-        lp = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        return lp * mask
+        return torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
 
     def step() -> float:
-        if args.recipe == "ours":
-            with autocast:
-                logps = policy(ids, attn, labels)
-            loss, _ = o1pruner_kernels.clipped_ratio_loss(logps, old, adv, mask)
-        else:
-            ref = paper_logps(ref_lm, grad=False)
-            logps = paper_logps(lm, grad=True)
-            n = mask.sum(1).clamp(min=1)
-            ratio = torch.exp((logps - ref).sum(1) / n)
-            loss = torch.maximum(-adv * ratio, -adv * ratio.clamp(0.8, 1.2)).mean()
+        ref, logps = logps_of(ref_lm, grad=False), logps_of(lm, grad=True)
+        ratio = torch.exp((logps - ref).sum(1) / mask.sum(1).clamp(min=1))
+        loss = torch.maximum(-adv * ratio, -adv * ratio.clamp(0.8, 1.2)).mean()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(policy.parameters(), 10.0)
+        torch.nn.utils.clip_grad_norm_(lm.parameters(), 10.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         return float(loss.detach())
+    return step, n_params
 
+
+def run_recipe(args) -> dict:
+    from pruner import distributed
+
+    d = distributed.init(args.device)
+    step, n_params = (ours_step if args.recipe == "ours" else paper_step)(args, d)
     times = []
     for i in range(args.warmup + args.steps):
-        if device.type == "cuda":
+        if d.device.type == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
         step()
-        if device.type == "cuda":
+        if d.device.type == "cuda":
             torch.cuda.synchronize()
         if i >= args.warmup:
             times.append(time.perf_counter() - t)
     tokens = args.batch * args.seq
     median = statistics.median(times)
-    flops = 6 * n_params * tokens + (2 * n_params * tokens if args.recipe == "paper" else 0)
-    result = {"recipe": args.recipe, "preset": args.preset, "device": torch.cuda.get_device_name(device)
-              if device.type == "cuda" else platform.processor() or "cpu", "batch": args.batch, "seq": args.seq,
+    result = {"recipe": args.recipe, "preset": args.preset, "device": torch.cuda.get_device_name(d.device)
+              if d.device.type == "cuda" else platform.processor() or "cpu", "batch": args.batch, "seq": args.seq,
               "params": n_params, "step_time_s": median, "tokens_per_s": tokens / median,
-              "peak_memory_gib": _peak(device), "fsdp": d.enabled}
-    if device.type == "cuda":
+              "peak_memory_gib": _peak(d.device), "fsdp": d.enabled}
+    if d.device.type == "cuda":
         peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in result["device"]), None)
         useful = 6 * n_params * tokens / median / 1e12  # the model FLOPs a step must do, not the recipe's extra
         result["model_tflops"] = useful
@@ -150,7 +163,7 @@ def run_recipe(args) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="cpu-small", choices=sorted(PRESETS))
+    p.add_argument("--preset", default="cpu-small", choices=sorted(ARCHITECTURES))
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--steps", type=int, default=3)
@@ -169,7 +182,8 @@ def main() -> None:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"] \
             if args.torchrun else [sys.executable]
         cmd = launcher + [__file__, "--recipe", recipe] + [a for a in sys.argv[1:] if a != "--torchrun"]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(
+            [str(ROOT), str(ROOT / "kernels"), os.environ.get("PYTHONPATH", "")])})
         line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
         if proc.returncode or line is None:
             sys.exit(f"{recipe} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")

@@ -1,7 +1,13 @@
-"""Process-group set-up shared by every torchrun entry point: one code path for 1..N processes.
+"""Process-group set-up and the ONLY place that calls torch.distributed collectives.
 
 `python pruner/train.py` (no torchrun) runs as a world of one without a process group, so the
 same loop serves a laptop, `torchrun --nproc_per_node 2` on a CPU (gloo) and a GPU cluster (NCCL).
+
+Every collective goes through a helper here, because the backends disagree on where a tensor may
+live: NCCL takes only CUDA tensors ("No backend type associated with device type cpu"), gloo
+takes CPU tensors. A helper moves its input to the group's device, runs the collective there
+and hands back a NEW tensor on the caller's device and dtype, so no call site can get it wrong
+(tests/test_distributed.py scans the package for direct calls).
 """
 from __future__ import annotations
 
@@ -26,7 +32,11 @@ class Dist:
 
     @property
     def enabled(self) -> bool:
-        return dist.is_available() and dist.is_initialized()
+        return initialized()
+
+
+def initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
 
 
 def init(device: str = "auto") -> Dist:
@@ -37,7 +47,7 @@ def init(device: str = "auto") -> Dist:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
-        torch.cuda.set_device(local_rank)
+        torch.cuda.set_device(local_rank)  # before any CUDA work: NCCL binds a communicator per device
         dev = torch.device("cuda", local_rank)
     else:
         dev = torch.device(device)
@@ -49,36 +59,96 @@ def init(device: str = "auto") -> Dist:
     return Dist(rank=rank, local_rank=local_rank, world_size=world_size, device=dev)
 
 
-def shutdown() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+def device_for_backend(backend: str, tensor_device: torch.device | None = None) -> torch.device:
+    """Where a collective of `backend` needs its tensors: CUDA for NCCL, the CPU for gloo/fake.
+
+    A mixed backend ("cpu:gloo,cuda:nccl") takes either, so the tensor stays where it is.
+    """
+    names = backend.lower()
+    if "nccl" in names:
+        if "cpu:" in names and tensor_device is not None:
+            return tensor_device
+        index = torch.cuda.current_device() if torch.cuda.is_available() else 0
+        return torch.device("cuda", index)
+    return torch.device("cpu")
 
 
-def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+def group_device(tensor_device: torch.device | None = None) -> torch.device:
+    """The device the default process group's collectives run on."""
+    return device_for_backend(str(dist.get_backend()), tensor_device)
+
+
+def _on_group(tensor: torch.Tensor) -> torch.Tensor:
+    """A private copy of `tensor` on the group's device (never the caller's storage)."""
+    target = group_device(tensor.device)
+    if tensor.dtype == torch.bool:  # NCCL has no bool reductions; uint8 sums/maxes are the same here
+        return tensor.detach().to(target, torch.uint8, copy=True)
+    return tensor.detach().to(target, copy=True)
+
+
+def _back(result: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return result.to(like.device, like.dtype)
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """In-place sum over ranks; a no-op in a world of one."""
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor
+    """Sum over ranks, as a new tensor on the caller's device and dtype (a copy in a world of one)."""
+    if not initialized():
+        return tensor.clone()
+    work = _on_group(tensor)
+    dist.all_reduce(work, op=dist.ReduceOp.SUM)
+    return _back(work, tensor)
 
 
 def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return tensor
+    """Element-wise max over ranks, as a new tensor on the caller's device and dtype."""
+    if not initialized():
+        return tensor.clone()
+    work = _on_group(tensor)
+    dist.all_reduce(work, op=dist.ReduceOp.MAX)
+    return _back(work, tensor)
+
+
+def broadcast(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """Rank `src`'s values, as a new tensor on the caller's device and dtype."""
+    if not initialized():
+        return tensor.clone()
+    work = _on_group(tensor)
+    dist.broadcast(work, src=src)
+    return _back(work, tensor)
+
+
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> int:
+    """Overwrite every buffer of `module` with rank `src`'s (non-persistent buffers such as rotary
+    frequencies are not in the state dict that meta-device init broadcasts). Returns the count."""
+    count = 0
+    for buf in module.buffers():
+        buf.data.copy_(broadcast(buf.data, src=src))
+        count += 1
+    return count
 
 
 def broadcast_object(obj: object, src: int = 0) -> object:
-    if dist.is_available() and dist.is_initialized():
-        box = [obj]
-        dist.broadcast_object_list(box, src=src)
-        return box[0]
-    return obj
+    """A picklable object from rank `src` (NCCL moves it through the current CUDA device)."""
+    if not initialized():
+        return obj
+    box = [obj]
+    device = group_device()
+    dist.broadcast_object_list(box, src=src, device=device if device.type == "cuda" else None)
+    return box[0]
+
+
+def barrier() -> None:
+    if initialized():
+        if group_device().type == "cuda":  # without device_ids NCCL guesses a device and warns
+            dist.barrier(device_ids=[torch.cuda.current_device()])
+        else:
+            dist.barrier()
+
+
+def shutdown() -> None:
+    if initialized():
+        barrier()
+        dist.destroy_process_group()
 
 
 def print0(*args: object, **kwargs: object) -> None:

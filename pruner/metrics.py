@@ -70,8 +70,12 @@ class MetricsLogger:
 
 def plot_metrics(jsonl: Path, png: Path, keys: tuple[str, ...] = (
         "loss", "mean_advantage", "mean_ratio", "clip_fraction", "grad_norm", "lr",
-        "mean_response_tokens", "tokens_per_s")) -> Path:
-    import matplotlib
+        "mean_response_tokens", "tokens_per_s")) -> Path | None:
+    try:
+        import matplotlib
+    except ImportError:  # e.g. a bare GPU machine: the curves are optional, metrics.jsonl has the numbers
+        print(f"matplotlib not installed; no {png.name} (the numbers are in {jsonl})")
+        return None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

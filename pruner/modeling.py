@@ -15,7 +15,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 import o1pruner_kernels
-from pruner.distributed import Dist, print0
+from pruner.distributed import Dist, broadcast_buffers, print0
 
 
 class TokenLogprobs(nn.Module):
@@ -37,25 +37,53 @@ class TokenLogprobs(nn.Module):
         hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
         # Inside the root FSDP forward the head's weight is the unsharded tensor, and its gradient
         # flows back into FSDP's reduce-scatter like any other parameter's.
+        # Tied models (Qwen2.5-0.5B/1.5B) share this tensor with the embedding; FSDP2 manages it once.
+        # Under the bf16 MixedPrecisionPolicy both `hidden` and `weight` are bf16 here.
         weight = self.lm.get_output_embeddings().weight
-        return o1pruner_kernels.fused_linear_logprobs(hidden, weight, labels, temperature=self.temperature)
+        logps = o1pruner_kernels.fused_linear_logprobs(hidden, weight, labels, temperature=self.temperature)
+        # The kernel returns a view ([N] -> [B, T]); FSDP2 hooks the root's outputs for its
+        # pre-backward all-gather, and an in-place op on a view would silently drop that hook
+        # (FSDP2 warns "returned a view tensor"). A [B, T] fp32 copy is cheap; a lost hook is not.
+        return logps.clone() if logps._base is not None else logps
+
+
+LIGER_MODEL_TYPES = ("qwen2", "llama")  # the architectures of the presets (pruner/presets.py)
+_LIGER_KERNELS = {"rope": "apply_rotary_pos_emb", "rms_norm": "{Prefix}RMSNorm", "swiglu": "{Prefix}MLP"}
+
+
+def _patch_targets(model_type: str) -> dict[str, object]:
+    """What Liger replaces in transformers' modeling module of `model_type`, as it is now."""
+    import importlib
+
+    module = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+    prefix = {"qwen2": "Qwen2", "llama": "Llama"}[model_type]
+    return {kernel: getattr(module, attr.format(Prefix=prefix), None) for kernel, attr in _LIGER_KERNELS.items()}
 
 
 def apply_liger(model_type: str) -> str:
-    """Patch Liger-Kernel's RMSNorm/RoPE/SwiGLU into `model_type`'s classes; returns what happened."""
+    """Patch Liger-Kernel's RMSNorm/RoPE/SwiGLU into `model_type`'s classes; returns what happened.
+
+    Must run BEFORE the model is built: Liger swaps the classes in transformers' modeling module,
+    so only modules constructed afterwards get its kernels.
+    """
     try:
         from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
     except ImportError:
         return "liger-kernel not installed; body kernels are transformers' own"
     apply = MODEL_TYPE_TO_APPLY_LIGER_FN.get(model_type)
-    if apply is None:
-        return f"liger-kernel has no patch for model type {model_type!r}"
+    if apply is None or model_type not in LIGER_MODEL_TYPES:
+        return f"liger-kernel: no patch for model type {model_type!r} (patched types: {', '.join(LIGER_MODEL_TYPES)})"
     wanted = {"rope": True, "rms_norm": True, "swiglu": True,
               # The LM head and the loss are this project's fused kernels, not Liger's.
               "cross_entropy": False, "fused_linear_cross_entropy": False}
+    before = _patch_targets(model_type)
     accepted = inspect.signature(apply).parameters
     apply(**{k: v for k, v in wanted.items() if k in accepted})
-    return f"liger-kernel body kernels patched into {model_type}"
+    after = _patch_targets(model_type)
+    patched = [k for k in _LIGER_KERNELS if before[k] is not after[k]]
+    missing = [k for k in _LIGER_KERNELS if k not in patched]
+    return (f"liger-kernel patched {', '.join(patched) or 'nothing'} into {model_type}"
+            + (f" (not patched: {', '.join(missing)})" if missing else ""))
 
 
 def _decoder_blocks(lm: nn.Module) -> list[nn.Module]:
@@ -81,7 +109,7 @@ def load_model(path: str, d: Dist, *, meta_init: bool, dtype: torch.dtype = torc
 def prepare_model(path: str | Path, d: Dist, *, temperature: float = 1.0, liger: bool = True,
                   activation_checkpointing: bool = False, mixed_precision: bool = True,
                   meta_init: bool = True) -> TokenLogprobs:
-    """Load, patch and shard the policy: FSDP2 on every decoder block, then on the root."""
+    """Patch Liger (before building), load, and shard the policy: FSDP2 on every decoder block, then the root."""
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(str(path))
@@ -96,27 +124,32 @@ def prepare_model(path: str | Path, d: Dist, *, temperature: float = 1.0, liger:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lm.config.use_cache = False
     policy = TokenLogprobs(lm, temperature=temperature)
+    return shard_policy(policy, d, mixed_precision=mixed_precision, full_state=full_state if meta_init else None)
 
-    if d.enabled:
-        mp = None
-        if d.device.type == "cuda" and mixed_precision:
-            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        shard_kwargs = {"mp_policy": mp} if mp is not None else {}
-        if d.device.type != "cpu" and not meta_init:
-            policy.to(d.device)
-        for block in _decoder_blocks(lm):
-            fully_shard(block, **shard_kwargs)
-        fully_shard(policy, **shard_kwargs)
-        if meta_init:
-            if not d.is_main:
-                policy.to_empty(device=d.device)
-            elif d.device.type != "cpu":
-                policy.to(d.device)
-            set_model_state_dict(policy, full_state, options=StateDictOptions(
-                full_state_dict=True, broadcast_from_rank0=True))
-            # Non-persistent buffers (rotary frequencies) are not in the state dict: copy rank 0's.
-            for buf in policy.buffers():
-                torch.distributed.broadcast(buf.data, src=0)
-    else:
+
+def shard_policy(policy: TokenLogprobs, d: Dist, *, mixed_precision: bool = True,
+                 full_state: dict | None = None) -> TokenLogprobs:
+    """FSDP2 over `policy` (bf16 compute, fp32 reduction on CUDA). `full_state` given: the model was
+    built on `meta` on ranks > 0 and rank 0's weights (the dict) are broadcast into every shard."""
+    if not d.enabled:
+        return policy.to(d.device)
+    mp = None
+    if d.device.type == "cuda" and mixed_precision:
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    shard_kwargs = {"mp_policy": mp} if mp is not None else {}
+    if d.device.type != "cpu" and full_state is None:
         policy.to(d.device)
+    for block in _decoder_blocks(policy.lm):
+        fully_shard(block, **shard_kwargs)
+    fully_shard(policy, **shard_kwargs)  # the root: embedding, final norm and the LM head (tied or not)
+    if full_state is not None:
+        if not d.is_main:
+            policy.to_empty(device=d.device)
+        elif d.device.type != "cpu":
+            policy.to(d.device)
+        set_model_state_dict(policy, full_state, options=StateDictOptions(
+            full_state_dict=True, broadcast_from_rank0=True))
+        # Non-persistent buffers (rotary inv_freq) are not in the state dict and hold garbage after
+        # to_empty on ranks > 0: copy rank 0's.
+        broadcast_buffers(policy, src=0)
     return policy

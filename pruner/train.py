@@ -7,7 +7,6 @@ One entry point, one loop that reads top to bottom. The same code runs as a sing
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 import warnings
@@ -20,16 +19,18 @@ if __package__ in (None, ""):  # `python pruner/train.py` / torchrun: make the p
 import torch
 
 from pruner import distributed
-from pruner.batching import check_batch_sizes, collate, plan_epoch
+from pruner.batching import check_batch_sizes, plan_epoch
 from pruner.checkpoint import export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
 from pruner.cli import parse_config
-from pruner.distributed import all_reduce_sum, print0
-from pruner.losses import LOSSES, compute_loss, count_units, normalizer_units
+from pruner.distributed import print0
+from pruner.losses import LOSSES
 from pruner.manifest import release_all
 from pruner.metrics import MetricsLogger, peak_memory_gib, plot_metrics
 from pruner.modeling import prepare_model
 from pruner.onpolicy import resample
-from pruner.reflogps import attach_response_offsets, reference_logprobs
+from pruner.plan import check_memory_plan
+from pruner.reflogps import reference_logprobs
+from pruner.step import LossSpec, StepResult, train_step
 from pruner.trainer_setup import (check_inputs, claim_run_folder, cosine_with_warmup, load_training_data,
                                   resolve_defaults)
 
@@ -68,6 +69,7 @@ class TrainConfig:
     overwrite: bool = field(default=False, metadata={"help": "delete what --out holds (another run's checkpoints, metrics) and start afresh"})
     stop_after: int = field(default=0, metadata={"help": "exit after this many steps, as a preempted run would (after its checkpoint)"})
     max_bad_steps: int = field(default=3, metadata={"help": "stop when this many steps in a row have a NaN/inf loss or gradient"})
+    plan_check: bool = field(default=True, metadata={"help": "estimate per-rank memory before loading weights (python -m pruner.plan) and refuse, on CUDA, a run that will not fit; --no-plan-check runs it anyway"})
     export: bool = field(default=True, metadata={"help": "export the final model as a Hugging Face folder <out>/export"})
     tensorboard: bool = field(default=False, metadata={"help": "also write TensorBoard scalars"})
     rounds: int = field(default=1, metadata={"help": "on-policy rounds: > 1 re-samples from the current model between rounds"})
@@ -90,6 +92,7 @@ def train(cfg: TrainConfig) -> Path | None:
     print0(f"o1-pruner: {d.world_size} process(es) on {d.device}, loss={cfg.loss}, ratio={cfg.ratio_level}, "
            f"lr={cfg.lr:g}, global batch {cfg.global_batch_size} = {cfg.micro_batch_size} x {d.world_size} x {accum}")
 
+    check_memory_plan(cfg, d, data)                    # before any weight is read: will it fit?
     policy = prepare_model(cfg.model, d, temperature=cfg.temperature, liger=cfg.liger,
                            activation_checkpointing=cfg.activation_checkpointing,
                            mixed_precision=cfg.mixed_precision, meta_init=cfg.meta_init)
@@ -100,9 +103,7 @@ def train(cfg: TrainConfig) -> Path | None:
     plan_args = dict(global_batch=cfg.global_batch_size, micro_batch=cfg.micro_batch_size,
                      world_size=d.world_size, seed=cfg.seed)
     steps_per_round = _steps_per_epoch(data, plan_args) * cfg.epochs
-    total_steps = steps_per_round * cfg.rounds
-    if cfg.max_steps:
-        total_steps = min(total_steps, cfg.max_steps)
+    total_steps = min(steps_per_round * cfg.rounds, cfg.max_steps or steps_per_round * cfg.rounds)
     scheduler = cosine_with_warmup(optimizer, total_steps, cfg.warmup_ratio, cfg.min_lr_ratio)
 
     step = 0
@@ -111,7 +112,7 @@ def train(cfg: TrainConfig) -> Path | None:
         print0(f"resumed from {ckpt} at step {step}")
     logger = MetricsLogger(out / "metrics.jsonl", enabled=d.is_main, total_steps=total_steps, start_step=step,
                            tensorboard=cfg.tensorboard)
-    units = normalizer_units(cfg.loss, cfg.ratio_level)
+    spec = LossSpec.from_config(cfg)
     bad_steps, t_start = 0, time.perf_counter()
     plan, plan_key, data_round = [], None, 0
 
@@ -128,71 +129,55 @@ def train(cfg: TrainConfig) -> Path | None:
             plan = plan_epoch(_lengths(data), epoch=epoch + 1000 * round_index, pairs=data.get("pairs"), **plan_args)
             plan_key = (round_index, epoch)
         t_step = time.perf_counter()
-        global_step = plan[in_epoch]
-        step_indices = [i for r in global_step for m in r for i in m]
-        # The loss is a sum over the step's units divided by their count over ALL ranks and
-        # micro-batches; every rank knows the plan, so no collective is needed for it.
-        normalizer = count_units(units, data["response_lengths"][step_indices].tolist())
-        totals = torch.zeros(4, dtype=torch.float64)  # loss, tokens, sequences, non-finite flag
-        stat_sums: dict[str, float] = {}
-        for indices in global_step[d.rank]:
-            batch = collate(data, indices, pad_id=pad_id, ref_flat=old_flat).to(d.device)
-            logps = policy(batch.input_ids, batch.attention_mask, batch.labels)
-            chosen = data["chosen"][indices].to(d.device) if "chosen" in data else None
-            loss, stats = compute_loss(cfg.loss, logps, batch.old_logps, batch.mask,
-                                       data["advantages"][indices].to(d.device), normalizer,
-                                       ratio_level=cfg.ratio_level, eps_low=cfg.eps_low, eps_high=cfg.eps_high,
-                                       dpo_beta=cfg.dpo_beta, chosen=chosen)
-            # FSDP averages gradients over ranks; the loss is already a global mean, so undo that.
-            (loss * d.world_size).backward()
-            totals += torch.tensor([loss.item(), batch.attention_mask.sum().item(), len(indices), 0.0],
-                                   dtype=torch.float64)
-            for k, v in stats.items():
-                stat_sums[k] = stat_sums.get(k, 0.0) + float(v) / len(global_step[d.rank])
-        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        totals[3] = 0.0 if math.isfinite(totals[0].item()) and torch.isfinite(grad_norm).item() else 1.0
-        all_reduce_sum(totals)
+        result = train_step(policy, optimizer, data, plan[in_epoch], spec=spec, d=d, pad_id=pad_id,
+                            old_flat=old_flat, max_grad_norm=cfg.max_grad_norm)
         step += 1
-        if totals[3] > 0:  # some rank saw NaN/inf: nobody updates, so the ranks stay identical
-            optimizer.zero_grad(set_to_none=True)
-            with warnings.catch_warnings():  # the schedule follows the step count, updates or not
-                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler")
-                scheduler.step()
-            bad_steps += 1
-            logger.write(f"step {step}: non-finite loss or gradient norm; update skipped ({bad_steps} in a row)")
-            if bad_steps >= cfg.max_bad_steps:
-                raise FloatingPointError(f"{bad_steps} steps in a row with NaN/inf loss or gradients; stopping at "
-                                         f"step {step} (lower --lr, check the data)")
+        lr = _advance_schedule(scheduler)
+        bad_steps = _count_bad_steps(result, bad_steps, step, cfg.max_bad_steps, logger)
+        if not result.finite:  # nobody updated, so the ranks stay identical; nothing to log or save
             continue
-        bad_steps = 0
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-
-        stats_vec = all_reduce_sum(torch.tensor([stat_sums[k] for k in sorted(stat_sums)], dtype=torch.float64))
-        elapsed = time.perf_counter() - t_step
-        row = {"step": step, "round": round_index, "epoch": epoch, "loss": totals[0].item(), "lr": lr,
-               "grad_norm": grad_norm.item(), "mean_advantage": data["advantages"][step_indices].mean().item(),
-               "mean_response_tokens": float(data["response_lengths"][step_indices].float().mean()),
-               "tokens_per_s": totals[1].item() / elapsed, "step_time_s": elapsed,
-               "peak_memory_gib": peak_memory_gib(d.device)}
-        row.update({k: v / d.world_size for k, v in zip(sorted(stat_sums), stats_vec.tolist())})
-        logger.log(row)
+        logger.log(_step_row(result, data, plan[in_epoch], step=step, round_index=round_index, epoch=epoch, lr=lr,
+                             elapsed=time.perf_counter() - t_step, device=d.device))
 
         if step % cfg.ckpt_every == 0 or step == total_steps or step == cfg.stop_after:
             save_checkpoint(out / "checkpoints", step, policy, optimizer, scheduler, {"round": round_index}, d,
                             keep=cfg.keep_checkpoints)
-        if cfg.stop_after and cfg.stop_after <= step < total_steps:
+        if cfg.stop_after and cfg.stop_after <= step < total_steps:  # a preempted run, as asked
             print0(f"stopping after step {step} as asked (--stop-after); --resume continues")
-            logger.close()
-            distributed.shutdown()
-            return None
+            return _finish(policy, cfg, out, d, logger, final=False)
 
+    print0(f"trained {total_steps} steps in {time.perf_counter() - t_start:.1f}s")
+    return _finish(policy, cfg, out, d, logger, final=True)
+
+
+def _advance_schedule(scheduler: torch.optim.lr_scheduler.LRScheduler) -> float:
+    """Step the schedule (it follows the step count, updates or not); returns the step's learning rate."""
+    lr = scheduler.get_last_lr()[0]
+    with warnings.catch_warnings():  # a skipped update is deliberate, not the misuse torch warns about
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler")
+        scheduler.step()
+    return lr
+
+
+def _count_bad_steps(result: StepResult, bad_steps: int, step: int, max_bad_steps: int, logger: MetricsLogger) -> int:
+    """Steps in a row with a NaN/inf loss or gradient norm (on any rank); too many stops the run."""
+    if result.finite:
+        return 0
+    bad_steps += 1
+    logger.write(f"step {step}: non-finite loss or gradient norm; update skipped ({bad_steps} in a row)")
+    if bad_steps >= max_bad_steps:
+        raise FloatingPointError(f"{bad_steps} steps in a row with NaN/inf loss or gradients; stopping at "
+                                 f"step {step} (lower --lr, check the data)")
+    return bad_steps
+
+
+def _finish(policy: torch.nn.Module, cfg: TrainConfig, out: Path, d, logger: MetricsLogger, *,
+            final: bool) -> Path | None:
+    """Close the metrics; after the last step export the policy and draw the curves; leave the group."""
     logger.close()
-    wall = time.perf_counter() - t_start
-    print0(f"trained {total_steps} steps in {wall:.1f}s")
+    if not final:  # stopped early on purpose (--stop-after): --resume continues, nothing to publish
+        distributed.shutdown()
+        return None
     exported = None
     if cfg.export:
         exported = export_hf(policy, out / "export", cfg.model, d)
@@ -201,6 +186,17 @@ def train(cfg: TrainConfig) -> Path | None:
         plot_metrics(out / "metrics.jsonl", out / "metrics.png")
     distributed.shutdown()
     return exported
+
+
+def _step_row(result: StepResult, data: dict, step_plan: list, *, step: int, round_index: int, epoch: int,
+              lr: float, elapsed: float, device: torch.device) -> dict:
+    """The metrics.jsonl row of one step (host values only: the step already synced once)."""
+    indices = [i for rank in step_plan for micro in rank for i in micro]
+    return {"step": step, "round": round_index, "epoch": epoch, "loss": result.loss, "lr": lr,
+            "grad_norm": result.grad_norm, "mean_advantage": data["advantages"][indices].mean().item(),
+            "mean_response_tokens": float(data["response_lengths"][indices].float().mean()),
+            "tokens_per_s": result.tokens / elapsed, "step_time_s": elapsed,
+            "peak_memory_gib": peak_memory_gib(device), **result.stats}
 
 
 def _lengths(data: dict) -> list[int]:

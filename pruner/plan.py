@@ -1,0 +1,320 @@
+"""Will this run fit? Per-rank memory of an FSDP2 run, built from the real model, before any weights load.
+
+`python -m pruner.plan --arch qwen2.5-32b --gpus 8 --gpu-memory-gib 80 --micro-batch-tokens 16384
+[--activation-checkpointing] [--json]` (or `--model <HF folder>`).
+
+By construction: the transformers model is built on the meta device and sharded with FSDP2's
+`fully_shard` (every decoder block, then the root, as pruner/modeling.py does) over torch's fake
+process group of the requested world size; each rank's bytes are read off the sharded
+parameters. Under an existing process group (the trainer's start-up check) the same numbers come
+from FSDP2's dim-0 chunking rule, which tests/test_plan.py checks against the fake-group build.
+
+Per rank (bytes), with e = bytes of the compute dtype (2 under the bf16 MixedPrecisionPolicy):
+  params     4 x local shard (fp32 master weights, FSDP2 pads dim 0 to ceil(rows / world))
+  grads      4 x local shard (fp32 sharded gradients)
+  optimizer  8 x local shard (AdamW exp_avg + exp_avg_sq, fp32)
+  fsdp_unsharded  (e + 4) x root group (embedding + head + final norm: its compute copy, held for
+             the whole step, and its unsharded fp32 gradient until the root's reduce-scatter)
+             + 2 e x largest block (the all-gathered block and the prefetched next one)
+             + 4 x largest block (its unsharded fp32 gradient before the reduce-scatter)
+  activations  per token: L x layer + outside-layers + backward transients, where, measured with
+             saved_tensors_hooks on transformers' Qwen2 decoder (sdpa) at bf16 and fp32:
+               layer          = e (6h + 4i + 2 kv_dim) + 8h + 4 heads   (8h: RMSNorm's fp32 upcasts)
+               layer, ckpt    = e h (only the block input is kept)
+               outside layers = (e + 4) h + 2 e head_dim (embedding, final norm, rotary cos/sin)
+               backward       = e (4h + 2i), plus one recomputed layer under checkpointing
+  head_workspace  the fused log-prob head: on CUDA (Triton) a dz chunk of <= 1 GiB, d_hidden
+             N x h x e and an fp32 d_weight (x2 when chunked); on the CPU (PyTorch chunks) 3 x <= 32 MiB
+             logits chunks, fp32 weight and d_weight copies and an fp32 d_hidden. It replaces the
+             N x V fp32 logits (`logits_avoided`) that log_softmax + gather would hold.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+GIB = 2**30
+COMPONENTS = ("params", "grads", "optimizer", "fsdp_unsharded", "activations", "head_workspace")
+CPU_CHUNK_BYTES = 32 * 2**20   # o1pruner_kernels.fused_linear.DEFAULT_CHUNK_BYTES
+TRITON_DZ_BYTES = 1 << 30      # the Triton backward's dz chunk budget (bwd_chunk_bytes)
+
+
+@dataclass
+class ShardLayout:
+    """Parameter shapes of the model, grouped as FSDP2 groups them (root, then one group per block)."""
+
+    param_count: int
+    root_shapes: list[tuple[int, ...]]
+    block_shapes: list[list[tuple[int, ...]]]
+
+    def local_numel(self, world_size: int) -> int:
+        shapes = self.root_shapes + [s for block in self.block_shapes for s in block]
+        return sum(_shard_numel(s, world_size) for s in shapes)
+
+
+def _shard_numel(shape: tuple[int, ...], world_size: int) -> int:
+    """Elements one rank stores for a parameter: FSDP2 chunks dim 0, padded to ceil(rows / world)."""
+    if not shape:
+        return 1
+    return math.ceil(shape[0] / world_size) * math.prod(shape[1:])
+
+
+def load_config(arch: str = "", model: str = ""):
+    from transformers import AutoConfig
+
+    from pruner.presets import config_for
+
+    if bool(arch) == bool(model):
+        raise ValueError("give exactly one of --arch (a preset) or --model (a Hugging Face folder)")
+    return config_for(arch) if arch else AutoConfig.from_pretrained(model)
+
+
+def model_layout(config) -> ShardLayout:
+    """Build the model on the meta device (no memory, no weights) and group its parameters like FSDP2."""
+    from transformers import AutoModelForCausalLM
+
+    from pruner.modeling import _decoder_blocks
+
+    with torch.device("meta"):
+        lm = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    blocks = _decoder_blocks(lm)
+    in_block = {id(p) for b in blocks for p in b.parameters()}
+    root = [tuple(p.shape) for p in lm.parameters() if id(p) not in in_block]  # parameters() dedups tied
+    return ShardLayout(param_count=sum(p.numel() for p in lm.parameters()), root_shapes=root,
+                       block_shapes=[[tuple(p.shape) for p in b.parameters()] for b in blocks])
+
+
+def fsdp_local_numel(config, world_size: int) -> int:
+    """Rank 0's parameter elements after `fully_shard` over a fake process group of `world_size`."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+    from transformers import AutoModelForCausalLM
+
+    from pruner.modeling import _decoder_blocks
+
+    if dist.is_initialized():  # the trainer's own group: FSDP2's chunking rule gives the same count
+        return model_layout(config).local_numel(world_size)
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
+    try:
+        mesh = init_device_mesh("cpu", (world_size,))
+        with torch.device("meta"):
+            lm = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        for block in _decoder_blocks(lm):
+            fully_shard(block, mesh=mesh)
+        fully_shard(lm, mesh=mesh)
+        return sum(p.to_local().numel() for p in lm.parameters())
+    finally:
+        dist.destroy_process_group()
+
+
+def _dims(config) -> tuple[int, int, int, int, int, int]:
+    h, i, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or h // heads
+    kv_dim = (getattr(config, "num_key_value_heads", None) or heads) * head_dim
+    return h, i, layers, heads, head_dim, kv_dim
+
+
+def saved_activation_bytes(config, tokens: int, *, elem: int, checkpointing: bool) -> int:
+    """What autograd keeps for backward after the forward of `tokens` tokens (the calibrated formula)."""
+    h, i, layers, heads, head_dim, kv_dim = _dims(config)
+    layer = elem * (6 * h + 4 * i + 2 * kv_dim) + 8 * h + 4 * heads
+    outside = (elem + 4) * h + 2 * elem * head_dim
+    return tokens * ((layers * elem * h if checkpointing else layers * layer) + outside)
+
+
+def activation_bytes(config, tokens: int, *, elem: int, checkpointing: bool) -> int:
+    """Peak activation memory of one micro-batch: saved tensors + backward transients (module docstring)."""
+    h, i, *_ = _dims(config)
+    recomputed = saved_activation_bytes(config, tokens, elem=elem, checkpointing=False) // config.num_hidden_layers
+    backward = tokens * elem * (4 * h + 2 * i) + (recomputed if checkpointing else 0)
+    return saved_activation_bytes(config, tokens, elem=elem, checkpointing=checkpointing) + backward
+
+
+def head_workspace_bytes(config, tokens: int, *, elem: int, device: str) -> int:
+    h, vocab = config.hidden_size, config.vocab_size
+    per_token_out = 3 * 4 * tokens  # log-prob, log-sum-exp, entropy (fp32)
+    if device == "cuda":
+        chunk = max(1, min(tokens, TRITON_DZ_BYTES // (vocab * elem)))
+        dw = 4 * vocab * h * (2 if tokens > chunk else 0)  # fp32 accumulator + one fp32 partial product
+        return chunk * vocab * elem + tokens * h * elem + dw + per_token_out
+    weight_copies = 4 * vocab * h * (2 if elem != 4 else 1)  # fp32 weight (a copy below fp32) + fp32 d_weight
+    chunk_rows = max(1, min(tokens, CPU_CHUNK_BYTES // (4 * vocab)))  # fused_linear._chunk_rows
+    return 3 * 4 * chunk_rows * vocab + weight_copies + 4 * tokens * h + per_token_out
+
+
+@dataclass
+class MemoryPlan:
+    name: str
+    param_count: int
+    gpus: int
+    gpu_memory_gib: float
+    micro_batch_tokens: int
+    activation_checkpointing: bool
+    compute_dtype: str
+    device: str
+    per_rank: dict[str, int]
+    logits_avoided: int
+    fits: bool
+    suggestions: list[str] = field(default_factory=list)
+
+
+def estimate(config, *, gpus: int, gpu_memory_gib: float, micro_batch_tokens: int, activation_checkpointing: bool,
+             compute_dtype: str = "bfloat16", device: str = "cuda", name: str = "",
+             layout: ShardLayout | None = None, local_numel: int | None = None) -> MemoryPlan:
+    layout = layout or model_layout(config)
+    local = local_numel if local_numel is not None else layout.local_numel(gpus)
+    elem = torch.empty((), dtype=getattr(torch, compute_dtype)).element_size()
+    root = sum(math.prod(s) for s in layout.root_shapes)
+    block = max((sum(math.prod(s) for s in b) for b in layout.block_shapes), default=0)
+    per_rank = {
+        "params": 4 * local, "grads": 4 * local, "optimizer": 8 * local,
+        # root group (embedding, head, final norm): its compute copy for the whole step and its
+        # unsharded fp32 gradient from the head's backward until the root's reduce-scatter.
+        "fsdp_unsharded": (elem + 4) * root + (2 * elem + 4) * block,
+        "activations": activation_bytes(config, micro_batch_tokens, elem=elem, checkpointing=activation_checkpointing),
+        "head_workspace": head_workspace_bytes(config, micro_batch_tokens, elem=elem, device=device),
+    }
+    per_rank["total"] = sum(per_rank[k] for k in COMPONENTS)
+    fits = per_rank["total"] <= gpu_memory_gib * GIB
+    return MemoryPlan(name=name, param_count=layout.param_count, gpus=gpus, gpu_memory_gib=gpu_memory_gib,
+                      micro_batch_tokens=micro_batch_tokens, activation_checkpointing=activation_checkpointing,
+                      compute_dtype=compute_dtype, device=device, per_rank=per_rank,
+                      logits_avoided=4 * micro_batch_tokens * config.vocab_size, fits=fits)
+
+
+def suggest(config, plan: MemoryPlan, layout: ShardLayout) -> list[str]:
+    """The smallest single changes that make a plan fit: checkpointing, fewer tokens, more GPUs."""
+    base = dict(gpu_memory_gib=plan.gpu_memory_gib, compute_dtype=plan.compute_dtype, device=plan.device,
+                layout=layout)
+    args = dict(gpus=plan.gpus, micro_batch_tokens=plan.micro_batch_tokens,
+                activation_checkpointing=plan.activation_checkpointing)
+    found = []
+    if not plan.activation_checkpointing:
+        with_ckpt = estimate(config, **{**args, "activation_checkpointing": True}, **base)
+        if with_ckpt.fits:
+            found.append("add --activation-checkpointing")
+        else:  # checkpointing is nearly free of memory cost to try first: what it still needs
+            found += [f"add --activation-checkpointing and {s}" for s in suggest(config, with_ckpt, layout)
+                      if not s.startswith("no single")]
+    tokens = plan.micro_batch_tokens // 2
+    while tokens >= 256 and not estimate(config, **{**args, "micro_batch_tokens": tokens}, **base).fits:
+        tokens //= 2
+    if tokens >= 256:
+        found.append(f"lower the tokens per micro-batch to {tokens} (fewer or shorter sequences per micro-batch)")
+    for gpus in range(plan.gpus + 1, 8 * max(plan.gpus, 8) + 1):
+        if estimate(config, **{**args, "gpus": gpus}, **base).fits:
+            found.append(f"use {gpus} GPUs (torchrun --nproc_per_node / more nodes)")
+            break
+    return found or ["no single change fits: combine --activation-checkpointing, more GPUs and shorter micro-batches"]
+
+
+def plan_for(config, *, gpus: int, gpu_memory_gib: float, micro_batch_tokens: int, activation_checkpointing: bool,
+             compute_dtype: str = "bfloat16", device: str = "cuda", name: str = "") -> MemoryPlan:
+    """Shard the meta model over a fake group of `gpus` ranks and estimate; suggestions if it does not fit."""
+    layout = model_layout(config)
+    plan = estimate(config, gpus=gpus, gpu_memory_gib=gpu_memory_gib, micro_batch_tokens=micro_batch_tokens,
+                    activation_checkpointing=activation_checkpointing, compute_dtype=compute_dtype, device=device,
+                    name=name, layout=layout, local_numel=fsdp_local_numel(config, gpus))
+    if not plan.fits:
+        plan.suggestions = suggest(config, plan, layout)
+    return plan
+
+
+def format_table(plan: MemoryPlan) -> str:
+    labels = {"params": "params (fp32 shard)", "grads": "grads (fp32 shard)", "optimizer": "optimizer (AdamW fp32)",
+              "fsdp_unsharded": "FSDP unsharded buffers", "activations": "activations",
+              "head_workspace": "fused head workspace", "total": "total"}
+    count = f"{plan.param_count / 1e9:.2f} B" if plan.param_count >= 1e8 else f"{plan.param_count / 1e6:.2f} M"
+    lines = [f"memory plan: {plan.name} ({count} params) on {plan.gpus} x "
+             f"{plan.gpu_memory_gib:g} GiB, {plan.micro_batch_tokens} tokens per micro-batch, {plan.compute_dtype} "
+             f"compute, activation checkpointing {'on' if plan.activation_checkpointing else 'off'}",
+             "", "| per rank | GiB |", "|---|---:|"]
+    lines += [f"| {labels[k]} | {v / GIB:.2f} |" for k, v in plan.per_rank.items()]
+    lines.append(f"| GPU memory | {plan.gpu_memory_gib:.2f} |")
+    lines.append(f"\nthe fused head avoids [{plan.micro_batch_tokens}, V] fp32 logits: {plan.logits_avoided / GIB:.2f} GiB "
+                 f"(its workspace: {plan.per_rank['head_workspace'] / GIB:.2f} GiB)")
+    if plan.fits:
+        lines.append(f"verdict: fits ({plan.per_rank['total'] / GIB:.1f} of {plan.gpu_memory_gib:g} GiB per rank)")
+    else:
+        lines.append(f"verdict: does NOT fit ({plan.per_rank['total'] / GIB:.1f} > {plan.gpu_memory_gib:g} GiB per rank); "
+                     f"smallest changes that fit: " + "; or ".join(plan.suggestions))
+    return "\n".join(lines)
+
+
+def refuse_if_too_big(plan: MemoryPlan, device_type: str, enforce: bool) -> None:
+    """On CUDA a run that will not fit is stopped before any weight is read, naming the fix."""
+    if plan.fits or device_type != "cuda" or not enforce:
+        return
+    raise MemoryError(f"this run needs about {plan.per_rank['total'] / GIB:.1f} GiB per GPU, more than the "
+                      f"{plan.gpu_memory_gib:.1f} GiB each has ({plan.param_count / 1e9:.3f} B params on {plan.gpus} "
+                      f"GPU(s), {plan.micro_batch_tokens} tokens per micro-batch). To fit: "
+                      + "; or ".join(plan.suggestions) + ". (--no-plan-check runs it anyway.)")
+
+
+def check_memory_plan(cfg, d, data: dict) -> MemoryPlan:
+    """The trainer's start-up check: the same estimate as the CLI, before loading weights.
+
+    Writes <out>/memory_plan.json (with the process's RSS so far, for plan-vs-measured comparisons)
+    and raises MemoryError on CUDA when the plan does not fit, unless --no-plan-check.
+    """
+    import os
+    import resource
+
+    from pruner.distributed import print0
+
+    lengths = data["offsets"][1:] - data["offsets"][:-1]
+    tokens = cfg.micro_batch_size * int(lengths.max())
+    cuda = d.device.type == "cuda"
+    memory = (torch.cuda.get_device_properties(d.device).total_memory if cuda
+              else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")) / GIB
+    bf16 = cuda and cfg.mixed_precision and d.enabled  # the MixedPrecisionPolicy applies under FSDP2 only
+    plan = plan_for(load_config(model=cfg.model), gpus=d.world_size, gpu_memory_gib=memory, micro_batch_tokens=tokens,
+                    activation_checkpointing=cfg.activation_checkpointing,
+                    compute_dtype="bfloat16" if bf16 else "float32", device=d.device.type, name=cfg.model)
+    print0(f"memory plan: {plan.per_rank['total'] / GIB:.2f} GiB per rank of {memory:.1f} GiB "
+           f"({'fits' if plan.fits else 'does NOT fit'}; python -m pruner.plan --model {cfg.model} for the table)")
+    if d.is_main:
+        record = {**asdict(plan), "rss_before_model_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+        (Path(cfg.out) / "memory_plan.json").write_text(json.dumps(record, indent=2))
+    refuse_if_too_big(plan, d.device.type, cfg.plan_check)
+    return plan
+
+
+def main(argv: list[str] | None = None) -> None:
+    from pruner.presets import ARCHITECTURES
+
+    p = argparse.ArgumentParser(prog="python -m pruner.plan", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", default="", choices=[""] + sorted(ARCHITECTURES), help="architecture preset")
+    p.add_argument("--model", default="", help="a Hugging Face model folder (instead of --arch)")
+    p.add_argument("--gpus", type=int, default=1, help="world size (processes, one GPU each)")
+    p.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory of one GPU")
+    p.add_argument("--micro-batch-tokens", type=int, default=16384, help="tokens in one micro-batch on one rank")
+    p.add_argument("--activation-checkpointing", action="store_true", help="recompute decoder blocks in backward")
+    p.add_argument("--compute-dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                   help="the trainer's compute dtype (bfloat16 = its default MixedPrecisionPolicy on CUDA)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    args = p.parse_args(argv)
+    if args.gpus < 1 or args.micro_batch_tokens < 1 or args.gpu_memory_gib <= 0:
+        p.error("--gpus, --micro-batch-tokens and --gpu-memory-gib must be positive")
+    try:
+        config = load_config(args.arch, args.model)
+    except (ValueError, OSError) as err:
+        p.error(str(err))
+    plan = plan_for(config, gpus=args.gpus, gpu_memory_gib=args.gpu_memory_gib,
+                    micro_batch_tokens=args.micro_batch_tokens, activation_checkpointing=args.activation_checkpointing,
+                    compute_dtype=args.compute_dtype, name=args.arch or str(Path(args.model)))
+    print(json.dumps(asdict(plan)) if args.json else format_table(plan))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
