@@ -10,16 +10,11 @@ import json
 import re
 from pathlib import Path
 
+from pruner.demo import timing_table
+
 
 def _json(path: Path) -> dict:
     return json.loads(path.read_text())
-
-
-def timing_rows(stages: list[dict], total_s: float) -> list[str]:
-    rows = ["| stage | wall s | share |", "|---|---:|---:|"]
-    rows += [f"| {s['stage']} | {s['wall_s']:.1f} | {s['wall_s'] / total_s:.0%} |" for s in stages]
-    rows.append(f"| **total** | **{total_s:.1f}** ({total_s / 60:.1f} min) | |")
-    return rows
 
 
 def demo(folder: Path) -> str:
@@ -36,7 +31,7 @@ def demo(folder: Path) -> str:
     lines += [(run / "bench" / "results.md").read_text().strip(), "",
               f"Wall time per stage (`{run.name}/demo_timing.json`; {timing['nproc']} training process(es) x "
               f"{timing['omp_num_threads']} threads, checkpoint every {timing['ckpt_every']} steps):", ""]
-    lines += timing_rows(timing["stages"], timing["total_s"])
+    lines.append(timing_table(timing["stages"], timing["total_s"]))
     return "\n".join(lines)
 
 

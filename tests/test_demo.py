@@ -17,10 +17,11 @@ def test_demo_stage_env_and_timing_table(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(demo.os, "cpu_count", lambda: 8)
     assert demo._stage_env(1)["OMP_NUM_THREADS"] == "8" and demo._stage_env(3)["OMP_NUM_THREADS"] == "2"
-    assert demo._stage_env(2)["PYTHONSAFEPATH"] == "1"
+    assert demo._stage_env(2)["PYTHONSAFEPATH"] == "1" and demo._stage_env(2)["OMP_WAIT_POLICY"] == "PASSIVE"
     monkeypatch.setenv("OMP_NUM_THREADS", "5")
     assert demo._stage_env(2)["OMP_NUM_THREADS"] == "5"  # the user's choice wins
-    table = demo.timing_table([("pre-sampling", 30.0, "a"), ("training (torchrun)", 90.0, "b")], 120.0)
+    table = demo.timing_table([{"stage": "pre-sampling", "wall_s": 30.0}, {"stage": "training (torchrun)", "wall_s": 90.0}],
+                              120.0)
     assert "| pre-sampling | 30.0 | 25% |" in table and "| total | 120.0 (2.0 min) | |" in table
     assert demo._stage_name(["py", "-m", "torch.distributed.run", "pruner/train.py"]) == "training (torchrun)"
 

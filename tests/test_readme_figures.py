@@ -70,7 +70,7 @@ def test_adopted_demo_renders_with_stamp_and_stage_split(tmp_path):
     text = readme.read_text()
     assert "stale" not in text and text.startswith("top\n") and text.endswith("bottom\n")
     assert "| base | greedy | 0.990 |" in text and "| pre-sampling | 80.0 | 40% |" in text
-    assert "123.4 samples/s" in text and "| **total** | **200.0** (3.3 min) | |" in text
+    assert "123.4 samples/s" in text and "| total | 200.0 (3.3 min) | |" in text
     meta = json.loads((out / "figures.json").read_text())
     assert meta["commit"] and meta["date"] in text and meta["figures"]["demo"]["wall_s"] == 200.0
     assert not (tmp_path / "curated" / "demo" / "run" / "samples.jsonl").exists()
