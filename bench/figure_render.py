@@ -52,7 +52,7 @@ def profile(folder: Path) -> str:
     quartiles = " / ".join(f"{a:.3f}" for a in r["quartile_accuracy"])
     return "\n".join([
         f"{r['problems']} test problems, {s['samples']} samples per problem at temperature {s['temperature']}, "
-        f"top-p {s['top_p']} (`{s['command']}`, {r['wall_s']:.0f} s):", "",
+        f"top-p {s['top_p']}, vLLM {s['vllm']} ({r['wall_s']:.0f} s):", "",
         "| " + " | ".join(head) + " |", "|" + "---|" * len(head), "| " + " | ".join(cells) + " |", "",
         f"Accuracy by length quartile of each problem's samples, shortest to longest: {quartiles}.",
     ])

@@ -5,6 +5,7 @@
     python bench/readme_figures.py --only demo --demo-run runs/demo   # tables of a `make demo` already run
     python bench/readme_figures.py --into docs/results       # also update the curated copy
     python bench/readme_figures.py --readme README.md        # also rewrite README's marked regions
+    python bench/readme_figures.py --render runs/figures/X --readme README.md   # re-render, measure nothing
 
 Figures (each the script that measures it, run as its own process):
   demo       `python -m pruner.demo` (pre-sample, train, benchmark) : result tables + per-stage wall time
@@ -162,13 +163,21 @@ def update_curated(folder: Path, into: Path, names: list[str], bodies: dict[str,
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", default=",".join(FIGURES), help=f"comma list of figures: {', '.join(FIGURES)}")
+    p.add_argument("--only", help=f"comma list of figures: {', '.join(FIGURES)} (default: all; with --render, "
+                   "those the folder has)")
     p.add_argument("--out", type=Path, help="results folder (default runs/figures/<date>-<commit>)")
     p.add_argument("--demo-run", type=Path, help="a finished demo run folder to take the demo's tables from")
     p.add_argument("--into", type=Path, help="also copy the kept files and figures.md here (e.g. docs/results)")
     p.add_argument("--readme", type=Path, help="also rewrite this Markdown file's figure regions")
+    p.add_argument("--render", type=Path, help="measure nothing: render the figures of this results folder")
     args = p.parse_args(argv)
-    args.names = [n for n in args.only.split(",") if n]
+    if args.render is not None:
+        if not (args.render / "figures.json").is_file():
+            p.error(f"--render {args.render}: no figures.json there (a results folder of this script has one)")
+        made = json.loads((args.render / "figures.json").read_text())["figures"]
+        if args.only is None:
+            args.only = ",".join(n for n in made if made[n]["returncode"] == 0)
+    args.names = [n for n in (args.only or ",".join(FIGURES)).split(",") if n]
     unknown = sorted(set(args.names) - set(FIGURES))
     if unknown or not args.names:
         p.error(f"--only: unknown figure(s) {unknown}; choose from {', '.join(FIGURES)}")
@@ -178,8 +187,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse(argv)
+def measure_all(args: argparse.Namespace) -> tuple[Path, dict]:
+    """Measure the chosen figures into a new results folder; returns it and its figures.json."""
     meta = {**stamp(), "figures": {}}
     folder = args.out or ROOT / "runs" / "figures" / f"{time.strftime('%Y%m%d-%H%M%S')}-{meta['commit']}"
     folder.mkdir(parents=True, exist_ok=True)
@@ -188,8 +197,17 @@ def main(argv: list[str] | None = None) -> int:
             meta["figures"][name] = adopt_demo(args.demo_run, folder)
         else:
             meta["figures"][name] = measure(name, folder)
-    done = [n for n in args.names if meta["figures"][n]["returncode"] == 0]
     (folder / "figures.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return folder, meta
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    if args.render:
+        folder, meta = args.render, json.loads((args.render / "figures.json").read_text())
+    else:
+        folder, meta = measure_all(args)
+    done = [n for n in args.names if n in meta["figures"] and meta["figures"][n]["returncode"] == 0]
     bodies = fragments(folder, done, meta)
     (folder / "figures.md").write_text(render.replace_regions("", bodies, append_missing=True))
     print(f"\nwrote {folder / 'figures.md'} ({', '.join(done) or 'no figures'})")

@@ -123,3 +123,16 @@ def test_script_runs_from_a_checkout():
                          text=True, timeout=60)
     assert out.returncode == 0 and "--demo-run" in out.stdout
 
+
+
+def test_render_rerenders_a_results_folder_without_measuring(tmp_path):
+    run, out = tmp_path / "demo_run", tmp_path / "figs"
+    _demo_run(run)
+    assert readme_figures.main(["--only", "demo", "--demo-run", str(run), "--out", str(out)]) == 0
+    (out / "demo" / "run" / "bench" / "results.md").write_text("| model |\n|---|\n| re-rendered |\n")
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- figures:demo -->\n<!-- /figures:demo -->\n")
+    assert readme_figures.main(["--render", str(out), "--readme", str(readme)]) == 0
+    assert "| re-rendered |" in readme.read_text()
+    with pytest.raises(SystemExit):
+        readme_figures.main(["--render", str(tmp_path / "nothing")])
