@@ -27,9 +27,10 @@ import sys
 import time
 from pathlib import Path
 
-# The repository root instead of bench/ (the script's folder, which Python puts first): there,
-# bench/kernels.py would shadow the `kernels` package that transformers imports.
-sys.path[0] = str(Path(__file__).resolve().parent.parent)
+# Run as `python bench/<this>.py`, Python puts bench/ first on sys.path, where bench/kernels.py
+# would shadow the `kernels` package that transformers imports: the repository root instead.
+if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 
 def _problems_and_prompts(args: argparse.Namespace):

@@ -20,9 +20,10 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-# The repository root instead of bench/ (the script's folder, which Python puts first): there,
-# bench/kernels.py would shadow the `kernels` package that transformers imports.
-sys.path[0] = str(Path(__file__).resolve().parent.parent)
+# Run as `python bench/<this>.py`, Python puts bench/ first on sys.path, where bench/kernels.py
+# would shadow the `kernels` package that transformers imports: the repository root instead.
+if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 
 def quartile_accuracy(lengths: list[list[int]], correct: list[list[bool]]) -> list[float]:

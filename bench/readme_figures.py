@@ -35,9 +35,10 @@ from pathlib import Path
 from typing import Callable
 
 ROOT = Path(__file__).resolve().parent.parent
-# The repository root instead of bench/ (the script's folder, which Python puts first): there,
-# bench/kernels.py would shadow the `kernels` package that transformers imports.
-sys.path[0] = str(ROOT)
+# Run as `python bench/<this>.py`, Python puts bench/ first on sys.path, where bench/kernels.py
+# would shadow the `kernels` package that transformers imports: the repository root instead.
+if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
+    sys.path[0] = str(ROOT)
 
 from bench import figure_render as render  # noqa: E402
 
