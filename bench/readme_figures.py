@@ -124,7 +124,8 @@ def adopt_demo(run: Path, folder: Path) -> dict:
                              "run folder has it)")
     target = folder / "demo" / "run"
     _copy_kept(run, target, tuple(g.removeprefix("run/") for g in FIGURES["demo"].keep))
-    return {"command": f"(adopted) {run}", "wall_s": json.loads((run / "demo_timing.json").read_text())["total_s"],
+    timing = json.loads((run / "demo_timing.json").read_text())
+    return {"command": f"(adopted) {run}", "wall_s": timing["total_s"], "finished": timing.get("finished"),
             "returncode": 0}
 
 
@@ -141,9 +142,10 @@ def fragments(folder: Path, names: list[str], meta: dict) -> dict[str, str]:
     out = {}
     for name in names:
         fig = meta["figures"][name]
+        load = (f"adopted a run that finished {fig.get('finished')}" if "load_before" not in fig
+                else f"load average {fig['load_before']} at the start")
         line = (f"_`python bench/readme_figures.py --only {name}`: {meta['date']}, commit {meta['commit']}, "
-                f"{meta['machine']}, load average {fig.get('load_before', '?')} at the start, "
-                f"{fig['wall_s']:.0f} s._")
+                f"{meta['machine']}, {load}, {fig['wall_s']:.0f} s._")
         out[name] = f"{line}\n\n{FIGURES[name].render(folder / name).strip()}\n"
     return out
 

@@ -53,7 +53,7 @@ def _demo_run(run: Path) -> None:
         "samples": 9600, "problems": 1200, "accuracy": 1.0, "mean_length": 150.2,
         "generation_samples_per_s": 123.4, "samples_per_s": 110.0}))
     (run / "demo_timing.json").write_text(json.dumps({
-        "total_s": 200.0, "nproc": 1, "omp_num_threads": "2", "ckpt_every": 100,
+        "total_s": 200.0, "nproc": 1, "omp_num_threads": "2", "ckpt_every": 100, "finished": "2026-01-02T03:04:05Z",
         "stages": [{"stage": "pre-sampling", "wall_s": 80.0, "command": "x"},
                    {"stage": "training (torchrun)", "wall_s": 120.0, "command": "y"}]}))
 
@@ -70,7 +70,7 @@ def test_adopted_demo_renders_with_stamp_and_stage_split(tmp_path):
     text = readme.read_text()
     assert "stale" not in text and text.startswith("top\n") and text.endswith("bottom\n")
     assert "| base | greedy | 0.990 |" in text and "| pre-sampling | 80.0 | 40% |" in text
-    assert "123.4 samples/s" in text and "| total | 200.0 (3.3 min) | |" in text
+    assert "adopted a run that finished 2026-01-02T03:04:05Z" in text and "123.4 samples/s" in text and "| total | 200.0 (3.3 min) | |" in text
     meta = json.loads((out / "figures.json").read_text())
     assert meta["commit"] and meta["date"] in text and meta["figures"]["demo"]["wall_s"] == 200.0
     assert not (tmp_path / "curated" / "demo" / "run" / "samples.jsonl").exists()
