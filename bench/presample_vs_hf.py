@@ -10,6 +10,12 @@ rates: pre-sampling pays it once per run, the rate is what scales with the data.
 HF batches `--hf-batch-problems` problems x K sequences (left padding) and decodes until the
 longest sequence of the batch stops: that padding waste is part of what vLLM's continuous
 batching removes, so it is measured, not corrected for.
+
+`--skip-hf` with `--engine` / `--max-num-seqs` / `--max-num-batched-tokens` times vLLM alone
+under other engine settings (A/B runs of `pruner.generation.open_llm`'s defaults):
+
+    python bench/presample_vs_hf.py --skip-hf --num-problems 100 --engine multiprocess \
+        --max-num-seqs 256 --max-num-batched-tokens 4096 --out runs/bench/ab_old.json
 """
 from __future__ import annotations
 
@@ -21,7 +27,10 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# Run as `python bench/<this>.py`, Python puts bench/ first on sys.path, where bench/kernels.py
+# would shadow the `kernels` package that transformers imports: the repository root instead.
+if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 
 def _problems_and_prompts(args: argparse.Namespace):
@@ -36,19 +45,45 @@ def _problems_and_prompts(args: argparse.Namespace):
     return tok, problems, ids
 
 
+def _cpu_seconds() -> float:
+    """CPU time of this process and its live children (vLLM's engine-core and worker processes):
+    on a shared machine it moves far less with the neighbours' load than wall time does."""
+    import psutil
+
+    procs = [psutil.Process()]
+    procs += procs[0].children(recursive=True)
+    total = 0.0
+    for proc in procs:
+        try:
+            t = proc.cpu_times()
+            total += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
 def run_vllm(args: argparse.Namespace, prompt_ids: list[list[int]]) -> dict:
     from pruner.generation import generate, open_llm
 
+    engine: dict = {"in_process": {"auto": None, "in-process": True, "multiprocess": False}[args.engine]}
+    for key in ("max_num_seqs", "max_num_batched_tokens"):
+        if getattr(args, key):
+            engine[key] = getattr(args, key)
     t0 = time.perf_counter()
-    llm = open_llm(args.model, max_model_len=max(map(len, prompt_ids)) + args.max_new_tokens, seed=args.seed)
+    llm = open_llm(args.model, max_model_len=max(map(len, prompt_ids)) + args.max_new_tokens, seed=args.seed,
+                   **engine)
     load_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), _cpu_seconds()
     outs = generate(llm, prompt_ids, n=args.k, temperature=args.temperature, top_p=args.top_p,
                     max_tokens=args.max_new_tokens, seed=args.seed)
-    gen_s = time.perf_counter() - t0
+    gen_s, cpu_s = time.perf_counter() - t0, _cpu_seconds() - cpu0
     tokens = sum(len(c.token_ids) for cs in outs for c in cs)
-    return {"load_s": load_s, "generate_s": gen_s, "samples": sum(map(len, outs)), "new_tokens": tokens,
-            "truncated": sum(c.finish_reason == "length" for cs in outs for c in cs)}
+    config = llm.llm_engine.vllm_config.scheduler_config
+    return {"load_s": load_s, "generate_s": gen_s, "cpu_s": cpu_s, "samples": sum(map(len, outs)), "new_tokens": tokens,
+            "truncated": sum(c.finish_reason == "length" for cs in outs for c in cs),
+            "engine": {"in_process": os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0",
+                       "max_num_seqs": config.max_num_seqs,
+                       "max_num_batched_tokens": config.max_num_batched_tokens}}
 
 
 def run_hf(args: argparse.Namespace, tok, prompt_ids: list[list[int]]) -> dict:
@@ -94,6 +129,11 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=1024)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--hf-batch-problems", type=int, default=4, help="problems per HF generate call (x K sequences)")
+    parser.add_argument("--skip-hf", action="store_true", help="time vLLM only (engine A/B runs)")
+    parser.add_argument("--engine", choices=("auto", "in-process", "multiprocess"), default="auto",
+                        help="vLLM V1 engine core in this process or in its own (auto: open_llm's default)")
+    parser.add_argument("--max-num-seqs", type=int, default=0, help="vLLM batch limit (0: open_llm's default)")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=0, help="vLLM tokens per step (0: open_llm's default)")
     parser.add_argument("--out", default="runs/bench/presample_vs_hf.json")
     args = parser.parse_args()
     if not args.model:
@@ -103,7 +143,9 @@ def main() -> None:
     import torch
 
     tok, problems, prompt_ids = _problems_and_prompts(args)
-    results = {"vllm": run_vllm(args, prompt_ids), "hf": run_hf(args, tok, prompt_ids)}
+    # HF first: on CPU the vLLM engine runs in this process and pins torch's thread count afterwards.
+    hf = None if args.skip_hf else run_hf(args, tok, prompt_ids)
+    results = {"vllm": run_vllm(args, prompt_ids), **({"hf": hf} if hf else {})}
     for r in results.values():
         r["samples_per_s"] = r["samples"] / r["generate_s"]
         r["tokens_per_s"] = r["new_tokens"] / r["generate_s"]
@@ -112,15 +154,18 @@ def main() -> None:
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
         **results,
-        "speedup_samples_per_s": results["vllm"]["samples_per_s"] / results["hf"]["samples_per_s"],
     }
+    if "hf" in results:
+        report["speedup_samples_per_s"] = results["vllm"]["samples_per_s"] / results["hf"]["samples_per_s"]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(f"{'':6} {'load s':>8} {'gen s':>8} {'samples':>8} {'tokens':>8} {'samples/s':>10} {'tokens/s':>10}")
     for name, r in results.items():
         print(f"{name:6} {r['load_s']:8.1f} {r['generate_s']:8.1f} {r['samples']:8d} {r['new_tokens']:8d} "
               f"{r['samples_per_s']:10.2f} {r['tokens_per_s']:10.1f}")
-    print(f"vLLM / HF samples/s: {report['speedup_samples_per_s']:.2f}x  -> {args.out}")
+    if "hf" in results:
+        print(f"vLLM / HF samples/s: {report['speedup_samples_per_s']:.2f}x")
+    print(f"-> {args.out}")
 
 
 if __name__ == "__main__":

@@ -15,10 +15,15 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# Run as `python bench/<this>.py`, Python puts bench/ first on sys.path, where bench/kernels.py
+# would shadow the `kernels` package that transformers imports: the repository root instead.
+if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 
 def quartile_accuracy(lengths: list[list[int]], correct: list[list[bool]]) -> list[float]:
@@ -33,7 +38,8 @@ def quartile_accuracy(lengths: list[list[int]], correct: list[list[bool]]) -> li
     return [h / c if c else float("nan") for h, c in zip(hits, counts)]
 
 
-def summarise(problems: list[dict], greedy: list, sampled: list[list], grade, concise: list | None = None) -> dict:
+def summarise(problems: list[dict], greedy: list, sampled: list[list], grade, concise: list | None = None,
+              plain_chat: list | None = None) -> dict:
     def ok(c, p) -> bool:
         return grade(c.text, p["answer"], truncated=c.finish_reason == "length")
 
@@ -55,6 +61,8 @@ def summarise(problems: list[dict], greedy: list, sampled: list[list], grade, co
     if concise is not None:
         concise_stats = {"concise_greedy_accuracy": statistics.mean(ok(c, p) for c, p in zip(concise, problems)),
                          "concise_greedy_mean_tokens": statistics.mean(len(c.token_ids) for c in concise)}
+    if plain_chat is not None:
+        concise_stats["plain_chat_greedy_accuracy"] = statistics.mean(ok(c, p) for c, p in zip(plain_chat, problems))
     return {
         "problems": len(problems),
         **concise_stats,
@@ -91,6 +99,8 @@ def markdown(r: dict) -> str:
         "|---|---|---|",
         f"| greedy accuracy | {r['greedy_accuracy']:.3f} | >= 0.6 |",
         f"| greedy mean response tokens | {r['greedy_mean_tokens']:.1f} | |",
+        *([f"| greedy accuracy, user turn only (`LLM.chat`, the template's system prompt) | "
+           f"{r['plain_chat_greedy_accuracy']:.3f} | = greedy accuracy |"] if "plain_chat_greedy_accuracy" in r else []),
         *([f"| greedy accuracy, optional steps forbidden | {r['concise_greedy_accuracy']:.3f} | ~ greedy accuracy |",
            f"| greedy mean tokens, optional steps forbidden | {r['concise_greedy_mean_tokens']:.1f} | ~ mean min_tokens |"]
           if "concise_greedy_accuracy" in r else []),
@@ -116,6 +126,16 @@ def markdown(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def greedy_user_turn_only(llm, problems: list[dict], max_tokens: int) -> list:
+    """Greedy answers to the problem as the only message, through vLLM's own chat path: a user who
+    prompts the model the ordinary way gets what the chat template makes of it."""
+    from vllm import SamplingParams
+
+    chats = [[{"role": "user", "content": p["problem"]}] for p in problems]
+    outputs = llm.chat(chats, SamplingParams(temperature=0.0, max_tokens=max_tokens), use_tqdm=False)
+    return [out.outputs[0] for out in outputs]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="", help="model folder; empty = the embedded default model")
@@ -132,8 +152,6 @@ def main() -> None:
     from pruner.data import check_limit
 
     check_limit(args.limit, "--limit")  # before the engine starts
-
-    import sys
 
     import vllm
 
@@ -158,7 +176,8 @@ def main() -> None:
     # ("CPU Generator does not use offset"), so samples are reproducible for the same batch.
     sampled = generate(llm, prompts, n=args.samples, temperature=args.temperature, top_p=args.top_p,
                        max_tokens=args.max_tokens)
-    result = summarise(problems, greedy, sampled, grade, concise)
+    plain_chat = greedy_user_turn_only(llm, problems, args.max_tokens)
+    result = summarise(problems, greedy, sampled, grade, concise, plain_chat)
     result["wall_s"] = time.perf_counter() - start
     result["settings"] = {
         "model": model if args.model else "embedded default (pruner/assets/default_model)",

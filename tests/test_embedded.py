@@ -148,6 +148,34 @@ def test_tokenizer_round_trip_and_chat_template(tok, tmp_path):
     assert "zebra" not in loaded.decode(odd) and "<unk>" in loaded.decode(odd)
 
 
+def test_chat_template_inserts_the_system_prompt_when_missing(tok, tmp_path):
+    # Prompted the ordinary way (a user turn only), the model must see the prompt it was trained
+    # on; an explicit system turn, the project's or another, is kept as given.
+    from transformers import AutoTokenizer
+
+    from pruner.embedded import SHIPPED_MODEL
+    from pruner.embedded.tokenizer import CHAT_TEMPLATE
+    from pruner.prompting import DEFAULT_SYSTEM_PROMPT, build_prompt
+
+    tok.save_pretrained(str(tmp_path))
+    built, shipped = AutoTokenizer.from_pretrained(str(tmp_path)), AutoTokenizer.from_pretrained(str(SHIPPED_MODEL))
+    assert shipped.chat_template == built.chat_template == CHAT_TEMPLATE, "rebuild the shipped tokenizer files"
+    problem = task.problem_text(*sample_spec(random.Random(2), 5))
+    for t in (built, shipped):
+        explicit = build_prompt(t, problem)
+        assert build_prompt(t, problem, system_prompt=None) == explicit
+        user_only = t.apply_chat_template([{"role": "user", "content": problem}], tokenize=False,
+                                          add_generation_prompt=True)
+        assert user_only == explicit and f"within \\boxed{{}}.<|im_end|>" in explicit
+        other = build_prompt(t, problem, system_prompt="be brief .")
+        assert other.startswith("<|im_start|>system\nbe brief .<|im_end|>\n") and DEFAULT_SYSTEM_PROMPT not in other
+        # a multi-turn chat gets the system turn once, at the start
+        chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x = 1 ."},
+                {"role": "user", "content": problem}]
+        rendered = t.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+        assert rendered.count("<|im_start|>system") == 1 and rendered.startswith(explicit.split("<|im_start|>user")[0])
+
+
 def test_tiny_build_loads_and_is_deterministic(tmp_path):
     import torch
     from safetensors.torch import load_file

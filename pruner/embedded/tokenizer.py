@@ -16,8 +16,20 @@ PAD, UNK, IM_START, IM_END = "<|endoftext|>", "<unk>", "<|im_start|>", "<|im_end
 SPECIALS = [PAD, UNK, IM_START, IM_END]
 SPACE = "\u2581"
 
-# ChatML, as Qwen models use it; the generation prompt opens the assistant turn.
+
+def _jinja_literal(text: str) -> str:
+    """`text` as a single-quoted Jinja string literal (Jinja unescapes backslashes like Python)."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+# ChatML, as Qwen models use it; the generation prompt opens the assistant turn. Like Qwen's own
+# templates, a conversation without a system turn gets the model's system prompt (the project's,
+# which every training trace was prompted with): prompted "the ordinary way" with only a user
+# turn, the model sees exactly the prompt it was trained and profiled on.
 CHAT_TEMPLATE = (
+    "{% if not messages or messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\n' + " + _jinja_literal(DEFAULT_SYSTEM_PROMPT) + " + '<|im_end|>\n' }}"
+    "{% endif %}"
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
     "{% endfor %}"
