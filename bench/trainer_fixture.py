@@ -49,10 +49,11 @@ def build_model_folder(arch: str, out: Path, device: str) -> Path:
 
 
 def write_samples(path: Path, model_dir: Path, *, problems: int, k: int, response_tokens: int, seed: int = 0) -> Path:
-    """Records as pre-sampling writes them (pruner/presample.py), with random response token ids."""
+    """Records and meta as pre-sampling writes them (pruner/presample.py), with random response token ids."""
     from transformers import AutoTokenizer
 
-    from pruner.presample import _atomic_rewrite
+    from pruner.manifest import write_manifest
+    from pruner.presample import PresampleConfig, _atomic_rewrite, meta_path, samples_manifest
     from pruner.prompting import build_prompt
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
@@ -73,6 +74,10 @@ def write_samples(path: Path, model_dir: Path, *, problems: int, k: int, respons
                             "correct": correct, "answer": str(2 * p)})
     path.parent.mkdir(parents=True, exist_ok=True)
     _atomic_rewrite(path, records)
+    # The dataset stage trusts no samples file without its meta: write the one pre-sampling would.
+    cfg = PresampleConfig(model=str(model_dir), problems="gpu-check-fixture", out=str(path), k=k,
+                          max_new_tokens=response_tokens, seed=seed)
+    write_manifest(meta_path(path), samples_manifest(cfg, str(model_dir), tok))
     return path
 
 

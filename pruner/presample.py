@@ -264,7 +264,7 @@ def _check_prompt_lengths(cfg: PresampleConfig, problems: list[dict], prompt_ids
                          "(--max-model-len or the model's max_position_embeddings)")
 
 
-def _manifest(cfg: PresampleConfig, model_id: str, tokenizer: Any) -> dict[str, Any]:
+def samples_manifest(cfg: PresampleConfig, model_id: str, tokenizer: Any) -> dict[str, Any]:
     inputs = model_inputs(cfg.model, tokenizer)
     problems = Path(cfg.problems).expanduser()
     inputs["problems"] = file_digest(problems) if problems.is_file() else cfg.problems
@@ -296,7 +296,7 @@ def run(cfg: PresampleConfig, *, llm: Any = None) -> dict[str, Any]:
     _check_prompt_lengths(cfg, problems, prompt_ids)
     model_id = str(Path(cfg.model).resolve()) if Path(cfg.model).exists() else cfg.model
     local_inputs = [p for p in (cfg.model, cfg.problems) if Path(p).exists()]
-    lock = claim_output(samples_output(out), _manifest(cfg, model_id, tokenizer), what=f"samples file {out}",
+    lock = claim_output(samples_output(out), samples_manifest(cfg, model_id, tokenizer), what=f"samples file {out}",
                         resume=not cfg.overwrite, overwrite=cfg.overwrite, legacy_hint=NO_META_HINT,
                         inputs=local_inputs)
     with lock:
