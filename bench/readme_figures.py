@@ -11,7 +11,7 @@ Figures (each the script that measures it, run as its own process):
   demo       `python -m pruner.demo` (pre-sample, train, benchmark) : result tables + per-stage wall time
   profile    bench/profile_default.py : the embedded default on its 400 test problems
   presample  bench/presample_vs_hf.py : pre-sampling throughput, vLLM against HF generate
-  kernels    bench/kernels.py (CPU: PyTorch paths, small shapes) : time and peak memory
+  kernels    bench/kernel_ops.py (CPU: PyTorch paths, small shapes) : time and peak memory
   train_step bench/train_step.py : one trainer step against the paper code's recipe
 
 The results folder holds each figure's raw output in a subfolder, `figures.md` (one Markdown
@@ -35,8 +35,8 @@ from pathlib import Path
 from typing import Callable
 
 ROOT = Path(__file__).resolve().parent.parent
-# Run as `python bench/<this>.py`, Python puts bench/ first on sys.path, where bench/kernels.py
-# would shadow the `kernels` package that transformers imports: the repository root instead.
+# Run as `python bench/<this>.py`, Python puts bench/ first on sys.path; the modules this imports
+# (`bench.*`, `pruner`) are found from the repository root, so that takes its place.
 if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
     sys.path[0] = str(ROOT)
 
@@ -63,7 +63,7 @@ FIGURES: dict[str, Figure] = {
     "profile": Figure(lambda d: _py("bench/profile_default.py", "--out", str(d / "default_profile")), render.profile),
     "presample": Figure(lambda d: _py("bench/presample_vs_hf.py", "--out", str(d / "presample_vs_hf.json")),
                         render.presample),
-    "kernels": Figure(lambda d: _py("bench/kernels.py", "--out", str(d / "kernels_cpu.csv")), render.kernels),
+    "kernels": Figure(lambda d: _py("bench/kernel_ops.py", "--out", str(d / "kernels_cpu.csv")), render.kernels),
     "train_step": Figure(lambda d: _py("bench/train_step.py", "--out", str(d)), render.train_step),
 }
 

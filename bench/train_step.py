@@ -24,8 +24,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# `python bench/train_step.py` puts bench/ first on sys.path, where bench/kernels.py would shadow
-# Hugging Face's `kernels` package that transformers imports: the project root replaces it.
+# `python bench/train_step.py` puts bench/ first on sys.path; the project root (for `bench.*` and
+# `pruner`) replaces it.
 sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
 
 import torch  # noqa: E402

@@ -45,8 +45,8 @@ def _run(cmd: list[str], env: dict) -> None:
 def _stage_env(nproc: int) -> dict:
     """The stages' environment: this checkout's modules, and the cores shared by the processes.
 
-    PYTHONSAFEPATH keeps a script's own folder off sys.path: `python bench/speed.py` would
-    otherwise import bench/kernels.py in place of the `kernels` package transformers uses.
+    PYTHONSAFEPATH keeps a script's own folder off sys.path, so `python bench/speed.py` imports
+    nothing by accident from bench/ (PYTHONPATH gives it the repository root).
     OMP_WAIT_POLICY=PASSIVE: idle OpenMP threads sleep instead of spinning. With the vLLM engine
     in-process and 2 threads on 2 cores, any other busy process made the spinning threads wait on
     a descheduled partner: pre-sampling fell to ~7 samples/s (vs ~60 passive) on a loaded machine.

@@ -24,7 +24,7 @@ Per rank (bytes), with e = bytes of the compute dtype (2 under the bf16 MixedPre
                outside layers = (e + 4) h + 2 e head_dim (embedding, final norm, rotary cos/sin)
                backward       = e (4h + 2i), plus one recomputed layer under checkpointing
   head_workspace  the fused log-prob head: on CUDA (Triton) a dz chunk of <= 1 GiB, d_hidden
-             N x h x e and an fp32 d_weight (x2 when chunked); on the CPU (PyTorch chunks) 3 x <= 32 MiB
+             N x h x e and an fp32 d_weight (+ 64 MiB of fp32 partial products when chunked); on the CPU (PyTorch chunks) 3 x <= 32 MiB
              logits chunks, fp32 weight and d_weight copies and an fp32 d_hidden. It replaces the
              N x V fp32 logits (`logits_avoided`) that log_softmax + gather would hold.
 """
@@ -43,6 +43,7 @@ GIB = 2**30
 COMPONENTS = ("params", "grads", "optimizer", "fsdp_unsharded", "activations", "head_workspace")
 CPU_CHUNK_BYTES = 32 * 2**20   # o1pruner_kernels.fused_linear.DEFAULT_CHUNK_BYTES
 TRITON_DZ_BYTES = 1 << 30      # the Triton backward's dz chunk budget (bwd_chunk_bytes)
+TRITON_DW_SLICE_BYTES = 64 * 2**20  # o1pruner_kernels._fused_linear_triton.DW_SLICE_BYTES
 
 
 @dataclass
@@ -144,7 +145,8 @@ def head_workspace_bytes(config, tokens: int, *, elem: int, device: str) -> int:
     per_token_out = 3 * 4 * tokens  # log-prob, log-sum-exp, entropy (fp32)
     if device == "cuda":
         chunk = max(1, min(tokens, TRITON_DZ_BYTES // (vocab * elem)))
-        dw = 4 * vocab * h * (2 if tokens > chunk else 0)  # fp32 accumulator + one fp32 partial product
+        # fp32 accumulator + its sliced fp32 partial products (_fused_linear_triton.DW_SLICE_BYTES)
+        dw = (4 * vocab * h + TRITON_DW_SLICE_BYTES) if tokens > chunk else 0
         return chunk * vocab * elem + tokens * h * elem + dw + per_token_out
     weight_copies = 4 * vocab * h * (2 if elem != 4 else 1)  # fp32 weight (a copy below fp32) + fp32 d_weight
     chunk_rows = max(1, min(tokens, CPU_CHUNK_BYTES // (4 * vocab)))  # fused_linear._chunk_rows

@@ -319,8 +319,23 @@ def flp_backward(h, w, y, lse, ent, g_logp, g_ent, inv_t: float, cfg: dict, need
             if dw is None:  # single chunk: one rounding, like the final cast to weight.dtype
                 dw = dzc.T @ h[a:b]
             else:  # several chunks: partial sums must not be rounded to bf16 one by one
-                dw.add_(_mm_fp32(dzc.T, h[a:b]))
+                _add_mm_fp32(dw, dzc.T, h[a:b])
     return dh, dw
+
+
+# fp32 temporaries of _add_mm_fp32: a whole [V, D] product would double d_weight's memory
+# (5.8 GiB instead of 2.9 at V = 152,064, D = 5,120); row slices of this size keep GEMMs large.
+DW_SLICE_BYTES = 64 * 2**20
+
+
+def _add_mm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b accumulated in fp32, with at most DW_SLICE_BYTES of temporaries."""
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b)
+        return
+    rows = max(1, DW_SLICE_BYTES // (4 * b.shape[1]))
+    for r in range(0, acc.shape[0], rows):
+        acc[r:r + rows].add_(_mm_fp32(a[r:r + rows], b))
 
 
 def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
