@@ -107,6 +107,7 @@ def test_autotuned_launch_path(bwd, monkeypatch):
     """The GPU path through triton.autotune (grid per config, neutral unused split columns, keys,
     dtype pruning), run by the interpreter: fp32 (no bf16 upcast needed) with the candidate lists
     cut to one config each, so the autotuner launches without benchmarking."""
+    monkeypatch.setenv("O1PRUNER_AUTOTUNE", "1")  # gpu_check.sh runs the other tests with autotuning off
     monkeypatch.setattr(flt, "interpreting", lambda: False)
     for kind in fc.CANDIDATES:
         monkeypatch.setitem(fc.CANDIDATES[kind], 4, fc.CANDIDATES[kind][4][:1])
