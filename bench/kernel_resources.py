@@ -28,7 +28,7 @@ import re  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
-from dataclasses import asdict, dataclass, field  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import triton  # noqa: E402
@@ -122,11 +122,6 @@ def measure(b: Build, arch: int) -> dict:
                 default=b.default and arch == 90)
 
 
-def _tile_config(t: dict) -> dict:
-    return {"BLOCK_N": t["block_n"], "BLOCK_V": t["block_v"], "BLOCK_D": t["block_d"],
-            "num_warps": t["num_warps"], "num_stages": t["num_stages"]}
-
-
 def fused_linear_builds(dtype: str) -> list[Build]:
     """Every candidate tile of the three fused-linear kernels x every constexpr variant the launcher
     passes. `default`: the static default (first candidate) in the variant the trainer uses at the
@@ -151,7 +146,7 @@ def fused_linear_builds(dtype: str) -> list[Build]:
                 target_variant = not v["I64"] and not v.get("WITH_ENT") and not v.get("HAS_ENT_GRAD") and \
                     v.get("NEED_DH", True) and v.get("NEED_DW", True)
                 is_default = j == 0 and dtype == "bf16" and target_variant and name != "fused_linear.bwd_atomic"
-                out.append(Build(name, fn, _tile_config(tile), {**v, **base}, default=is_default, **common))
+                out.append(Build(name, fn, fc.launch_meta(tile), {**v, **base}, default=is_default, **common))
     return out
 
 

@@ -27,10 +27,8 @@ import sys
 import time
 from pathlib import Path
 
-# Run as `python bench/<this>.py`, Python puts bench/ first on sys.path; the modules this imports
-# (`bench.*`, `pruner`) are found from the repository root, so that takes its place.
-if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
-    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+# `python bench/<this>.py` from a checkout: `bench.*` and `pruner` come from the repository root
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def _problems_and_prompts(args: argparse.Namespace):

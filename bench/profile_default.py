@@ -20,10 +20,8 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-# Run as `python bench/<this>.py`, Python puts bench/ first on sys.path; the modules this imports
-# (`bench.*`, `pruner`) are found from the repository root, so that takes its place.
-if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
-    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+# `python bench/<this>.py` from a checkout: `bench.*` and `pruner` come from the repository root
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def quartile_accuracy(lengths: list[list[int]], correct: list[list[bool]]) -> list[float]:

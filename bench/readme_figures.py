@@ -35,10 +35,7 @@ from pathlib import Path
 from typing import Callable
 
 ROOT = Path(__file__).resolve().parent.parent
-# Run as `python bench/<this>.py`, Python puts bench/ first on sys.path; the modules this imports
-# (`bench.*`, `pruner`) are found from the repository root, so that takes its place.
-if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
-    sys.path[0] = str(ROOT)
+sys.path.insert(0, str(ROOT))  # `python bench/<this>.py` from a checkout: `bench.*` and `pruner`
 
 from bench import figure_render as render  # noqa: E402
 

@@ -24,9 +24,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# `python bench/train_step.py` puts bench/ first on sys.path; the project root (for `bench.*` and
-# `pruner`) replaces it.
-sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
+sys.path.insert(0, str(ROOT))  # `python bench/train_step.py` from a checkout: `bench.*` and `pruner`
 
 import torch  # noqa: E402
 

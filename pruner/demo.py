@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--k", type=int, default=8, help="samples per training problem")
     # 600 problems (150 steps of 32) at twice the trainer's embedded learning rate reach what 1,200 problems
     # (300 steps) at 2e-5 did -- sampled: token ratio 0.518 vs 0.515, waste removed 0.972 vs 0.979, accuracy
-    # 0.990 vs 0.998 against the base's 0.959; greedy identical -- in 4.3 instead of 8.1 minutes (issue 16).
+    # 0.990 vs 0.998 against the base's 0.959; greedy identical -- in 4.0 instead of 8.1 minutes (issue 16).
     p.add_argument("--train-problems", type=int, default=600, help="training problems to pre-sample (of 1,200)")
     p.add_argument("--lr", type=float, default=4e-5, help="the trainer's peak learning rate for this run")
     p.add_argument("--test-problems", type=int, default=400, help="test problems in the benchmark")

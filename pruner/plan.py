@@ -76,14 +76,19 @@ def load_config(arch: str = "", model: str = ""):
     return config_for(arch) if arch else AutoConfig.from_pretrained(model)
 
 
-def model_layout(config) -> ShardLayout:
-    """Build the model on the meta device (no memory, no weights) and group its parameters like FSDP2."""
+def _meta_model(config) -> torch.nn.Module:
+    """The real transformers model of `config` on the meta device: shapes only, no memory, no weights."""
     from transformers import AutoModelForCausalLM
 
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+def model_layout(config) -> ShardLayout:
+    """Build the model on the meta device and group its parameters like FSDP2."""
     from pruner.modeling import _decoder_blocks
 
-    with torch.device("meta"):
-        lm = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    lm = _meta_model(config)
     blocks = _decoder_blocks(lm)
     in_block = {id(p) for b in blocks for p in b.parameters()}
     root = [tuple(p.shape) for p in lm.parameters() if id(p) not in in_block]  # parameters() dedups tied
@@ -91,23 +96,21 @@ def model_layout(config) -> ShardLayout:
                        block_shapes=[[tuple(p.shape) for p in b.parameters()] for b in blocks])
 
 
-def fsdp_local_numel(config, world_size: int) -> int:
+def fsdp_local_numel(config, world_size: int, layout: ShardLayout | None = None) -> int:
     """Rank 0's parameter elements after `fully_shard` over a fake process group of `world_size`."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.testing._internal.distributed.fake_pg import FakeStore
-    from transformers import AutoModelForCausalLM
 
     from pruner.modeling import _decoder_blocks
 
     if dist.is_initialized():  # the trainer's own group: FSDP2's chunking rule gives the same count
-        return model_layout(config).local_numel(world_size)
+        return (layout or model_layout(config)).local_numel(world_size)
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
     try:
         mesh = init_device_mesh("cpu", (world_size,))
-        with torch.device("meta"):
-            lm = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        lm = _meta_model(config)
         for block in _decoder_blocks(lm):
             fully_shard(block, mesh=mesh)
         fully_shard(lm, mesh=mesh)
@@ -225,7 +228,7 @@ def plan_for(config, *, gpus: int, gpu_memory_gib: float, micro_batch_tokens: in
     layout = model_layout(config)
     plan = estimate(config, gpus=gpus, gpu_memory_gib=gpu_memory_gib, micro_batch_tokens=micro_batch_tokens,
                     activation_checkpointing=activation_checkpointing, compute_dtype=compute_dtype, device=device,
-                    name=name, layout=layout, local_numel=fsdp_local_numel(config, gpus))
+                    name=name, layout=layout, local_numel=fsdp_local_numel(config, gpus, layout))
     if not plan.fits:
         plan.suggestions = suggest(config, plan, layout)
     return plan

@@ -4,7 +4,7 @@ interpreter's small blocks.
 Every candidate below compiles for sm_90a without register spills and within the H100's
 register and shared-memory budget in every constexpr variant the launcher can pick (entropy or
 not, 32- or 64-bit offsets, which gradients): `bench/kernel_resources.py` measures that on a CPU
-(ahead-of-time compile + ptxas / cuobjdump) and `tests/test_kernel_resources.py` guards it.
+(ahead-of-time compile + ptxas / cuobjdump) and `tests/test_kernels_compile.py` guards it.
 The first candidate of each list is the static default (the choice when autotuning is off).
 Lists are per operand size: fp32 operands take twice the shared memory per tile and their IEEE
 fp32 dot runs on FMA units with its operands in registers, so they get smaller tiles (measured:
@@ -45,9 +45,18 @@ def candidates(kind: str, elt_bytes: int) -> list[dict]:
     return [as_dict(c) for c in CANDIDATES[kind][2 if elt_bytes <= 2 else 4]]
 
 
+def launch_meta(cfg: dict) -> dict:
+    """A tile as a kernel launch's keywords: BLOCK_N/V/D, num_warps and (when set) num_stages."""
+    meta = {"BLOCK_N": cfg["block_n"], "BLOCK_V": cfg["block_v"], "BLOCK_D": cfg["block_d"],
+            "num_warps": cfg["num_warps"]}
+    if cfg["num_stages"] is not None:
+        meta["num_stages"] = cfg["num_stages"]
+    return meta
+
+
 def triton_config(cfg: dict) -> triton.Config:
-    meta = {"BLOCK_N": cfg["block_n"], "BLOCK_V": cfg["block_v"], "BLOCK_D": cfg["block_d"]}
-    return triton.Config(meta, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    blocks = {k: v for k, v in launch_meta(cfg).items() if k.startswith("BLOCK_")}
+    return triton.Config(blocks, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
 def triton_configs(kind: str) -> list[triton.Config]:

@@ -210,13 +210,6 @@ def _tiles(cfg: dict, kind: str, elt_bytes: int) -> dict:
     return {k: base[k] if cfg[k] is None else cfg[k] for k in _TILE_KEYS}
 
 
-def _meta(t: dict) -> dict:
-    kw = {"BLOCK_N": t["block_n"], "BLOCK_V": t["block_v"], "BLOCK_D": t["block_d"], "num_warps": t["num_warps"]}
-    if t["num_stages"] is not None:
-        kw["num_stages"] = t["num_stages"]
-    return kw
-
-
 def _max_offset(t: torch.Tensor) -> int:
     return sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride()) if n > 0)
 
@@ -259,7 +252,7 @@ def flp_forward(h, w, y, inv_t: float, cfg: dict, with_entropy: bool = True):
         _fwd_tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), splits(meta["BLOCK_N"], meta["BLOCK_V"]))](*args, **const)
     else:
         t = tiles[0]
-        _flp_fwd_kernel[(triton.cdiv(N, t["block_n"]), n_out)](*args, **const, **_meta(t))
+        _flp_fwd_kernel[(triton.cdiv(N, t["block_n"]), n_out)](*args, **const, **fc.launch_meta(t))
     m, s, t, zy = part.unbind(0)
     big_m = m.amax(1, keepdim=True)
     scale = torch.exp(m - big_m)
@@ -296,7 +289,7 @@ def flp_backward(h, w, y, lse, ent, g_logp, g_ent, inv_t: float, cfg: dict, need
             tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(V, meta["BLOCK_V"]))](*args, **const)
         else:
             grid = (triton.cdiv(n, tiles["block_n"]), triton.cdiv(V, tiles["block_v"]))
-            _flp_bwd_kernel[grid](*args, **const, **_meta(tiles))
+            _flp_bwd_kernel[grid](*args, **const, **fc.launch_meta(tiles))
 
     if cfg["bwd"] == "atomic":
         dh = torch.zeros((N, D) if need_dh else (1, 1), dtype=torch.float32, device=h.device)
