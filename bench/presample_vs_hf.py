@@ -32,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def _problems_and_prompts(args: argparse.Namespace):
-    from pruner.data import load_problems
-    from pruner.hf import load_tokenizer
+    from pruner.problems import load_problems
+    from pruner.model_files import load_tokenizer
     from pruner.prompting import build_prompt
 
     tok = load_tokenizer(args.model)
@@ -88,7 +88,7 @@ def run_hf(args: argparse.Namespace, tok, prompt_ids: list[list[int]]) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from pruner.hf import eos_token_ids
+    from pruner.model_files import eos_token_ids
 
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()

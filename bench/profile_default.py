@@ -147,7 +147,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS / "default_profile", help="path stem for .json/.md")
     args = parser.parse_args()
-    from pruner.data import check_limit
+    from pruner.problems import check_limit
 
     check_limit(args.limit, "--limit")  # before the engine starts
 

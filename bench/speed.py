@@ -51,7 +51,7 @@ def parse_models(specs: list[str] | None) -> list[tuple[str, str]]:
 
 def check_args(args: argparse.Namespace, models: list[tuple[str, str]]) -> None:
     """Every flag and every model checked before the first engine starts."""
-    from pruner.data import check_limit
+    from pruner.problems import check_limit
     from pruner.presample import check_model
 
     check_limit(args.limit, "--limit")
@@ -72,7 +72,7 @@ def check_args(args: argparse.Namespace, models: list[tuple[str, str]]) -> None:
 def claim_out(args: argparse.Namespace, models: list[tuple[str, str]]) -> Any:
     """Lock --out and check its manifest: results of another comparison are never mixed in."""
     from pruner.manifest import Output, build_manifest, claim_output, file_digest
-    from pruner.reflogps import model_fingerprint
+    from pruner.model_files import model_fingerprint
 
     data = Path(args.data)
     inputs = {"models": {name: model_fingerprint(path) for name, path in models},
@@ -87,10 +87,10 @@ def claim_out(args: argparse.Namespace, models: list[tuple[str, str]]) -> Any:
 
 def run_worker(args: argparse.Namespace) -> None:
     """Generate every mode for one model and dump per-sample results as JSON."""
-    from pruner.data import load_problems
+    from pruner.problems import load_problems
     from pruner.generation import generate, open_llm
     from pruner.grading import grade
-    from pruner.hf import load_tokenizer
+    from pruner.model_files import load_tokenizer
     from pruner.prompting import FAST_SOLVING_SUFFIX, build_prompt
 
     problems = load_problems(args.data, limit=args.limit)

@@ -40,7 +40,6 @@ import json
 import logging
 import sys
 from collections import OrderedDict
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +48,8 @@ if __package__ in (None, ""):  # `python pruner/dataset.py`
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
+from pruner.configs import DatasetConfig  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -261,7 +262,7 @@ def build_trainset(
     samples): a folder holding a set built from other samples or settings is refused unless
     `overwrite` (which deletes it first, reference log-prob caches included).
     """
-    from pruner.hf import eos_token_ids, load_tokenizer, tokenizer_fingerprint
+    from pruner.model_files import eos_token_ids, load_tokenizer, tokenizer_fingerprint
 
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -389,25 +390,11 @@ def load_trainset(path: str | Path) -> dict[str, Any]:
     return {**load_file(str(p / "trainset.safetensors")), "meta": meta, "stats": stats}
 
 
-@dataclass
-class DatasetConfig:
-    """Build the O1-Pruner training set (or an SFT/DPO baseline set) from pre-sampled responses."""
-
-    samples: str = field(default="runs/default/samples.jsonl", metadata={"help": "samples JSONL from pruner/presample.py"})
-    out: str = field(default="runs/default/trainset", metadata={"help": "output folder"})
-    kind: str = field(default="lh", metadata={"help": "lh (length-harmonizing), sft (shortest correct) or dpo (shortest correct vs longest/wrong)"})
-    lam: float = field(default=2.0, metadata={"help": "accuracy weight lambda (the paper: 2 for Marco-o1, 5 for QwQ)"})
-    keep_per_problem: int | None = field(default=None, metadata={"help": "keep a random N samples per problem (default all; the paper's code keeps 2)"})
-    ref_stats: str | None = field(default=None, metadata={"help": "problem_stats.jsonl (or trainset folder) whose Lbar/Abar to reward against"})
-    seed: int = field(default=0, metadata={"help": "seed of the keep-per-problem draw"})
-    tokenizer: str | None = field(default=None, metadata={"help": "tokenizer folder/id (default: the model in the samples' meta)"})
-    report: bool = field(default=True, metadata={"help": "write the report/ folder (plots, tables)"})
-    overwrite: bool = field(default=False, metadata={"help": "replace an --out folder that holds a set built from other samples or settings"})
 
 
 def main(argv: list[str] | None = None) -> Path:
     from pruner.cli import parse_config
-    from pruner.hf import load_tokenizer
+    from pruner.model_files import load_tokenizer
 
     cfg = parse_config(DatasetConfig, argv)
     tok = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else None

@@ -9,9 +9,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-import o1pruner_kernels
-
-LOSSES = ("lh", "sft", "dpo")
+from o1pruner_kernels.ratio_loss import clipped_ratio_loss
+from o1pruner_kernels.sequence import sequence_logprobs
+from pruner.configs import LOSSES
 
 
 def normalizer_units(loss: str, ratio_level: str) -> str:
@@ -35,7 +35,7 @@ def compute_loss(loss: str, logps: torch.Tensor, old_logps: torch.Tensor | None,
                  chosen: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Loss of one micro-batch (already divided by the global `normalizer`) and detached statistics."""
     if loss == "lh":
-        value, stats = o1pruner_kernels.clipped_ratio_loss(logps, old_logps, advantages, mask, eps_low=eps_low,
+        value, stats = clipped_ratio_loss(logps, old_logps, advantages, mask, eps_low=eps_low,
                                                   eps_high=eps_high, level=ratio_level, normalizer=normalizer)
         names = {"ratio_mean": "mean_ratio", "clip_frac": "clip_fraction"}
         return value, {names.get(k, k): v.detach() for k, v in stats.items()}
@@ -45,8 +45,8 @@ def compute_loss(loss: str, logps: torch.Tensor, old_logps: torch.Tensor | None,
         return total / normalizer, {"nll": nll}
     if loss == "dpo":
         # Rows come in (chosen, rejected) pairs, adjacent; the `chosen` flags say which is which.
-        seq, _ = o1pruner_kernels.sequence_logprobs(logps, mask, normalize=False)
-        ref, _ = o1pruner_kernels.sequence_logprobs(old_logps, mask, normalize=False)
+        seq, _ = sequence_logprobs(logps, mask, normalize=False)
+        ref, _ = sequence_logprobs(old_logps, mask, normalize=False)
         margin = (seq - ref).view(-1, 2)
         sign = torch.where(chosen.view(-1, 2)[:, 0].bool(), 1.0, -1.0).to(margin)
         delta = sign * (margin[:, 0] - margin[:, 1])

@@ -63,8 +63,7 @@ def manifest_digest(path: str | os.PathLike) -> str | None:
 
 def model_inputs(model: str, tokenizer: Any = None) -> dict[str, str]:
     """Fingerprints of a model folder (config + weights' head and tail) and of its tokenizer."""
-    from pruner.hf import tokenizer_fingerprint
-    from pruner.reflogps import model_fingerprint
+    from pruner.model_files import model_fingerprint, tokenizer_fingerprint
 
     inputs = {"model": model_fingerprint(model)}
     if tokenizer is not None:

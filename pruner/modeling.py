@@ -14,7 +14,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-import o1pruner_kernels
+from o1pruner_kernels.fused_linear import fused_linear_logprobs
 from pruner.distributed import Dist, broadcast_buffers, print0
 
 
@@ -40,7 +40,7 @@ class TokenLogprobs(nn.Module):
         # Tied models (Qwen2.5-0.5B/1.5B) share this tensor with the embedding; FSDP2 manages it once.
         # Under the bf16 MixedPrecisionPolicy both `hidden` and `weight` are bf16 here.
         weight = self.lm.get_output_embeddings().weight
-        logps = o1pruner_kernels.fused_linear_logprobs(hidden, weight, labels, temperature=self.temperature)
+        logps = fused_linear_logprobs(hidden, weight, labels, temperature=self.temperature)
         # The kernel returns a view ([N] -> [B, T]); FSDP2 hooks the root's outputs for its
         # pre-backward all-gather, and an in-place op on a view would silently drop that hook
         # (FSDP2 warns "returned a view tensor"). A [B, T] fp32 copy is cheap; a lost hook is not.

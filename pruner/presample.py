@@ -29,46 +29,20 @@ import re
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 if __package__ in (None, ""):  # `python pruner/presample.py` runs without the package on sys.path
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pruner.data import check_limit  # noqa: E402
+from pruner.problems import check_limit  # noqa: E402
 from pruner.manifest import Output, build_manifest, claim_output, file_digest, model_inputs  # noqa: E402
-from pruner.prompting import DEFAULT_SYSTEM_PROMPT, build_prompt  # noqa: E402
+from pruner.configs import PresampleConfig  # noqa: E402
+from pruner.prompting import build_prompt  # noqa: E402
 
 SAMPLES_FORMAT = "o1-pruner-samples/1"
 
 
-@dataclass
-class PresampleConfig:
-    """Pre-sample K graded responses per problem from the reference model with vLLM."""
-
-    model: str = field(default="", metadata={"help": "model folder or hub id; empty = the embedded default model"})
-    problems: str = field(default="embedded:train", metadata={"help": "problems: .json/.jsonl/.parquet file, embedded:train|test, or hub id"})
-    out: str = field(default="runs/default/samples.jsonl", metadata={"help": "output JSONL (resumed when it exists)"})
-    k: int = field(default=8, metadata={"help": "samples per problem (the paper's code: 12-16)"})
-    temperature: float = field(default=0.5, metadata={"help": "sampling temperature (the paper's code: 0.5)"})
-    top_p: float = field(default=0.8, metadata={"help": "nucleus sampling top-p (the paper's code: 0.8)"})
-    max_new_tokens: int = field(default=1024, metadata={"help": "max response tokens (1024 suits the embedded model; the paper uses 8192)"})
-    seed: int = field(default=0, metadata={"help": "base seed; each problem samples with a seed derived from it and the problem id"})
-    system_prompt: str = field(default=DEFAULT_SYSTEM_PROMPT, metadata={"help": "system prompt ('' for none, e.g. R1 distills)"})
-    suffix: str = field(default="", metadata={"help": "text appended to every problem (e.g. the fast-solving baseline)"})
-    think: str = field(default="auto", metadata={"help": "open a <think> block after the prompt: auto (if the template uses it), on, off"})
-    tensor_parallel_size: int = field(default=1, metadata={"help": "GPUs per model replica"})
-    data_parallel_size: int = field(default=1, metadata={"help": "model replicas on this node (where vLLM supports it)"})
-    shard: str = field(default="0/1", metadata={"help": "i/n: this process samples problems i, i+n, ... (multi-node); output gets a .shard<i>of<n> suffix"})
-    limit: int | None = field(default=None, metadata={"help": "only the first N problems (before sharding)"})
-    chunk_problems: int = field(default=64, metadata={"help": "problems per vLLM call; the file is appended and fsynced after each"})
-    max_model_len: int | None = field(default=None, metadata={"help": "vLLM context length; default = longest prompt + max new tokens"})
-    dtype: str = field(default="auto", metadata={"help": "vLLM dtype"})
-    problem_field: str | None = field(default=None, metadata={"help": "name of the problem field when not detected"})
-    answer_field: str | None = field(default=None, metadata={"help": "name of the answer field when not detected"})
-    id_field: str | None = field(default=None, metadata={"help": "name of the id field when not detected"})
-    overwrite: bool = field(default=False, metadata={"help": "delete an existing --out (samples, meta, summary) and start afresh"})
 
 
 # Settings that may change between a run and its resume: they do not change what a sample is
@@ -278,8 +252,8 @@ def run(cfg: PresampleConfig, *, llm: Any = None) -> dict[str, Any]:
 
     `llm`: an already open engine (e.g. a caller sampling several sets with one model).
     """
-    from pruner.data import load_problems
-    from pruner.hf import load_tokenizer
+    from pruner.problems import load_problems
+    from pruner.model_files import load_tokenizer
 
     t_start = time.perf_counter()
     cfg = validate(cfg)

@@ -17,26 +17,7 @@ from safetensors.torch import save_file
 
 from pruner.batching import collate, response_offsets
 from pruner.distributed import Dist, all_reduce_sum, barrier
-
-
-def model_fingerprint(path: str) -> str:
-    """Cheap identity of a model folder: its config and the head and tail of every weights file."""
-    digest = hashlib.sha256()
-    root = Path(path)
-    if not root.is_dir():  # a hub id: its name is all we can see without downloading
-        digest.update(path.encode())
-        return digest.hexdigest()[:16]
-    for file in sorted(root.iterdir()):
-        if file.name == "config.json":
-            digest.update(file.read_bytes())
-        elif file.suffix in (".safetensors", ".bin"):
-            size = file.stat().st_size
-            digest.update(f"{file.name}:{size}".encode())
-            with file.open("rb") as f:
-                digest.update(f.read(1 << 20))
-                f.seek(max(0, size - (1 << 20)))
-                digest.update(f.read(1 << 20))
-    return digest.hexdigest()[:16]
+from pruner.model_files import model_fingerprint
 
 
 def content_key(data: dict) -> str:

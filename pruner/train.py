@@ -10,7 +10,7 @@ import json
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 if __package__ in (None, ""):  # `python pruner/train.py` / torchrun: make the project importable
@@ -22,8 +22,8 @@ from pruner import distributed
 from pruner.batching import check_batch_sizes, plan_epoch
 from pruner.checkpoint import export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
 from pruner.cli import parse_config
+from pruner.configs import TrainConfig
 from pruner.distributed import print0
-from pruner.losses import LOSSES
 from pruner.manifest import release_all
 from pruner.metrics import MetricsLogger, peak_memory_gib, plot_metrics
 from pruner.modeling import prepare_model
@@ -35,45 +35,6 @@ from pruner.trainer_setup import (check_inputs, claim_run_folder, cosine_with_wa
                                   resolve_defaults)
 
 
-@dataclass
-class TrainConfig:
-    """Fine-tune a long-thought model to answer with shorter reasoning (O1-Pruner / LHFT)."""
-
-    model: str = field(default="", metadata={"help": "HF causal-LM folder or hub id; empty = the embedded default model"})
-    data: str = field(default="runs/default/trainset", metadata={"help": "training set folder written by pruner/dataset.py"})
-    out: str = field(default="runs/default/train", metadata={"help": "run folder: checkpoints, metrics, export"})
-    loss: str = field(default="", metadata={"help": f"one of {LOSSES}: lh = O1-Pruner's clipped ratio loss; sft/dpo = the paper's baselines; empty = from the training set's kind"})
-    ratio_level: str = field(default="sequence", metadata={"help": "'sequence' (the paper's code: ratio of length-normalised log-probs) or 'token' (PPO/GRPO style)"})
-    eps_low: float = field(default=0.2, metadata={"help": "lower clip range of the ratio: clip(r, 1 - eps_low, 1 + eps_high)"})
-    eps_high: float = field(default=0.2, metadata={"help": "upper clip range of the ratio"})
-    dpo_beta: float = field(default=0.1, metadata={"help": "DPO temperature beta (--loss dpo)"})
-    lr: float = field(default=0.0, metadata={"help": "peak learning rate; 0 = 2e-7 for real models (the paper's 7B value), a tuned value for the embedded default"})
-    epochs: int = field(default=1, metadata={"help": "passes over the training set per round (the paper: 1)"})
-    max_steps: int = field(default=0, metadata={"help": "stop after this many optimizer steps in total (0 = the epochs decide)"})
-    warmup_ratio: float = field(default=0.1, metadata={"help": "fraction of steps with linear warm-up before the cosine decay"})
-    min_lr_ratio: float = field(default=0.0, metadata={"help": "final learning rate as a fraction of the peak"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    max_grad_norm: float = field(default=10.0, metadata={"help": "gradient clipping norm (the paper: 10)"})
-    global_batch_size: int = field(default=32, metadata={"help": "sequences per optimizer step over all processes"})
-    micro_batch_size: int = field(default=8, metadata={"help": "sequences per forward/backward on one process"})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature the log-probs are taken at"})
-    seed: int = field(default=0, metadata={"help": "seed of the data order and of torch"})
-    device: str = field(default="auto", metadata={"help": "'auto' (cuda when available), 'cuda' or 'cpu'"})
-    liger: bool = field(default=True, metadata={"help": "patch Liger-Kernel's RMSNorm/RoPE/SwiGLU into the model on CUDA"})
-    activation_checkpointing: bool = field(default=False, metadata={"help": "recompute each decoder block's activations in backward"})
-    mixed_precision: bool = field(default=True, metadata={"help": "on CUDA: bf16 parameters in compute, fp32 gradient reduction"})
-    meta_init: bool = field(default=True, metadata={"help": "with several processes only rank 0 reads the weights; the others receive their shards"})
-    ckpt_every: int = field(default=50, metadata={"help": "save a resumable checkpoint every N steps (and at the end)"})
-    keep_checkpoints: int = field(default=2, metadata={"help": "how many recent checkpoints to keep"})
-    resume: bool = field(default=False, metadata={"help": "continue from the latest checkpoint in --out (same configuration only)"})
-    overwrite: bool = field(default=False, metadata={"help": "delete what --out holds (another run's checkpoints, metrics) and start afresh"})
-    stop_after: int = field(default=0, metadata={"help": "exit after this many steps, as a preempted run would (after its checkpoint)"})
-    max_bad_steps: int = field(default=3, metadata={"help": "stop when this many steps in a row have a NaN/inf loss or gradient"})
-    plan_check: bool = field(default=True, metadata={"help": "estimate per-rank memory before loading weights (python -m pruner.plan) and refuse, on CUDA, a run that will not fit; --no-plan-check runs it anyway"})
-    export: bool = field(default=True, metadata={"help": "export the final model as a Hugging Face folder <out>/export"})
-    tensorboard: bool = field(default=False, metadata={"help": "also write TensorBoard scalars"})
-    rounds: int = field(default=1, metadata={"help": "on-policy rounds: > 1 re-samples from the current model between rounds"})
-    round_samples: int = field(default=0, metadata={"help": "samples per problem in on-policy rounds (0 = as in the training set)"})
 
 
 def train(cfg: TrainConfig) -> Path | None:

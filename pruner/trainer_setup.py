@@ -32,7 +32,7 @@ def resolve_defaults(cfg: Any) -> Any:
 def load_training_data(cfg: Any) -> tuple[dict, Any]:
     """The training set as tensors (plus meta/stats) and the model's tokenizer, cross-checked."""
     from pruner.dataset import load_trainset
-    from pruner.hf import load_tokenizer, tokenizer_fingerprint
+    from pruner.model_files import load_tokenizer, tokenizer_fingerprint
 
     path = Path(cfg.data)
     if not (path / "meta.json").exists():

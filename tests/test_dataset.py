@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pruner.dataset import build_trainset, load_trainset
-from pruner.hf import load_tokenizer
+from pruner.model_files import load_tokenizer
 from conftest import write_samples_meta
 
 LAM = 2.0

@@ -60,11 +60,6 @@ def check_labels(labels: torch.Tensor, lead_shape: torch.Size, what: str) -> Non
         raise ValueError(f"labels shape {tuple(labels.shape)} must equal {what} {tuple(lead_shape)}")
 
 
-def valid_label_mask(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
-    """Labels that count; negative labels other than ignore_index are treated as ignored too."""
-    return (labels != ignore_index) & (labels >= 0)
-
-
 def check_label_range(labels: torch.Tensor, valid: torch.Tensor, vocab: int) -> None:
     """Out-of-range labels would read past the row in a kernel; fail loudly instead.
 

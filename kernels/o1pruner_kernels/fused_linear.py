@@ -25,8 +25,8 @@ from ._backend import (
     check_temperature,
     resolve_backend,
     should_check_labels,
-    valid_label_mask,
 )
+from .reference import valid_label_mask
 
 DEFAULT_CHUNK_BYTES = 32 * 2**20
 

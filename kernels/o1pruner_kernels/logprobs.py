@@ -24,10 +24,9 @@ from ._backend import (
     next_pow2,
     resolve_backend,
     should_check_labels,
-    valid_label_mask,
 )
 from ._tl import dlogits, num_warps_for, online_lse_update
-from .reference import logprobs_reference
+from .reference import logprobs_reference, valid_label_mask
 
 
 @triton.jit

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import torch
 
-from ._backend import valid_label_mask
+
+def valid_label_mask(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """Labels that count; negative labels other than ignore_index are treated as ignored too."""
+    return (labels != ignore_index) & (labels >= 0)
 
 
 def logprobs_reference(

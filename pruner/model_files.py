@@ -1,4 +1,4 @@
-"""Small Hugging Face helpers shared by every stage: tokenizer loading and identity."""
+"""What a model folder holds, and its identity: the tokenizer, its EOS ids, fingerprints of both."""
 from __future__ import annotations
 
 import hashlib
@@ -55,3 +55,23 @@ def eos_token_ids(tokenizer: Any, model_path: str | os.PathLike | None = None) -
                 if i is not None and int(i) not in ids:
                     ids.append(int(i))
     return ids
+
+
+def model_fingerprint(path: str) -> str:
+    """Cheap identity of a model folder: its config and the head and tail of every weights file."""
+    digest = hashlib.sha256()
+    root = Path(path)
+    if not root.is_dir():  # a hub id: its name is all we can see without downloading
+        digest.update(path.encode())
+        return digest.hexdigest()[:16]
+    for file in sorted(root.iterdir()):
+        if file.name == "config.json":
+            digest.update(file.read_bytes())
+        elif file.suffix in (".safetensors", ".bin"):
+            size = file.stat().st_size
+            digest.update(f"{file.name}:{size}".encode())
+            with file.open("rb") as f:
+                digest.update(f.read(1 << 20))
+                f.seek(max(0, size - (1 << 20)))
+                digest.update(f.read(1 << 20))
+    return digest.hexdigest()[:16]

@@ -136,7 +136,7 @@ def load_problems(
     check_limit(limit)
     source_str = str(source)
     if source_str.startswith("embedded:"):
-        from pruner import default_problems  # lazily: the embedded task is heavy to import
+        from pruner.embedded import default_problems
 
         split = source_str.split(":", 1)[1] or "train"
         problems = [dict(p) for p in default_problems(split)]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pruner.data import ProblemFormatError, load_problems
+from pruner.problems import ProblemFormatError, load_problems
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 if not DATA.exists():
@@ -40,7 +40,7 @@ def test_every_shared_file_loads(name: str) -> None:
 
 @needs_data
 def test_skipped_records_are_counted_and_named(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="pruner.data"):
+    with caplog.at_level(logging.WARNING, logger="pruner.problems"):
         load_problems(DATA / "o1pruner" / "math_train_hard.json")
     text = caplog.text
     assert "skipped 3 record(s)" in text and "math_train_hard-223" in text

@@ -1,0 +1,100 @@
+"""Every pipeline stage's configuration: one dataclass per entry point, a flag per field.
+
+`pruner/cli.py` turns each into its command line (help text, `Literal` choices). They live
+together, apart from the stages' code, so that a stage builds another's configuration (the
+trainer's on-policy rounds, the demo) without importing that stage and everything it pulls in.
+A config checks its own flags in `validate()`; what needs files or a model is checked by its stage.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from pruner.prompting import DEFAULT_SYSTEM_PROMPT
+
+LOSSES = ("lh", "sft", "dpo")
+
+
+@dataclass
+class PresampleConfig:
+    """Pre-sample K graded responses per problem from the reference model with vLLM."""
+
+    model: str = field(default="", metadata={"help": "model folder or hub id; empty = the embedded default model"})
+    problems: str = field(default="embedded:train", metadata={"help": "problems: .json/.jsonl/.parquet file, embedded:train|test, or hub id"})
+    out: str = field(default="runs/default/samples.jsonl", metadata={"help": "output JSONL (resumed when it exists)"})
+    k: int = field(default=8, metadata={"help": "samples per problem (the paper's code: 12-16)"})
+    temperature: float = field(default=0.5, metadata={"help": "sampling temperature (the paper's code: 0.5)"})
+    top_p: float = field(default=0.8, metadata={"help": "nucleus sampling top-p (the paper's code: 0.8)"})
+    max_new_tokens: int = field(default=1024, metadata={"help": "max response tokens (1024 suits the embedded model; the paper uses 8192)"})
+    seed: int = field(default=0, metadata={"help": "base seed; each problem samples with a seed derived from it and the problem id"})
+    system_prompt: str = field(default=DEFAULT_SYSTEM_PROMPT, metadata={"help": "system prompt ('' for none, e.g. R1 distills)"})
+    suffix: str = field(default="", metadata={"help": "text appended to every problem (e.g. the fast-solving baseline)"})
+    think: Literal["auto", "on", "off"] = field(default="auto", metadata={"help": "open a <think> block after the prompt: auto (if the template uses it), on, off"})
+    tensor_parallel_size: int = field(default=1, metadata={"help": "GPUs per model replica"})
+    data_parallel_size: int = field(default=1, metadata={"help": "model replicas on this node (where vLLM supports it)"})
+    shard: str = field(default="0/1", metadata={"help": "i/n: this process samples problems i, i+n, ... (multi-node); output gets a .shard<i>of<n> suffix"})
+    limit: int | None = field(default=None, metadata={"help": "only the first N problems (before sharding)"})
+    chunk_problems: int = field(default=64, metadata={"help": "problems per vLLM call; the file is appended and fsynced after each"})
+    max_model_len: int | None = field(default=None, metadata={"help": "vLLM context length; default = longest prompt + max new tokens"})
+    dtype: str = field(default="auto", metadata={"help": "vLLM dtype"})
+    problem_field: str | None = field(default=None, metadata={"help": "name of the problem field when not detected"})
+    answer_field: str | None = field(default=None, metadata={"help": "name of the answer field when not detected"})
+    id_field: str | None = field(default=None, metadata={"help": "name of the id field when not detected"})
+    overwrite: bool = field(default=False, metadata={"help": "delete an existing --out (samples, meta, summary) and start afresh"})
+
+
+@dataclass
+class DatasetConfig:
+    """Build the O1-Pruner training set (or an SFT/DPO baseline set) from pre-sampled responses."""
+
+    samples: str = field(default="runs/default/samples.jsonl", metadata={"help": "samples JSONL from pruner/presample.py"})
+    out: str = field(default="runs/default/trainset", metadata={"help": "output folder"})
+    kind: Literal["lh", "sft", "dpo"] = field(default="lh", metadata={"help": "lh (length-harmonizing), sft (shortest correct) or dpo (shortest correct vs longest/wrong)"})
+    lam: float = field(default=2.0, metadata={"help": "accuracy weight lambda (the paper: 2 for Marco-o1, 5 for QwQ)"})
+    keep_per_problem: int | None = field(default=None, metadata={"help": "keep a random N samples per problem (default all; the paper's code keeps 2)"})
+    ref_stats: str | None = field(default=None, metadata={"help": "problem_stats.jsonl (or trainset folder) whose Lbar/Abar to reward against"})
+    seed: int = field(default=0, metadata={"help": "seed of the keep-per-problem draw"})
+    tokenizer: str | None = field(default=None, metadata={"help": "tokenizer folder/id (default: the model in the samples' meta)"})
+    report: bool = field(default=True, metadata={"help": "write the report/ folder (plots, tables)"})
+    overwrite: bool = field(default=False, metadata={"help": "replace an --out folder that holds a set built from other samples or settings"})
+
+
+@dataclass
+class TrainConfig:
+    """Fine-tune a long-thought model to answer with shorter reasoning (O1-Pruner / LHFT)."""
+
+    model: str = field(default="", metadata={"help": "HF causal-LM folder or hub id; empty = the embedded default model"})
+    data: str = field(default="runs/default/trainset", metadata={"help": "training set folder written by pruner/dataset.py"})
+    out: str = field(default="runs/default/train", metadata={"help": "run folder: checkpoints, metrics, export"})
+    loss: Literal["", "lh", "sft", "dpo"] = field(default="", metadata={"help": "lh = O1-Pruner's clipped ratio loss; sft/dpo = the paper's baselines; empty = from the training set's kind"})
+    ratio_level: Literal["sequence", "token"] = field(default="sequence", metadata={"help": "'sequence' (the paper's code: ratio of length-normalised log-probs) or 'token' (PPO/GRPO style)"})
+    eps_low: float = field(default=0.2, metadata={"help": "lower clip range of the ratio: clip(r, 1 - eps_low, 1 + eps_high)"})
+    eps_high: float = field(default=0.2, metadata={"help": "upper clip range of the ratio"})
+    dpo_beta: float = field(default=0.1, metadata={"help": "DPO temperature beta (--loss dpo)"})
+    lr: float = field(default=0.0, metadata={"help": "peak learning rate; 0 = 2e-7 for real models (the paper's 7B value), a tuned value for the embedded default"})
+    epochs: int = field(default=1, metadata={"help": "passes over the training set per round (the paper: 1)"})
+    max_steps: int = field(default=0, metadata={"help": "stop after this many optimizer steps in total (0 = the epochs decide)"})
+    warmup_ratio: float = field(default=0.1, metadata={"help": "fraction of steps with linear warm-up before the cosine decay"})
+    min_lr_ratio: float = field(default=0.0, metadata={"help": "final learning rate as a fraction of the peak"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    max_grad_norm: float = field(default=10.0, metadata={"help": "gradient clipping norm (the paper: 10)"})
+    global_batch_size: int = field(default=32, metadata={"help": "sequences per optimizer step over all processes"})
+    micro_batch_size: int = field(default=8, metadata={"help": "sequences per forward/backward on one process"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature the log-probs are taken at"})
+    seed: int = field(default=0, metadata={"help": "seed of the data order and of torch"})
+    device: Literal["auto", "cuda", "cpu"] = field(default="auto", metadata={"help": "'auto' (cuda when available), 'cuda' or 'cpu'"})
+    liger: bool = field(default=True, metadata={"help": "patch Liger-Kernel's RMSNorm/RoPE/SwiGLU into the model on CUDA"})
+    activation_checkpointing: bool = field(default=False, metadata={"help": "recompute each decoder block's activations in backward"})
+    mixed_precision: bool = field(default=True, metadata={"help": "on CUDA: bf16 parameters in compute, fp32 gradient reduction"})
+    meta_init: bool = field(default=True, metadata={"help": "with several processes only rank 0 reads the weights; the others receive their shards"})
+    ckpt_every: int = field(default=50, metadata={"help": "save a resumable checkpoint every N steps (and at the end)"})
+    keep_checkpoints: int = field(default=2, metadata={"help": "how many recent checkpoints to keep"})
+    resume: bool = field(default=False, metadata={"help": "continue from the latest checkpoint in --out (same configuration only)"})
+    overwrite: bool = field(default=False, metadata={"help": "delete what --out holds (another run's checkpoints, metrics) and start afresh"})
+    stop_after: int = field(default=0, metadata={"help": "exit after this many steps, as a preempted run would (after its checkpoint)"})
+    max_bad_steps: int = field(default=3, metadata={"help": "stop when this many steps in a row have a NaN/inf loss or gradient"})
+    plan_check: bool = field(default=True, metadata={"help": "estimate per-rank memory before loading weights (python -m pruner.plan) and refuse, on CUDA, a run that will not fit; --no-plan-check runs it anyway"})
+    export: bool = field(default=True, metadata={"help": "export the final model as a Hugging Face folder <out>/export"})
+    tensorboard: bool = field(default=False, metadata={"help": "also write TensorBoard scalars"})
+    rounds: int = field(default=1, metadata={"help": "on-policy rounds: > 1 re-samples from the current model between rounds"})
+    round_samples: int = field(default=0, metadata={"help": "samples per problem in on-policy rounds (0 = as in the training set)"})
