@@ -58,7 +58,11 @@ def _flag(name: str) -> str:
 
 
 def _default(f: dataclasses.Field) -> Any:
-    return f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING  # a required (positional) field
 
 
 def build_parser(cls: type, description: str | None = None, prog: str | None = None) -> argparse.ArgumentParser:
@@ -78,6 +82,10 @@ def build_parser(cls: type, description: str | None = None, prog: str | None = N
             continue
         convert = _bool if kind is bool else kind
         convert = _optional(convert) if nullable else convert
+        if f.metadata.get("positional"):  # e.g. `presample.py --merge OUT SHARD...`
+            nargs = ("+" if f.default_factory is dataclasses.MISSING else "*") if is_list else None
+            parser.add_argument(f.name, type=convert, nargs=nargs, choices=choices, help=help_text)
+            continue
         parser.add_argument(_flag(f.name), dest=f.name, type=convert, nargs="*" if is_list else None,
                             choices=choices, default=_default(f), help=help_text)
     return parser
@@ -92,8 +100,12 @@ def parse_config(cls: type[T], argv: Sequence[str] | None = None, prog: str | No
 def to_argv(cfg: Any) -> list[str]:
     """The flags that `parse_config(type(cfg), ...)` turns back into `cfg` (only those off their default)."""
     argv: list[str] = []
+    positional: list[str] = []
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
+        if f.metadata.get("positional"):
+            positional += [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
+            continue
         if value == _default(f):
             continue
         if isinstance(value, bool):
@@ -103,7 +115,7 @@ def to_argv(cfg: Any) -> list[str]:
         else:
             # --flag=value: a value that starts with "-" (a prompt, a negative number) stays a value
             argv.append(f"{_flag(f.name)}={'none' if value is None else value}")
-    return argv
+    return positional + argv
 
 
 def run_stage(module: str, cfg: Any, *, launcher: Sequence[str] = (), env: dict[str, str] | None = None,
