@@ -11,11 +11,11 @@ the project's own writer, `pruner.dataset.build_trainset`.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import shutil
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -27,7 +27,7 @@ import torch  # noqa: E402
 def build_model_folder(arch: str, out: Path, device: str) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pruner import default_model_path
+    from pruner.embedded import default_model_path
     from pruner.presets import config_for
 
     tokenizer = AutoTokenizer.from_pretrained(str(default_model_path()))
@@ -49,12 +49,13 @@ def build_model_folder(arch: str, out: Path, device: str) -> Path:
 
 
 def write_samples(path: Path, model_dir: Path, *, problems: int, k: int, response_tokens: int, seed: int = 0) -> Path:
-    """Records and meta as pre-sampling writes them (pruner/presample.py), with random response token ids."""
+    """Records and meta in the samples file format (pruner/samples.py), with random response token ids."""
     from transformers import AutoTokenizer
 
+    from pruner.configs import PresampleConfig
     from pruner.manifest import write_manifest
-    from pruner.presample import PresampleConfig, _atomic_rewrite, meta_path, samples_manifest
     from pruner.prompting import build_prompt
+    from pruner.samples import make_record, meta_path, rewrite_samples, samples_manifest
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     rng = random.Random(seed)
@@ -68,12 +69,12 @@ def write_samples(path: Path, model_dir: Path, *, problems: int, k: int, respons
             n = response_tokens - rng.randrange(max(1, response_tokens // 16))  # lengths differ a little
             ids = [rng.choice(ordinary) for _ in range(n - 1)] + [tok.eos_token_id]
             correct = (p + s) % 2 == 0
-            records.append({"problem_id": f"p{p}", "sample_index": s, "prompt": prompt, "prompt_token_ids": prompt_ids,
-                            "response": tok.decode(ids), "response_token_ids": ids, "response_tokens": len(ids),
-                            "finish_reason": "stop", "extracted_answer": str(2 * p if correct else 2 * p + 1),
-                            "correct": correct, "answer": str(2 * p)})
+            records.append(make_record(problem_id=f"p{p}", sample_index=s, prompt=prompt, prompt_token_ids=prompt_ids,
+                                       response=tok.decode(ids), response_token_ids=ids, finish_reason="stop",
+                                       extracted_answer=str(2 * p if correct else 2 * p + 1), correct=correct,
+                                       answer=str(2 * p)))
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_rewrite(path, records)
+    rewrite_samples(path, records)
     # The dataset stage trusts no samples file without its meta: write the one pre-sampling would.
     cfg = PresampleConfig(model=str(model_dir), problems="gpu-check-fixture", out=str(path), k=k,
                           max_new_tokens=response_tokens, seed=seed)
@@ -81,17 +82,24 @@ def write_samples(path: Path, model_dir: Path, *, problems: int, k: int, respons
     return path
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--arch", default="qwen2.5-1.5b")
-    ap.add_argument("--response-tokens", type=int, default=4096)
-    ap.add_argument("--problems", type=int, default=4)
-    ap.add_argument("--k", type=int, default=4, help="samples per problem")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--out", required=True)
-    args = ap.parse_args()
+@dataclass
+class FixtureConfig:
+    """A random-weight model of a real architecture and a synthetic training set for it (GPU checks offline)."""
+
+    out: str = field(default="runs/gpu_fixture", metadata={"help": "output folder: model/, samples.jsonl, trainset/"})
+    arch: str = field(default="qwen2.5-1.5b", metadata={"help": "architecture preset (pruner/presets.py)"})
+    response_tokens: int = field(default=4096, metadata={"help": "response length of every sample (a little less for some)"})
+    problems: int = field(default=4, metadata={"help": "problems in the training set"})
+    k: int = field(default=4, metadata={"help": "samples per problem"})
+    device: str = field(default="cuda" if torch.cuda.is_available() else "cpu",
+                        metadata={"help": "device the random weights are initialised on"})
+
+
+def main(argv: list[str] | None = None) -> None:
+    from pruner.cli import parse_config
     from pruner.dataset import build_trainset
 
+    args = parse_config(FixtureConfig, argv)
     out = Path(args.out)
     model_dir = build_model_folder(args.arch, out / "model", args.device)
     samples = write_samples(out / "samples.jsonl", model_dir, problems=args.problems, k=args.k,

@@ -15,6 +15,17 @@ from pruner.prompting import DEFAULT_SYSTEM_PROMPT
 LOSSES = ("lh", "sft", "dpo")
 
 
+def parse_shard(shard: str) -> tuple[int, int]:
+    """`--shard i/n` as (i, n), checked: 0 <= i < n."""
+    try:
+        index, count = (int(x) for x in shard.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard must look like i/n, got {shard!r}") from None
+    if not 0 <= index < count:
+        raise ValueError(f"--shard {shard}: need 0 <= i < n")
+    return index, count
+
+
 @dataclass
 class PresampleConfig:
     """Pre-sample K graded responses per problem from the reference model with vLLM."""
@@ -42,6 +53,19 @@ class PresampleConfig:
     id_field: str | None = field(default=None, metadata={"help": "name of the id field when not detected"})
     overwrite: bool = field(default=False, metadata={"help": "delete an existing --out (samples, meta, summary) and start afresh"})
 
+    def validate(self) -> None:
+        """The flags that need no file: ranges, choices and the shard (the stage checks --limit and --model)."""
+        checks = [(self.k >= 1, f"--k must be >= 1, got {self.k}"),
+                  (self.temperature >= 0, f"--temperature must be >= 0, got {self.temperature}"),
+                  (0 < self.top_p <= 1, f"--top-p must be in (0, 1], got {self.top_p}"),
+                  (self.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {self.max_new_tokens}"),
+                  (self.chunk_problems >= 1, f"--chunk-problems must be >= 1, got {self.chunk_problems}"),
+                  (self.think in ("auto", "on", "off"), f"--think must be auto, on or off, got {self.think!r}")]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        parse_shard(self.shard)
+
 
 @dataclass
 class DatasetConfig:
@@ -52,7 +76,7 @@ class DatasetConfig:
     kind: Literal["lh", "sft", "dpo"] = field(default="lh", metadata={"help": "lh (length-harmonizing), sft (shortest correct) or dpo (shortest correct vs longest/wrong)"})
     lam: float = field(default=2.0, metadata={"help": "accuracy weight lambda (the paper: 2 for Marco-o1, 5 for QwQ)"})
     keep_per_problem: int | None = field(default=None, metadata={"help": "keep a random N samples per problem (default all; the paper's code keeps 2)"})
-    ref_stats: str | None = field(default=None, metadata={"help": "problem_stats.jsonl (or trainset folder) whose Lbar/Abar to reward against"})
+    ref_stats: str | None = field(default=None, metadata={"help": "problem_stats.jsonl (or trainset folder) whose ref_mean_length/ref_mean_accuracy to reward against (on-policy rounds: the first round's)"})
     seed: int = field(default=0, metadata={"help": "seed of the keep-per-problem draw"})
     tokenizer: str | None = field(default=None, metadata={"help": "tokenizer folder/id (default: the model in the samples' meta)"})
     report: bool = field(default=True, metadata={"help": "write the report/ folder (plots, tables)"})

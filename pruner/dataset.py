@@ -1,38 +1,23 @@
-"""The length-harmonizing training set, built from pre-sampled responses.
+"""The training set: pre-sampled records -> tensors -> a folder the trainer reads.
 
     python pruner/dataset.py                                   # runs/default/samples.jsonl -> runs/default/trainset/
     python pruner/dataset.py --kind sft|dpo --lam 5 --keep-per-problem 2
 
-Per problem (its K samples): Lbar_ref = mean length, Abar_ref = mean accuracy. Per sample:
-R = Lbar_ref / L - 1 + lam * (A - Abar_ref) clipped to [-2, 4] (o1pruner_kernels.length_harmonizing_reward),
-advantage = (R - mean) / std over the kept samples (std 0, e.g. K = 1 where every R is 0:
-advantage = R - mean, i.e. all zeros, no division).
-
-Decisions (tested in tests/test_dataset.py):
-- Lengths L are token counts of the response as trained (EOS included), so L >= 1.
-- EOS: appended to a response that stopped (finish_reason != "length") without one, so the model
-  learns to stop; an empty stopped response becomes just [EOS] (L = 1). Truncated responses
-  ("length") are wrong, count in the statistics, are kept for training (they are the longest,
-  most-penalised samples) and are left unterminated: they never ended.
-- A sample with no tokens at all (only possible when truncated at 0 tokens) is dropped.
+What a sample is worth (reference statistics, length policy, clip, standardisation, the SFT/DPO
+selections) is `pruner/reward.py`; the samples file format is `pruner/samples.py`. Here:
 - Duplicate problems (identical prompts under several ids) are merged: their samples pool into
   one set of statistics, one `problem_index`; problem_stats lists every id in `ids`.
-- `keep_per_problem=m` keeps a uniformly random m of a problem's samples (numpy, `seed`), after
-  the statistics were computed on all of them. The paper's code keeps 2.
-- sft: per problem the shortest correct sample (ties: lowest sample_index), advantage 1;
-  problems without a correct sample are skipped.
-- dpo: per problem chosen = shortest correct, rejected = the longest wrong sample, or the
-  longest sample when none is wrong; problems without a correct sample or with a single
-  sample are skipped. Rows come in (chosen, rejected) order; advantages +1 / -1.
-- `ref_stats` (problem_stats.jsonl of another set, or its folder) replaces each problem's own
-  statistics, so on-policy rounds are rewarded against the original model.
 - Inputs are checked, not trusted: a samples file needs its `.meta.json` (merge shards with
   `presample.py --merge`, never `cat`); a problem with fewer than the meta's K samples (an
   interrupted pre-sampling) is refused by id; a record that is not UTF-8 JSON or lacks a field
-  names file:line and the field; an all-wrong set prints a warning.
-- The output folder gets a run manifest (settings + content hashes of the inputs) and a lock: a
-  folder holding a set built from other samples or settings is refused unless `--overwrite`,
-  which deletes it first (the reference log-prob caches included).
+  names file:line and the field; a token id outside the model's vocabulary names the sample;
+  an all-wrong set prints a warning.
+- The folder: trainset.safetensors (rows back to back, `offsets` into them), meta.json (the
+  settings, the reward's mean/std, the samples' `sampling` block whose temperature the trainer's
+  log-probs use), problem_stats.jsonl (`ref_mean_length`, `ref_mean_accuracy` per problem, the
+  next round's `--ref-stats`), report/. It gets a run manifest (settings + content hashes of the
+  inputs) and a lock: a folder holding a set built from other samples or settings is refused
+  unless `--overwrite`, which deletes it first (the reference log-prob caches included).
 """
 from __future__ import annotations
 
@@ -40,6 +25,7 @@ import json
 import logging
 import sys
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,23 +35,34 @@ if __package__ in (None, ""):  # `python pruner/dataset.py`
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+import pruner.reward as reward  # noqa: E402
 from pruner.configs import DatasetConfig  # noqa: E402
+from pruner.manifest import Output, build_manifest, claim_output, file_digest, manifest_digest  # noqa: E402
+from pruner.model_files import eos_token_ids, load_tokenizer, tokenizer_fingerprint  # noqa: E402
+from pruner.samples import meta_path, read_meta, read_samples, samples_per_problem, short_problems  # noqa: E402
 
 log = logging.getLogger(__name__)
 
 TRAINSET_FORMAT = "o1-pruner-trainset/1"
-CLIP = (-2.0, 4.0)
-KINDS = ("lh", "sft", "dpo")
-
-
 # fields the training set reads from every sample record; a missing one names file:line
 SAMPLE_FIELDS = ("problem_id", "sample_index", "prompt", "prompt_token_ids", "response_token_ids", "correct")
-MERGE_HINT = "python pruner/presample.py --merge OUT SHARD..."
+EOS_POLICY = "appended to stopped responses lacking an EOS; truncated ones left unterminated"
 
 
-def _read_samples(paths: list[Path]) -> list[dict]:
-    from pruner.presample import read_samples
+@dataclass
+class _Samples:
+    """The checked inputs: records, their meta, and the tokenizer facts the rows are checked against."""
 
+    paths: list[Path]
+    records: list[dict]
+    meta: dict[str, Any]
+    model: str | None
+    fingerprint: str
+    eos_ids: list[int]
+    vocab_size: int
+
+
+def _read_records(paths: list[Path]) -> list[dict]:
     records: list[dict] = []
     for path in paths:
         if not path.exists():
@@ -76,62 +73,13 @@ def _read_samples(paths: list[Path]) -> list[dict]:
     return records
 
 
-def _samples_meta(paths: list[Path]) -> dict[str, Any]:
-    """The samples' meta (model, tokenizer, sampling settings); every file must have one."""
-    from pruner.presample import meta_path
-
-    for p in paths:
-        if not meta_path(p).exists():
-            raise ValueError(f"{p} has no {meta_path(p).name}: its model, tokenizer and settings are unknown, so "
-                             "its token ids cannot be checked. Pre-sampling writes one; shard files concatenated by "
-                             f"hand lack it: merge shards with `{MERGE_HINT}`.")
-    metas = [json.loads(meta_path(p).read_text()) for p in paths]
-    for m in metas[1:]:
-        if m.get("tokenizer_fingerprint") != metas[0].get("tokenizer_fingerprint"):
-            raise ValueError("the samples files were produced with different tokenizers")
-    return metas[0]
-
-
 def _check_complete(records: list[dict], k: int | None, paths: list[Path]) -> None:
     """Every problem must have its K samples: fewer means an interrupted pre-sampling run."""
-    if not k:
-        return
-    counts: dict[str, int] = {}
-    for rec in records:
-        counts[str(rec["problem_id"])] = counts.get(str(rec["problem_id"]), 0) + 1
-    short = [f"{pid} ({n})" for pid, n in counts.items() if n < k]
+    short = short_problems(records, k) if k else []
     if short:
         raise ValueError(f"{paths[0]}: {len(short)} problem(s) have fewer than k={k} samples: "
                          f"{', '.join(short[:20])}{' ...' if len(short) > 20 else ''}. Resume pre-sampling with "
                          "the same --out to complete them (their statistics would be biased).")
-
-
-def _warn_if_all_wrong(records: list[dict], paths: list[Path]) -> None:
-    if not any(_is_correct(r) for r in records):
-        print(f"WARNING: every one of the {len(records)} samples in {paths[0]} is wrong: the accuracy term of the "
-              "reward is zero everywhere, only length is rewarded. Check the grader and the answers, or sample "
-              "at a higher temperature.", flush=True)
-
-
-def _manifest(paths: list[Path], fingerprint: str, ref_stats: Any, config: dict[str, Any]) -> dict[str, Any]:
-    from pruner.manifest import build_manifest, file_digest, manifest_digest
-    from pruner.presample import meta_path
-
-    inputs: dict[str, Any] = {"tokenizer": fingerprint, "samples": [file_digest(p) for p in paths],
-                              "samples_manifests": [manifest_digest(meta_path(p)) for p in paths]}
-    if ref_stats is not None:
-        stats = Path(ref_stats) / "problem_stats.jsonl" if Path(ref_stats).is_dir() else Path(ref_stats)
-        inputs["ref_stats"] = file_digest(stats)
-    return build_manifest("dataset", config, inputs)
-
-
-def load_ref_stats(path: str | Path) -> dict[str, dict]:
-    """problem id -> stats row, from a problem_stats.jsonl (or the training-set folder holding it)."""
-    p = Path(path)
-    if p.is_dir():
-        p = p / "problem_stats.jsonl"
-    rows = [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
-    return {str(pid): row for row in rows for pid in row.get("ids", [row["id"]])}
 
 
 def _model_vocab_size(model: str | None) -> int:
@@ -144,6 +92,36 @@ def _model_vocab_size(model: str | None) -> int:
         return int(getattr(AutoConfig.from_pretrained(model), "vocab_size", 0) or 0)
     except (OSError, ValueError):
         return 0
+
+
+def _resolve_tokenizer(tokenizer: Any, model: str | None, source: Path) -> tuple[Any, str | None]:
+    """(tokenizer object, model): `tokenizer` may be an object, a folder/id, or None for the meta's model."""
+    if isinstance(tokenizer, (str, Path)):
+        model = model or str(tokenizer)
+        tokenizer = load_tokenizer(tokenizer)
+    if tokenizer is None:
+        if not model:
+            raise ValueError(f"{source} has no .meta.json naming its model: pass tokenizer=")
+        tokenizer = load_tokenizer(model)
+    return tokenizer, model
+
+
+def _load_samples(samples_path: str | Path | list[str | Path], tokenizer: Any) -> _Samples:
+    paths = [Path(p) for p in (samples_path if isinstance(samples_path, list) else [samples_path])]
+    records = _read_records(paths)
+    meta = read_meta(paths)
+    _check_complete(records, samples_per_problem(meta), paths)
+    tokenizer, model = _resolve_tokenizer(tokenizer, meta.get("model"), paths[0])
+    fingerprint = tokenizer_fingerprint(tokenizer)
+    if meta.get("tokenizer_fingerprint") not in (None, fingerprint):
+        raise ValueError(f"the tokenizer given is not the one that produced {paths[0]} (fingerprint differs)")
+    eos_ids = eos_token_ids(tokenizer, model if model and Path(model).is_dir() else None)
+    if not eos_ids:
+        raise ValueError("the tokenizer has no EOS token; cannot terminate responses")
+    # A model may sample ids past the tokenizer's end (embedding rows padded to a round size): they
+    # are the model's own outputs and train fine, so the bound is the model's vocabulary when known.
+    vocab_size = max(len(tokenizer), _model_vocab_size(model))
+    return _Samples(paths, records, meta, model, fingerprint, eos_ids, vocab_size)
 
 
 def _group_problems(records: list[dict]) -> "OrderedDict[str, dict]":
@@ -165,64 +143,65 @@ def _group_problems(records: list[dict]) -> "OrderedDict[str, dict]":
     return groups
 
 
-def _is_correct(rec: dict) -> bool:
-    # a truncated response is wrong even if a grader upstream credited an early box
-    return bool(rec["correct"]) and rec.get("finish_reason") != "length"
+def _stats_row(group: dict, samples: list[dict], lengths: list[int], ref: dict[str, dict] | None,
+               ref_source: str | Path | None) -> dict[str, Any]:
+    """A problem's problem_stats.jsonl row: the statistics it is rewarded against, and its own."""
+    own_length, own_accuracy = own = reward.own_stats(samples, lengths)
+    ref_length, ref_accuracy = reward.reference_stats(group["ids"][0], own, ref, ref_source)
+    row = {"id": group["ids"][0], "ids": group["ids"], "ref_mean_length": ref_length,
+           "ref_mean_accuracy": ref_accuracy, "k": len(samples), "mean_length": own_length,
+           "mean_accuracy": own_accuracy}
+    if samples[0].get("min_tokens") is not None:
+        row["min_tokens"] = samples[0]["min_tokens"]
+    return row
 
 
-def _response_ids(rec: dict, eos_ids: list[int]) -> tuple[list[int], bool]:
-    """The response as trained, and whether an EOS was appended."""
-    ids = [int(t) for t in rec["response_token_ids"]]
-    if rec.get("finish_reason") == "length" or (ids and ids[-1] in eos_ids):
-        return ids, False
-    return ids + [eos_ids[0]], True
+def _training_row(inputs: _Samples, rec: dict, response: list[int], stats: dict, problem_index: int,
+                  is_chosen: bool) -> dict[str, Any]:
+    prompt_ids = [int(t) for t in rec["prompt_token_ids"]]
+    top = max(prompt_ids + response)
+    if top >= inputs.vocab_size:
+        raise ValueError(f"{inputs.paths[0]}: sample {rec['problem_id']}/{rec['sample_index']} has token id "
+                         f"{top}, outside the model's vocabulary of {inputs.vocab_size}")
+    return {"prompt": prompt_ids, "response": response, "correct": reward.is_correct(rec),
+            "problem_index": problem_index, "chosen": is_chosen, "ref_mean_length": stats["ref_mean_length"],
+            "ref_mean_accuracy": stats["ref_mean_accuracy"]}
 
 
-def _select(kind: str, samples: list[dict], lengths: list[int], keep: int | None,
-            rng: np.random.Generator) -> list[tuple[int, bool]]:
-    """(sample position, is_chosen) rows to keep for one problem."""
-    order = range(len(samples))
-    if kind == "lh":
-        if keep is None or keep >= len(samples):
-            return [(i, False) for i in order]
-        return [(int(i), False) for i in sorted(rng.choice(len(samples), size=keep, replace=False))]
-    correct = [i for i in order if _is_correct(samples[i])]
-    if not correct:
-        return []
-    # shortest correct; ties go to the lowest sample_index
-    best = min(correct, key=lambda i: (lengths[i], samples[i]["sample_index"]))
-    if kind == "sft":
-        return [(best, True)]
-    wrong = [i for i in order if not _is_correct(samples[i])]
-    pool = wrong or [i for i in order if i != best]
-    if not pool:
-        return []
-    worst = max(pool, key=lambda i: (lengths[i], -samples[i]["sample_index"]))
-    return [(best, True), (worst, False)]
+def _rows(inputs: _Samples, kind: str, keep_per_problem: int | None, ref_stats: str | Path | None,
+          seed: int) -> tuple[list[dict], list[dict], dict[str, int]]:
+    """(training rows, problem_stats rows, counts of appended EOS and dropped empty responses)."""
+    groups = _group_problems(inputs.records)
+    ref = reward.load_ref_stats(ref_stats) if ref_stats is not None else None
+    rng = np.random.default_rng(seed)
+    rows: list[dict] = []
+    stats: list[dict] = []
+    counts = {"appended": 0, "dropped_empty": 0}
+    for group in groups.values():
+        samples = sorted(group["samples"], key=lambda r: (r["problem_id"], r["sample_index"]))
+        responses = [reward.response_ids(r, inputs.eos_ids) for r in samples]
+        lengths = [len(ids) for ids, _ in responses]
+        stats.append(_stats_row(group, samples, lengths, ref, ref_stats))
+        for pos, is_chosen in reward.select(kind, samples, lengths, keep_per_problem, rng):
+            ids, added = responses[pos]
+            if not ids:
+                counts["dropped_empty"] += 1
+                continue
+            rows.append(_training_row(inputs, samples[pos], ids, stats[-1], len(stats) - 1, is_chosen))
+            counts["appended"] += added
+    if not rows:
+        raise ValueError(f"no training rows: kind={kind!r} kept nothing from {len(groups)} problem(s)")
+    if counts["dropped_empty"]:
+        log.warning("dropped %d sample(s) with no response tokens", counts["dropped_empty"])
+    return rows, stats, counts
 
 
 def _to_tensors(rows: list[dict], kind: str, lam: float) -> tuple[dict[str, torch.Tensor], float, float]:
     """The training set's tensors from its rows; also the reward mean and std."""
-    import o1pruner_kernels
-
-    lengths_t = torch.tensor([len(r["response"]) for r in rows], dtype=torch.int64)
-    rewards = o1pruner_kernels.length_harmonizing_reward(
-        lengths_t,
-        torch.tensor([r["correct"] for r in rows], dtype=torch.float32),
-        torch.tensor([r["lbar"] for r in rows], dtype=torch.float64),
-        torch.tensor([r["abar"] for r in rows], dtype=torch.float64),
-        lam=lam, clip=CLIP,
-    ).float()
-    mean = float(rewards.double().mean())
-    std = float(rewards.double().std(unbiased=False)) if len(rows) > 1 else 0.0
-    if kind == "lh":
-        centred = rewards.double() - mean
-        advantages = (centred / std if std > 1e-8 else centred).float()
-    elif kind == "sft":
-        advantages = torch.ones(len(rows), dtype=torch.float32)
-    else:
-        advantages = torch.tensor([1.0 if r["chosen"] else -1.0 for r in rows], dtype=torch.float32)
-
+    lengths = torch.tensor([len(r["response"]) for r in rows], dtype=torch.int64)
+    rewards = reward.rewards(lengths, [r["correct"] for r in rows], [r["ref_mean_length"] for r in rows],
+                             [r["ref_mean_accuracy"] for r in rows], lam)
+    advantages, mean, std = reward.advantages(kind, rewards, [r["chosen"] for r in rows])
     sequences = [r["prompt"] + r["response"] for r in rows]
     offsets = torch.zeros(len(rows) + 1, dtype=torch.int64)
     offsets[1:] = torch.cumsum(torch.tensor([len(s) for s in sequences], dtype=torch.int64), 0)
@@ -230,7 +209,7 @@ def _to_tensors(rows: list[dict], kind: str, lam: float) -> tuple[dict[str, torc
         "input_ids": torch.tensor([t for s in sequences for t in s], dtype=torch.int32),
         "offsets": offsets,
         "prompt_lengths": torch.tensor([len(r["prompt"]) for r in rows], dtype=torch.int32),
-        "response_lengths": lengths_t.to(torch.int32),
+        "response_lengths": lengths.to(torch.int32),
         "rewards": rewards.contiguous(),
         "advantages": advantages.contiguous(),
         "correct": torch.tensor([r["correct"] for r in rows], dtype=torch.uint8),
@@ -240,6 +219,21 @@ def _to_tensors(rows: list[dict], kind: str, lam: float) -> tuple[dict[str, torc
         tensors["pair_index"] = torch.arange(len(rows), dtype=torch.int64) // 2
         tensors["chosen"] = torch.tensor([r["chosen"] for r in rows], dtype=torch.uint8)
     return tensors, mean, std
+
+
+def _warn_if_all_wrong(records: list[dict], paths: list[Path]) -> None:
+    if not any(reward.is_correct(r) for r in records):
+        print(f"WARNING: every one of the {len(records)} samples in {paths[0]} is wrong: the accuracy term of the "
+              "reward is zero everywhere, only length is rewarded. Check the grader and the answers, or sample "
+              "at a higher temperature.", flush=True)
+
+
+def _manifest(inputs: _Samples, ref_stats: str | Path | None, config: dict[str, Any]) -> dict[str, Any]:
+    digests: dict[str, Any] = {"tokenizer": inputs.fingerprint, "samples": [file_digest(p) for p in inputs.paths],
+                               "samples_manifests": [manifest_digest(meta_path(p)) for p in inputs.paths]}
+    if ref_stats is not None:
+        digests["ref_stats"] = file_digest(reward.ref_stats_file(ref_stats))
+    return build_manifest("dataset", config, digests)
 
 
 def build_trainset(
@@ -262,106 +256,33 @@ def build_trainset(
     samples): a folder holding a set built from other samples or settings is refused unless
     `overwrite` (which deletes it first, reference log-prob caches included).
     """
-    from pruner.model_files import eos_token_ids, load_tokenizer, tokenizer_fingerprint
-
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    if keep_per_problem is not None and keep_per_problem < 1:
-        raise ValueError("keep_per_problem must be >= 1 (or None for all)")
-    paths = [Path(p) for p in (samples_path if isinstance(samples_path, list) else [samples_path])]
-    records = _read_samples(paths)
-    meta_in = _samples_meta(paths)
-    _check_complete(records, (meta_in.get("config") or meta_in.get("sampling") or {}).get("k"), paths)
-    model = meta_in.get("model")
-    if isinstance(tokenizer, (str, Path)):
-        model = model or str(tokenizer)
-        tokenizer = load_tokenizer(tokenizer)
-    if tokenizer is None:
-        if not model:
-            raise ValueError(f"{paths[0]} has no .meta.json naming its model: pass tokenizer=")
-        tokenizer = load_tokenizer(model)
-    fingerprint = tokenizer_fingerprint(tokenizer)
-    if meta_in.get("tokenizer_fingerprint") not in (None, fingerprint):
-        raise ValueError(f"the tokenizer given is not the one that produced {paths[0]} (fingerprint differs)")
-    eos_ids = eos_token_ids(tokenizer, model if model and Path(model).is_dir() else None)
-    if not eos_ids:
-        raise ValueError("the tokenizer has no EOS token; cannot terminate responses")
-    # A model may sample ids past the tokenizer's end (embedding rows padded to a round size): they
-    # are the model's own outputs and train fine, so the bound is the model's vocabulary when known.
-    vocab_size = max(len(tokenizer), _model_vocab_size(model))
-
-    groups = _group_problems(records)
-    ref = load_ref_stats(ref_stats) if ref_stats is not None else None
-    rng = np.random.default_rng(seed)
-    rows: list[dict] = []
-    stats: list[dict] = []
-    appended = dropped_empty = 0
-    for group in groups.values():
-        samples = sorted(group["samples"], key=lambda r: (r["problem_id"], r["sample_index"]))
-        responses = [_response_ids(r, eos_ids) for r in samples]
-        lengths = [len(ids) for ids, _ in responses]
-        own_len = float(np.mean([max(n, 1) for n in lengths]))
-        own_acc = float(np.mean([_is_correct(r) for r in samples]))
-        pid = group["ids"][0]
-        if ref is not None:
-            if pid not in ref:
-                raise KeyError(f"problem {pid} is not in ref_stats {ref_stats}")
-            lbar, abar = float(ref[pid]["ref_mean_length"]), float(ref[pid]["ref_mean_accuracy"])
-        else:
-            lbar, abar = own_len, own_acc
-        row = {"id": pid, "ids": group["ids"], "ref_mean_length": lbar, "ref_mean_accuracy": abar,
-               "k": len(samples), "mean_length": own_len, "mean_accuracy": own_acc}
-        if samples[0].get("min_tokens") is not None:
-            row["min_tokens"] = samples[0]["min_tokens"]
-        problem_index = len(stats)
-        stats.append(row)
-        for pos, is_chosen in _select(kind, samples, lengths, keep_per_problem, rng):
-            ids, added = responses[pos]
-            if not ids:
-                dropped_empty += 1
-                continue
-            rec = samples[pos]
-            prompt_ids = [int(t) for t in rec["prompt_token_ids"]]
-            top = max(prompt_ids + ids)
-            if top >= vocab_size:
-                raise ValueError(f"{paths[0]}: sample {rec['problem_id']}/{rec['sample_index']} has token id "
-                                 f"{top}, outside the model's vocabulary of {vocab_size}")
-            appended += added
-            rows.append({"prompt": prompt_ids, "response": ids, "correct": _is_correct(rec),
-                         "problem_index": problem_index, "chosen": is_chosen, "lbar": lbar, "abar": abar})
-    if not rows:
-        raise ValueError(f"no training rows: kind={kind!r} kept nothing from {len(groups)} problem(s)")
-    if dropped_empty:
-        log.warning("dropped %d sample(s) with no response tokens", dropped_empty)
-
+    reward.check_selection(kind, keep_per_problem)
+    inputs = _load_samples(samples_path, tokenizer)
+    rows, stats, counts = _rows(inputs, kind, keep_per_problem, ref_stats, seed)
     tensors, mean, std = _to_tensors(rows, kind, lam)
-    _warn_if_all_wrong(records, paths)
+    _warn_if_all_wrong(inputs.records, inputs.paths)
+    ref_source = str(ref_stats) if ref_stats is not None else None
+    config = {"kind": kind, "lam": lam, "keep_per_problem": keep_per_problem, "seed": seed, "report": report,
+              "ref_stats": ref_source}
     meta = {
-        "format": TRAINSET_FORMAT, "kind": kind, "model": model, "tokenizer_fingerprint": fingerprint,
-        "lam": lam, "clip": list(CLIP), "reward_mean": mean, "reward_std": std,
+        "format": TRAINSET_FORMAT, "kind": kind, "model": inputs.model, "tokenizer_fingerprint": inputs.fingerprint,
+        "lam": lam, "clip": list(reward.CLIP), "reward_mean": mean, "reward_std": std,
         "num_samples": len(rows), "num_problems": len(stats),
         # absolute: on-policy rounds find the samples' .meta.json from here, from any cwd
-        "samples_file": str(paths[0].resolve()), "samples_files": [str(p.resolve()) for p in paths],
-        "keep_per_problem": keep_per_problem, "seed": seed,
-        "ref_stats": str(ref_stats) if ref_stats is not None else None,
-        "eos_appended": {"count": appended, "eos_token_id": eos_ids[0],
-                         "policy": "appended to stopped responses lacking an EOS; truncated ones left unterminated"},
-        "dropped_empty": dropped_empty, "sampling": meta_in.get("sampling"),
+        "samples_file": str(inputs.paths[0].resolve()), "samples_files": [str(p.resolve()) for p in inputs.paths],
+        "keep_per_problem": keep_per_problem, "seed": seed, "ref_stats": ref_source,
+        "eos_appended": {"count": counts["appended"], "eos_token_id": inputs.eos_ids[0], "policy": EOS_POLICY},
+        "dropped_empty": counts["dropped_empty"], "sampling": inputs.meta.get("sampling"),
     }
-    config = {"kind": kind, "lam": lam, "keep_per_problem": keep_per_problem, "seed": seed, "report": report,
-              "ref_stats": str(ref_stats) if ref_stats is not None else None}
-    manifest = _manifest(paths, fingerprint, ref_stats, config)
-    inputs = paths + ([Path(ref_stats)] if ref_stats is not None else [])
-    return _write_trainset(Path(out_dir), manifest, tensors, meta, stats, records if report else None, overwrite,
-                           inputs)
+    read_paths = inputs.paths + ([Path(ref_stats)] if ref_stats is not None else [])
+    return _write_trainset(Path(out_dir), _manifest(inputs, ref_stats, config), tensors, meta, stats,
+                           inputs.records if report else None, overwrite, read_paths)
 
 
 def _write_trainset(out: Path, manifest: dict, tensors: dict, meta: dict, stats: list[dict],
                     report_records: list[dict] | None, overwrite: bool, inputs: list[Path]) -> Path:
     """Claim the folder (lock + manifest), then write the set; nothing is written on a refusal."""
     from safetensors.torch import save_file
-
-    from pruner.manifest import Output, claim_output
 
     with claim_output(Output.folder(out), manifest, what=f"training set folder {out}", resume=not overwrite,
                       overwrite=overwrite, inputs=inputs):
@@ -394,7 +315,6 @@ def load_trainset(path: str | Path) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> Path:
     from pruner.cli import parse_config
-    from pruner.model_files import load_tokenizer
 
     cfg = parse_config(DatasetConfig, argv)
     tok = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else None

@@ -24,9 +24,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import re
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -35,35 +33,18 @@ from typing import Any
 if __package__ in (None, ""):  # `python pruner/presample.py` runs without the package on sys.path
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pruner.problems import check_limit  # noqa: E402
-from pruner.manifest import Output, build_manifest, claim_output, file_digest, model_inputs  # noqa: E402
-from pruner.configs import PresampleConfig  # noqa: E402
+from pruner.configs import PresampleConfig, parse_shard  # noqa: E402
+from pruner.manifest import claim_output  # noqa: E402
+from pruner.problems import check_limit, load_problems  # noqa: E402
 from pruner.prompting import build_prompt  # noqa: E402
-
-SAMPLES_FORMAT = "o1-pruner-samples/1"
-
-
-
-
-# Settings that may change between a run and its resume: they do not change what a sample is
-# (`limit` extends or narrows the problem list; every problem has its own seed).
-VOLATILE = ("out", "limit", "chunk_problems", "max_model_len", "tensor_parallel_size", "data_parallel_size",
-            "overwrite")
+from pruner.samples import (NO_META_HINT, append_records, complete_problems, make_record, meta_path,  # noqa: E402
+                            read_samples, rewrite_samples, samples_manifest, samples_output, summarize,
+                            summary_path)
 
 
 def problem_seed(seed: int, problem_id: str) -> int:
     """A per-problem seed: a re-done problem reproduces its samples whatever the chunking."""
     return int.from_bytes(hashlib.sha256(f"{seed}:{problem_id}".encode()).digest()[:4], "little") & 0x7FFFFFFF
-
-
-def parse_shard(shard: str) -> tuple[int, int]:
-    try:
-        index, count = (int(x) for x in shard.split("/"))
-    except ValueError:
-        raise ValueError(f"--shard must look like i/n, got {shard!r}") from None
-    if not 0 <= index < count:
-        raise ValueError(f"--shard {shard}: need 0 <= i < n")
-    return index, count
 
 
 def output_path(cfg: PresampleConfig) -> Path:
@@ -72,125 +53,16 @@ def output_path(cfg: PresampleConfig) -> Path:
     return out if count == 1 else out.with_name(f"{out.stem}.shard{index}of{count}{out.suffix}")
 
 
-def meta_path(out: Path) -> Path:
-    return out.with_name(out.name + ".meta.json")
-
-
-def summary_path(out: Path) -> Path:
-    return out.with_name(out.stem + ".summary.json")
-
-
-def sampling_settings(cfg: PresampleConfig) -> dict[str, Any]:
-    """Everything that changes what a sample is; a resume must match it exactly."""
-    keys = ("k", "temperature", "top_p", "max_new_tokens", "seed", "system_prompt", "suffix", "think", "problems", "shard")
-    return {key: getattr(cfg, key) for key in keys}
-
-
-def lock_path(out: Path) -> Path:
-    return out.with_name(out.name + ".lock")
-
-
-def samples_output(out: Path) -> Output:
-    """The samples file's manifest is its `.meta.json`; --overwrite deletes the file and its summary."""
-    return Output(manifest=meta_path(out), lock=lock_path(out), paths=[out, summary_path(out)])
-
-
-NO_META_HINT = ("A samples file without its .meta.json is typically shards concatenated by hand: merge shards "
-                "with `python pruner/presample.py --merge OUT SHARD...` instead. ")
-
-
-def read_samples(path: Path, *, repair: bool = False, required: tuple[str, ...] = ("problem_id", "sample_index")
-                 ) -> list[dict]:
-    """All records of a samples file. A torn last line (a kill mid-write) is dropped, and with
-    `repair=True` also cut from the file; a bad line anywhere else (not UTF-8, not JSON, not an
-    object, a `required` field missing) is an error naming file:line and the field."""
-    if not path.exists():
-        return []
-    data = path.read_bytes()
-    # JSON escapes newlines inside strings, so "\n" only ever ends a record: an unterminated
-    # tail is exactly a write that did not finish.
-    cut = data.rfind(b"\n") + 1
-    if data[cut:].strip() and repair:
-        with path.open("r+b") as fh:
-            fh.truncate(cut)
-            fh.flush()
-            os.fsync(fh.fileno())
-    records: list[dict] = []
-    for lineno, raw in enumerate(data[:cut].split(b"\n")[:-1], 1):
-        if not raw.strip():
-            continue
-        try:
-            rec = json.loads(raw.decode("utf-8"))
-        except UnicodeDecodeError as exc:
-            raise ValueError(f"{path}:{lineno}: invalid UTF-8 at byte {exc.start} of the line") from None
-        except ValueError:
-            raise ValueError(f"{path}:{lineno}: corrupt sample record (not valid JSON)") from None
-        if not isinstance(rec, dict):
-            raise ValueError(f"{path}:{lineno}: a sample record must be a JSON object, got {type(rec).__name__}")
-        missing = [name for name in required if name not in rec]
-        if missing:
-            raise ValueError(f"{path}:{lineno}: sample record has no field {missing[0]!r}")
-        records.append(rec)
-    return records
-
-
-def complete_problems(records: list[dict], k: int) -> tuple[dict[str, list[dict]], bool]:
-    """Problems that have exactly samples 0..k-1, and whether any record falls outside them."""
-    by_problem: dict[str, dict[int, dict]] = {}
-    for rec in records:
-        by_problem.setdefault(str(rec["problem_id"]), {})[int(rec["sample_index"])] = rec
-    done = {pid: [s[i] for i in range(k)] for pid, s in by_problem.items() if set(s) == set(range(k))}
-    extra = sum(len(v) for v in done.values()) != len(records)
-    return done, extra
-
-
-def _atomic_rewrite(path: Path, records: list[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
-        for rec in records:
-            fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def _record(problem: dict, index: int, prompt: str, prompt_ids: list[int], completion: Any) -> dict:
     from pruner.grading import extract_answer, grade
 
     truncated = completion.finish_reason == "length"
-    rec = {
-        "problem_id": str(problem["id"]),
-        "sample_index": index,
-        "prompt": prompt,
-        "prompt_token_ids": prompt_ids,
-        "response": completion.text,
-        "response_token_ids": completion.token_ids,
-        "response_tokens": len(completion.token_ids),
-        "finish_reason": completion.finish_reason,
-        "extracted_answer": extract_answer(completion.text),
-        "correct": grade(completion.text, problem["answer"], truncated=truncated),
-        "answer": problem["answer"],
-    }
-    if problem.get("min_tokens") is not None:
-        rec["min_tokens"] = problem["min_tokens"]
-    return rec
-
-
-def summarize(records: list[dict], *, wall_s: float | None = None, new_samples: int = 0) -> dict[str, Any]:
-    lengths = [r["response_tokens"] for r in records]
-    summary: dict[str, Any] = {
-        "samples": len(records),
-        "problems": len({r["problem_id"] for r in records}),
-        "accuracy": statistics.fmean(r["correct"] for r in records) if records else 0.0,
-        "mean_length": statistics.fmean(lengths) if lengths else 0.0,
-        "median_length": statistics.median(lengths) if lengths else 0.0,
-        "truncated_fraction": statistics.fmean(r["finish_reason"] == "length" for r in records) if records else 0.0,
-        "new_samples_this_run": new_samples,
-    }
-    if wall_s is not None:
-        summary["wall_s"] = round(wall_s, 2)
-        summary["samples_per_s"] = round(new_samples / wall_s, 3) if wall_s > 0 else None
-    return summary
+    return make_record(problem_id=str(problem["id"]), sample_index=index, prompt=prompt,
+                       prompt_token_ids=prompt_ids, response=completion.text,
+                       response_token_ids=completion.token_ids, finish_reason=completion.finish_reason,
+                       extracted_answer=extract_answer(completion.text),
+                       correct=grade(completion.text, problem["answer"], truncated=truncated),
+                       answer=problem["answer"], min_tokens=problem.get("min_tokens"))
 
 
 def check_model(model: str, flag: str = "--model") -> None:
@@ -203,19 +75,10 @@ def check_model(model: str, flag: str = "--model") -> None:
 def validate(cfg: PresampleConfig) -> PresampleConfig:
     """Every flag checked before any file or engine; returns the config with the model resolved."""
     if not cfg.model:
-        from pruner import default_model_path
+        from pruner.embedded import default_model_path
 
         cfg = dataclasses.replace(cfg, model=str(default_model_path()))
-    checks = [(cfg.k >= 1, f"--k must be >= 1, got {cfg.k}"),
-              (cfg.temperature >= 0, f"--temperature must be >= 0, got {cfg.temperature}"),
-              (0 < cfg.top_p <= 1, f"--top-p must be in (0, 1], got {cfg.top_p}"),
-              (cfg.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {cfg.max_new_tokens}"),
-              (cfg.chunk_problems >= 1, f"--chunk-problems must be >= 1, got {cfg.chunk_problems}"),
-              (cfg.think in ("auto", "on", "off"), f"--think must be auto, on or off, got {cfg.think!r}")]
-    for ok, message in checks:
-        if not ok:
-            raise ValueError(message)
-    parse_shard(cfg.shard)
+    cfg.validate()
     check_limit(cfg.limit, "--limit")
     check_model(cfg.model)
     return cfg
@@ -238,21 +101,11 @@ def _check_prompt_lengths(cfg: PresampleConfig, problems: list[dict], prompt_ids
                          "(--max-model-len or the model's max_position_embeddings)")
 
 
-def samples_manifest(cfg: PresampleConfig, model_id: str, tokenizer: Any) -> dict[str, Any]:
-    inputs = model_inputs(cfg.model, tokenizer)
-    problems = Path(cfg.problems).expanduser()
-    inputs["problems"] = file_digest(problems) if problems.is_file() else cfg.problems
-    return build_manifest("presample", dataclasses.asdict(cfg), inputs, volatile=VOLATILE,
-                          samples_format=SAMPLES_FORMAT, model=model_id,
-                          tokenizer_fingerprint=inputs["tokenizer"], sampling=sampling_settings(cfg))
-
-
 def run(cfg: PresampleConfig, *, llm: Any = None) -> dict[str, Any]:
     """Sample, grade and append; returns the summary (also written next to the output).
 
     `llm`: an already open engine (e.g. a caller sampling several sets with one model).
     """
-    from pruner.problems import load_problems
     from pruner.model_files import load_tokenizer
 
     t_start = time.perf_counter()
@@ -301,7 +154,7 @@ def _sample_pending(cfg: PresampleConfig, out: Path, problems: list[dict], promp
     if extra:  # partial problems (a kill mid-chunk) are re-done whole: drop their samples first
         kept = [rec for samples in done.values() for rec in samples]
         print(f"resume: dropping {len(records) - len(kept)} sample(s) of incomplete problems", file=sys.stderr)
-        _atomic_rewrite(out, kept)
+        rewrite_samples(out, kept)
     todo = [i for i, p in enumerate(problems) if str(p["id"]) not in done]
     if done:
         print(f"resume: {len(done)} problem(s) already complete in {out}, {len(todo)} to go", file=sys.stderr)
@@ -322,17 +175,13 @@ def _sample_pending(cfg: PresampleConfig, out: Path, problems: list[dict], promp
                                    max_tokens=cfg.max_new_tokens,
                                    seed=[problem_seed(cfg.seed, str(p["id"])) for p in pending[chunk]])
                 gen_s += time.perf_counter() - t0
-                lines = []
-                for problem, prompt, ids, completions in zip(pending[chunk], prompts[chunk], prompt_ids[chunk], outputs):
-                    for index, completion in enumerate(completions):
-                        rec = _record(problem, index, prompt, ids, completion)
-                        lines.append(json.dumps(rec, ensure_ascii=False) + "\n")
-                # one write + fsync per chunk: a kill leaves whole chunks plus at most one torn line
-                fh.write("".join(lines))
-                fh.flush()
-                os.fsync(fh.fileno())
-                new += len(lines)
-                bar.update(len(lines))
+                chunk_records = [_record(problem, index, prompt, ids, completion)
+                           for problem, prompt, ids, completions in zip(pending[chunk], prompts[chunk],
+                                                                         prompt_ids[chunk], outputs)
+                           for index, completion in enumerate(completions)]
+                added = append_records(fh, chunk_records)
+                new += added
+                bar.update(added)
         bar.close()
     kept_ids = {str(p["id"]) for p in problems}
     final = [r for r in read_samples(out) if str(r["problem_id"]) in kept_ids]

@@ -13,6 +13,8 @@ import re
 from pathlib import Path
 from typing import Any, Iterator
 
+from pruner.embedded.task import make_problems
+
 log = logging.getLogger(__name__)
 
 PROBLEM_FIELDS = ("problem", "question", "prompt", "input")
@@ -119,6 +121,39 @@ def _records_from_hub(source: str) -> Iterator[tuple[str, Any]]:
         yield f"{name}[{index}]", dict(record)
 
 
+def _embedded_problems(split: str) -> list[dict]:
+    """The embedded task's split ("" = train), answers normalised as for a file."""
+    problems = make_problems(split or "train")
+    for p in problems:
+        p["id"], p["answer"] = str(p["id"]), _normalise_answer(p.get("answer"))
+    return problems
+
+
+def _parse_record(where: str, index: int, record: Any, stem: str,
+                  fields: tuple[str | None, str | None, str | None]) -> tuple[str, dict | None, str | None]:
+    """(id, problem dict or None when the record has no usable answer, id field) of one record."""
+    problem_field, answer_field, id_field = fields
+    if not isinstance(record, dict):
+        raise ProblemFormatError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    p_field = _pick(record, problem_field, PROBLEM_FIELDS)
+    a_field = _pick(record, answer_field, ANSWER_FIELDS)
+    if p_field is None or p_field not in record:
+        wanted = problem_field or "/".join(PROBLEM_FIELDS)
+        raise ProblemFormatError(f"{where}: no problem field {wanted!r} (fields: {sorted(record)}); pass problem_field=")
+    problem = record[p_field]
+    if not isinstance(problem, str) or not problem.strip():
+        raise ProblemFormatError(f"{where}: field {p_field!r} must be a non-empty string")
+    answer = _normalise_answer(record.get(a_field)) if a_field is not None else None
+    i_field = _pick(record, id_field, ID_FIELDS)
+    raw_id = record.get(i_field) if i_field is not None else None
+    pid = str(raw_id) if raw_id is not None else f"{stem}-{index}"
+    if answer is None:
+        return pid, None, i_field
+    out = {k: v for k, v in record.items() if k not in (p_field, a_field)}
+    out.update(id=pid, problem=problem, answer=answer)
+    return pid, out, i_field
+
+
 def load_problems(
     source: str | Path,
     *,
@@ -136,14 +171,8 @@ def load_problems(
     check_limit(limit)
     source_str = str(source)
     if source_str.startswith("embedded:"):
-        from pruner.embedded import default_problems
-
-        split = source_str.split(":", 1)[1] or "train"
-        problems = [dict(p) for p in default_problems(split)]
-        for p in problems:
-            p["id"], p["answer"] = str(p["id"]), _normalise_answer(p.get("answer"))
+        problems = _embedded_problems(source_str.split(":", 1)[1])
         return problems[:limit] if limit is not None else problems
-
     path = Path(source_str).expanduser()
     records = _iter_file(path) if path.exists() else _records_from_hub(source_str)
     stem = path.stem if path.exists() else source_str.replace("/", "_")
@@ -151,29 +180,14 @@ def load_problems(
     skipped: list[str] = []
     seen_ids: set[str] = set()
     for index, (where, record) in enumerate(records):
-        if not isinstance(record, dict):
-            raise ProblemFormatError(f"{where}: expected a JSON object, got {type(record).__name__}")
-        p_field = _pick(record, problem_field, PROBLEM_FIELDS)
-        a_field = _pick(record, answer_field, ANSWER_FIELDS)
-        if p_field is None or p_field not in record:
-            wanted = problem_field or "/".join(PROBLEM_FIELDS)
-            raise ProblemFormatError(f"{where}: no problem field {wanted!r} (fields: {sorted(record)}); pass problem_field=")
-        problem = record[p_field]
-        if not isinstance(problem, str) or not problem.strip():
-            raise ProblemFormatError(f"{where}: field {p_field!r} must be a non-empty string")
-        answer = _normalise_answer(record.get(a_field)) if a_field is not None else None
-        i_field = _pick(record, id_field, ID_FIELDS)
-        raw_id = record.get(i_field) if i_field is not None else None
-        pid = str(raw_id) if raw_id is not None else f"{stem}-{index}"
-        if answer is None:
+        pid, problem, i_field = _parse_record(where, index, record, stem, (problem_field, answer_field, id_field))
+        if problem is None:
             skipped.append(pid)
             continue
         if pid in seen_ids:
             raise ProblemFormatError(f"{where}: duplicate id {pid!r} in field {i_field!r}")
         seen_ids.add(pid)
-        out = {k: v for k, v in record.items() if k not in (p_field, a_field)}
-        out.update(id=pid, problem=problem, answer=answer)
-        problems.append(out)
+        problems.append(problem)
         if limit is not None and len(problems) >= limit:
             break
     if skipped:

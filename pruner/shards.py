@@ -10,15 +10,26 @@ same data as one unsharded run) plus `merged_from`: each shard's path and conten
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pruner.cli import parse_config
+from pruner.configs import parse_shard
 from pruner.manifest import claim_output, diff_manifests, file_digest
-from pruner.presample import (_atomic_rewrite, complete_problems, meta_path, parse_shard, read_samples,
-                              samples_output, summarize, summary_path)
+from pruner.samples import (complete_problems, meta_path, read_samples, rewrite_samples, samples_output, summarize,
+                            summary_path)
+
+
+@dataclass
+class MergeConfig:
+    """Merge the `--shard i/n` outputs of one pre-sampling run into one samples file (settings checked, overlaps refused)."""
+
+    out: str = field(metadata={"help": "merged samples file", "positional": True})
+    shards: list[str] = field(metadata={"help": "shard files (<stem>.shard<i>of<n>.jsonl)", "positional": True})
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing merged file"})
 
 
 def _unsharded(manifest: dict[str, Any]) -> dict[str, Any]:
@@ -77,19 +88,15 @@ def merge_shards(out: str | Path, shards: list[str | Path], *, overwrite: bool =
     manifest = {**base, "merged_from": [{"file": str(p.resolve()), "content": file_digest(p)} for p in paths]}
     with claim_output(samples_output(out), manifest, what=f"samples file {out}", resume=False, overwrite=overwrite,
                       inputs=paths):
-        _atomic_rewrite(out, merged)
+        rewrite_samples(out, merged)
         summary = {**summarize(merged), "out": str(out), "merged_shards": len(paths)}
         summary_path(out).write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 
 def merge_main(argv: list[str]) -> dict[str, Any]:
-    p = argparse.ArgumentParser(prog="presample.py --merge", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("out", help="merged samples file")
-    p.add_argument("shards", nargs="+", help="shard files (<stem>.shard<i>of<n>.jsonl)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing merged file")
-    args = p.parse_args(argv)
-    summary = merge_shards(args.out, args.shards, overwrite=args.overwrite)
+    """`presample.py --merge OUT SHARD... [--overwrite]` (argv without the --merge)."""
+    cfg = parse_config(MergeConfig, argv, prog="presample.py --merge")
+    summary = merge_shards(cfg.out, cfg.shards, overwrite=cfg.overwrite)
     print(json.dumps(summary, indent=2))
     return summary
