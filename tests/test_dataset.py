@@ -44,8 +44,9 @@ def _build(tmp: Path, samples: list[dict], tok, **kw) -> dict:
     return load_trainset(out)
 
 
-def _r(lbar: float, length: int, a: float, abar: float) -> float:
-    return min(4.0, max(-2.0, lbar / length - 1 + LAM * (a - abar)))
+def _r(ref_len: float, length: int, a: float, ref_acc: float) -> float:
+    """The paper's reward by hand: Lbar / L - 1 + lam (A - Abar), clipped to [-2, 4]."""
+    return min(4.0, max(-2.0, ref_len / length - 1 + LAM * (a - ref_acc)))
 
 
 def test_rewards_by_hand_and_standardised(tmp_path: Path, tok) -> None:
@@ -85,6 +86,9 @@ def test_format_contract(tmp_path: Path, tok) -> None:
                 "num_samples", "num_problems", "samples_file", "keep_per_problem", "eos_appended"):
         assert key in meta
     assert meta["format"] == "o1-pruner-trainset/1" and meta["num_samples"] == 2
+    # the samples' sampling settings travel on: the trainer takes its log-prob temperature from them
+    samples_meta = json.loads((tmp_path / "samples.jsonl.meta.json").read_text())
+    assert meta["sampling"] == samples_meta["sampling"] is not None
     report = tmp_path / "ts" / "report"
     assert {p.name for p in report.iterdir()} >= {"summary.json", "report.md", "accuracy_vs_length.png", "length_hist.png"}
 
@@ -106,8 +110,9 @@ def test_truncated_empty_and_missing_eos(tmp_path: Path, tok) -> None:
     ts = _build(tmp_path, samples, tok)
     t = ts
     assert t["response_lengths"].tolist() == [4, 1, 3] and t["correct"].tolist() == [0, 0, 1]
-    lbar, abar = (4 + 1 + 3) / 3, 1 / 3
-    assert t["rewards"].tolist() == pytest.approx([_r(lbar, 4, 0, abar), _r(lbar, 1, 0, abar), _r(lbar, 3, 1, abar)], abs=1e-6)
+    ref_len, ref_acc = (4 + 1 + 3) / 3, 1 / 3
+    assert t["rewards"].tolist() == pytest.approx([_r(ref_len, 4, 0, ref_acc), _r(ref_len, 1, 0, ref_acc),
+                                                   _r(ref_len, 3, 1, ref_acc)], abs=1e-6)
     ends = [t["input_ids"][int(t["offsets"][i + 1]) - 1].item() for i in range(3)]
     assert ends[0] != eos and ends[1] == eos and ends[2] == eos
     assert ts["meta"]["eos_appended"]["count"] == 2

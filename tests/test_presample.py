@@ -11,7 +11,9 @@ from types import SimpleNamespace
 import pytest
 
 from pruner.manifest import RunStateError
-from pruner.presample import PresampleConfig, read_samples, run
+from pruner.configs import PresampleConfig
+from pruner.presample import run
+from pruner.samples import read_samples
 
 ROOT = Path(__file__).resolve().parents[1]
 PROBLEMS = [

@@ -14,7 +14,9 @@ import torch
 from test_presample import PROBLEMS, FakeLLM, _problems_file
 
 from pruner.manifest import OutputLock, RunStateError
-from pruner.presample import PresampleConfig, main, read_samples, run
+from pruner.configs import PresampleConfig
+from pruner.presample import main, run
+from pruner.samples import read_samples
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -94,6 +96,11 @@ def test_merge_checks_and_joins_shards(tmp_path: Path, tiny_model_dir: Path) -> 
     assert (ts / "manifest.json").exists()
     with pytest.raises(RunStateError, match="--overwrite"):  # no silent replacement of a merged file
         main(["--merge", str(merged), *map(str, shards)])
+    # --overwrite goes before or after the files; OUT without a shard is a usage error
+    assert main(["--merge", str(merged), *map(str, shards), "--overwrite"])["merged_shards"] == 2
+    assert main(["--merge", "--overwrite", str(merged), *map(str, shards)])["samples"] == 9
+    with pytest.raises(SystemExit):
+        main(["--merge", str(merged)])
 
 
 def test_merge_refuses_other_settings_overlaps_and_missing_shards(tmp_path: Path, tiny_model_dir: Path) -> None:
