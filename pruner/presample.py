@@ -1,10 +1,14 @@
 """Pre-sampling: K responses per training problem from the reference model, graded.
 
+This stage only samples: validate the flags, load the problems, build the prompts, claim the
+output, sample what is pending with vLLM, grade. The file it writes (records, meta, summary,
+torn-line repair) is `pruner/samples.py`; the shard merge is `pruner/shards.py`.
+
     python pruner/presample.py                      # embedded model and task, K = 8
     python pruner/presample.py --model /models/QwQ-32B --problems data/math_train_hard.json \
         --k 12 --max-new-tokens 8192 --tensor-parallel-size 4 --out runs/qwq/samples.jsonl
 
-Output: one JSON line per sample (see `_record`), appended and fsynced per chunk of problems,
+Output: one JSON line per sample (`samples.make_record`), appended and fsynced per chunk of problems,
 plus `<out>.meta.json` (model, tokenizer fingerprint, sampling settings) and
 `<out stem>.summary.json`. Rerunning with the same `--out` resumes: complete problems are kept,
 a torn last line or a problem with fewer than K samples is dropped and re-done; a file sampled
@@ -84,6 +88,16 @@ def validate(cfg: PresampleConfig) -> PresampleConfig:
     return cfg
 
 
+def _prompts(cfg: PresampleConfig, problems: list[dict], tokenizer: Any) -> tuple[list[str], list[list[int]]]:
+    """Every problem's prompt (chat template, system prompt, suffix, think block) and its token ids."""
+    think = None if cfg.think == "auto" else cfg.think == "on"
+    prompts = [build_prompt(tokenizer, p["problem"], system_prompt=cfg.system_prompt or None,
+                            suffix=cfg.suffix, think=think) for p in problems]
+    prompt_ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in prompts]
+    _check_prompt_lengths(cfg, problems, prompt_ids)
+    return prompts, prompt_ids
+
+
 def _check_prompt_lengths(cfg: PresampleConfig, problems: list[dict], prompt_ids: list[list[int]]) -> None:
     """An over-long prompt fails here, not minutes later inside the engine."""
     from transformers import AutoConfig
@@ -116,11 +130,7 @@ def run(cfg: PresampleConfig, *, llm: Any = None) -> dict[str, Any]:
                              id_field=cfg.id_field, limit=cfg.limit)
     problems = problems[shard_index::shard_count]
     tokenizer = load_tokenizer(cfg.model)
-    think = None if cfg.think == "auto" else cfg.think == "on"
-    prompts = [build_prompt(tokenizer, p["problem"], system_prompt=cfg.system_prompt or None,
-                            suffix=cfg.suffix, think=think) for p in problems]
-    prompt_ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in prompts]
-    _check_prompt_lengths(cfg, problems, prompt_ids)
+    prompts, prompt_ids = _prompts(cfg, problems, tokenizer)
     model_id = str(Path(cfg.model).resolve()) if Path(cfg.model).exists() else cfg.model
     local_inputs = [p for p in (cfg.model, cfg.problems) if Path(p).exists()]
     lock = claim_output(samples_output(out), samples_manifest(cfg, model_id, tokenizer), what=f"samples file {out}",
