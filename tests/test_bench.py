@@ -154,3 +154,18 @@ def test_speed_worker_is_the_benchmark_narrowed_to_one_model(tmp_path, monkeypat
     assert fast.worker_out == str(tmp_path / "raw_fast.json") and not fast.overwrite and fast.limit == 2
     assert parse_config(speed.SpeedConfig, to_argv(fast)) == fast
     assert json.loads((tmp_path / "results.json").read_text())["comparisons"][0]["model"] == "fast"
+
+
+def test_every_bench_config_writes_under_runs_by_default():
+    # Benchmarks and profiles leave the source tree alone: their default output lies under runs/ (ignored).
+    from bench.paper_comparisons import PaperConfig
+    from bench.presample_vs_hf import PresampleVsHfConfig
+    from bench.profile_default import ProfileConfig
+    from bench.speed import SpeedConfig
+    from pruner.demo import DemoConfig
+
+    outs = [SpeedConfig().out, PaperConfig().run, PresampleVsHfConfig().out, ProfileConfig().out, DemoConfig().run]
+    for out in outs:
+        rel = Path(out).relative_to(ROOT) if Path(out).is_absolute() else Path(out)
+        assert rel.parts[0] == "runs", out
+    assert "runs/" in (ROOT / ".gitignore").read_text().splitlines()
