@@ -11,7 +11,7 @@ The training pool is pre-sampled first (resumed if present) at temperature 1.0, 
 paper's 0.5 / 0.8 the embedded default answers every training problem right in all K samples, the
 accuracy term of the reward is then zero everywhere, and lambda could not matter.
 
-Every stage is a configuration (`pruner.configs`, `bench.speed.SpeedConfig`) run in a fresh process
+Every stage is a configuration (`pruner.configs`) run in a fresh process
 by `pruner.cli.run_stage`, which prints its command first.
 """
 from __future__ import annotations
@@ -27,9 +27,8 @@ from typing import Literal
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # `python bench/<this>.py` from a checkout: `bench.*` and `pruner`
 
-from bench.speed import SpeedConfig  # noqa: E402
 from pruner.cli import parse_config, run_stage  # noqa: E402
-from pruner.configs import DatasetConfig, PresampleConfig, TrainConfig  # noqa: E402
+from pruner.configs import DatasetConfig, PresampleConfig, SpeedConfig, TrainConfig  # noqa: E402
 
 
 @dataclass

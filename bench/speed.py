@@ -9,9 +9,8 @@ well), one after another: a warm-up (not timed), then greedy decoding and sampli
 samples per problem (temperature 0.6, top-p 0.95, pass@1 averaged). Results: results.json, a
 Markdown table and PNG plots in --out; comparisons are against the first model.
 
-Its configuration is `SpeedConfig`; importing this module costs only that dataclass (every heavy
-import is inside the functions that run the benchmark), so the demo and bench/paper_comparisons.py
-build a `SpeedConfig` and run it with `pruner.cli.run_stage("bench.speed", cfg)`.
+Its configuration is `pruner.configs.SpeedConfig`: the demo and bench/paper_comparisons.py build
+one and run it with `pruner.cli.run_stage("bench.speed", cfg)`, without importing this script.
 """
 from __future__ import annotations
 
@@ -20,36 +19,20 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # `python bench/speed.py` from a checkout: `bench.*` and `pruner`
 
 from pruner.cli import parse_config, run_stage  # noqa: E402
+from pruner.configs import SpeedConfig  # noqa: E402
 
+# The settings of each of SpeedConfig.modes' choices.
 MODES = {"greedy": dict(n=1, temperature=0.0, top_p=1.0), "sampled": dict(temperature=0.6, top_p=0.95)}
 # Fields that say where results go or how a worker reports, not what is measured: left out of the manifest.
 _NOT_MEASURED = ("out", "overwrite", "worker_out")
 
-
-@dataclass
-class SpeedConfig:
-    """Inference-time benchmark: base and pruned models side by side, same prompts, same settings."""
-
-    models: list[str] = field(default_factory=list, metadata={"help": "name=path (HF folder or hub id; 'embedded' = the default model); the first is the base of every comparison; none = the embedded base vs the latest runs/*/export"})
-    fast_prompt: list[str] = field(default_factory=list, metadata={"help": "names of models prompted with the paper's fast-solving suffix (the prompt baseline)"})
-    data: str = field(default="embedded:test", metadata={"help": "problems: a file of ../shared/data, embedded:test, or a hub id"})
-    limit: int | None = field(default=None, metadata={"help": "only the first N problems (N >= 1; omit for all)"})
-    modes: list[Literal["greedy", "sampled"]] = field(default_factory=lambda: ["greedy", "sampled"], metadata={"help": "decoding modes to measure"})
-    n: int = field(default=4, metadata={"help": "samples per problem in the sampled mode (pass@1 averaged)"})
-    max_new_tokens: int = field(default=1024, metadata={"help": "max response tokens"})
-    warmup: int = field(default=8, metadata={"help": "prompts generated before timing starts"})
-    seed: int = field(default=0, metadata={"help": "sampling seed"})
-    out: str = field(default=str(ROOT / "runs" / "default" / "bench"), metadata={"help": "results folder"})
-    overwrite: bool = field(default=False, metadata={"help": "replace results of another comparison in --out"})
-    worker_out: str = field(default="", metadata={"help": "internal: benchmark the one model of --models in this process and write its per-sample results to this JSON file (what the benchmark runs per model)"})
 
 
 def latest_export(root: Path = ROOT / "runs") -> Path | None:

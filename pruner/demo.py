@@ -3,7 +3,7 @@
 pre-sampling (vLLM) -> training set (length-harmonizing reward) -> `torchrun` training (FSDP2)
 -> `bench/speed.py` (base vs pruned, same prompts) -> the before/after table.
 
-Each stage is built as its own configuration (`pruner.configs`, `bench.speed.SpeedConfig`) and run
+Each stage is built as its own configuration (`pruner.configs`) and run
 in a fresh process by `pruner.cli.run_stage`, which prints the command first: the same command a
 user runs by hand. Each stage resumes or reuses its output, so an interrupted demo continues where
 it stopped; a stage whose folder holds another configuration's output refuses (run manifests), and
@@ -21,9 +21,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.speed import SpeedConfig
 from pruner.cli import parse_config, run_stage
-from pruner.configs import DatasetConfig, PresampleConfig, TrainConfig
+from pruner.configs import DatasetConfig, PresampleConfig, SpeedConfig, TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -113,7 +113,8 @@ def test_speed_checks_every_model_and_flag_before_the_first_benchmark(tmp_path, 
 
 
 def test_speed_refuses_an_out_folder_of_another_comparison(tmp_path):
-    from bench.speed import SpeedConfig, claim_out
+    from bench.speed import claim_out
+    from pruner.configs import SpeedConfig
     from pruner import default_model_path
     from pruner.manifest import RunStateError
 
@@ -128,6 +129,16 @@ def test_speed_refuses_an_out_folder_of_another_comparison(tmp_path):
         claim_out(dataclasses.replace(cfg(), limit=5), models)
     with claim_out(dataclasses.replace(cfg(), limit=5, overwrite=True), models):
         assert not (tmp_path / "b" / "results.json").exists()
+
+
+def test_speed_modes_are_the_configs_choices():
+    import typing
+
+    from bench.speed import MODES
+    from pruner.configs import SpeedConfig
+
+    (choices,) = typing.get_args(typing.get_type_hints(SpeedConfig)["modes"])
+    assert set(typing.get_args(choices)) == set(MODES) == set(SpeedConfig().modes)
 
 
 def test_speed_worker_is_the_benchmark_narrowed_to_one_model(tmp_path, monkeypatch):
@@ -161,7 +172,7 @@ def test_every_bench_config_writes_under_runs_by_default():
     from bench.paper_comparisons import PaperConfig
     from bench.presample_vs_hf import PresampleVsHfConfig
     from bench.profile_default import ProfileConfig
-    from bench.speed import SpeedConfig
+    from pruner.configs import SpeedConfig
     from pruner.demo import DemoConfig
 
     outs = [SpeedConfig().out, PaperConfig().run, PresampleVsHfConfig().out, ProfileConfig().out, DemoConfig().run]

@@ -72,3 +72,11 @@ def test_tiny_demo_with_two_training_processes_writes_its_stage_times(tmp_path):
     assert "--nproc_per_node=2 -m pruner.train" in timing["stages"][2]["command"]
     assert "| total |" in out.stdout and (run / "bench" / "results.json").is_file()
     assert list((run / "train" / "checkpoints").iterdir())
+
+
+def test_demo_imports_configs_not_stages():
+    # The demo builds configurations; the stages (and torch, vLLM, the bench scripts) load in their own processes.
+    code = ("import sys, pruner.demo; print(sorted(m for m in sys.modules if m.split('.')[0] in ('bench', 'torch', "
+            "'vllm') or m in ('pruner.presample', 'pruner.dataset', 'pruner.train')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
