@@ -56,7 +56,8 @@ def fine_tunes(cfg: PaperConfig, samples: str) -> dict[str, tuple[DatasetConfig,
     kinds = {f"o1-pruner-lam{lam:g}": DatasetConfig(kind="lh", lam=lam) for lam in cfg.lams}
     kinds.update({"sft-shortest": DatasetConfig(kind="sft"), "dpo": DatasetConfig(kind="dpo")})
     return {name: (dataclasses.replace(data, samples=samples, out=str(run / f"set-{name}")),
-                   dataclasses.replace(base, data=str(run / f"set-{name}"), out=str(run / f"train-{name}"), resume=True))
+                   dataclasses.replace(base, data=str(run / f"set-{name}"), out=str(run / f"train-{name}"),
+                                       resume=True))
             for name, data in kinds.items()}
 
 

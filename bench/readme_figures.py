@@ -151,7 +151,8 @@ def adopt(name: str, run: Path, folder: Path) -> dict:
     if timing.is_file():
         total, finished = (json.loads(timing.read_text())[k] for k in ("total_s", "finished"))
     else:  # the results file's time stands for the run's end
-        total, finished = None, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime((run / FIGURES[name].adopt_needs[0]).stat().st_mtime))
+        made = (run / FIGURES[name].adopt_needs[0]).stat().st_mtime
+        total, finished = None, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(made))
     return {"command": f"(adopted) {run}", "wall_s": total, "finished": finished, "returncode": 0}
 
 
@@ -222,7 +223,8 @@ def parse(argv: list[str] | None) -> tuple[FiguresConfig, list[str]]:
 def measure_all(cfg: FiguresConfig, names: list[str]) -> tuple[Path, dict]:
     """Measure the chosen figures into a new results folder; returns it and its figures.json."""
     meta = {**stamp(), "figures": {}}
-    folder = Path(cfg.out) if cfg.out else ROOT / "runs" / "figures" / f"{time.strftime('%Y%m%d-%H%M%S')}-{meta['commit']}"
+    default = ROOT / "runs" / "figures" / f"{time.strftime('%Y%m%d-%H%M%S')}-{meta['commit']}"
+    folder = Path(cfg.out) if cfg.out else default
     folder.mkdir(parents=True, exist_ok=True)
     for name in names:
         run = cfg.adopted(name)
