@@ -180,3 +180,19 @@ def test_every_bench_config_writes_under_runs_by_default():
         rel = Path(out).relative_to(ROOT) if Path(out).is_absolute() else Path(out)
         assert rel.parts[0] == "runs", out
     assert "runs/" in (ROOT / ".gitignore").read_text().splitlines()
+
+
+def test_paper_comparisons_build_each_row_as_configs():
+    from bench.paper_comparisons import PaperConfig, fine_tunes
+    from pruner.cli import parse_config, to_argv
+
+    cfg = parse_config(PaperConfig, ["--run", "r", "--lams", "0", "5", "--train-args", "--lr 1e-5 --max-steps 7"])
+    rows = fine_tunes(cfg, "r/samples.jsonl")
+    assert list(rows) == ["o1-pruner-lam0", "o1-pruner-lam5", "sft-shortest", "dpo"]
+    for name, (data, train) in rows.items():
+        assert data.samples == "r/samples.jsonl" and train.data == data.out == f"r/set-{name}"
+        assert (train.out, train.resume, train.lr, train.max_steps) == (f"r/train-{name}", True, 1e-5, 7)
+        assert parse_config(type(train), to_argv(train)) == train
+    assert [(d.kind, d.lam) for d, _ in rows.values()][1:] == [("lh", 5.0), ("sft", 2.0), ("dpo", 2.0)]
+    with pytest.raises(SystemExit):  # a wrong trainer flag fails before any stage runs
+        fine_tunes(parse_config(PaperConfig, ["--train-args", "--no-such-flag 1"]), "s")
