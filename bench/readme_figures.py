@@ -188,7 +188,11 @@ def update_curated(folder: Path, into: Path, names: list[str], bodies: dict[str,
         staged.rename(into / name)
     curated = into / "figures.json"
     merged = json.loads(curated.read_text()) if curated.is_file() else {"figures": {}}
-    # the figures kept from earlier runs keep their own stamp; the top level is this update's
+    # the figures kept from earlier runs keep their own stamp (the old top level's, if they had none);
+    # the top level is this update's
+    for fig in merged["figures"].values():
+        fig.setdefault("date", merged.get("date"))
+        fig.setdefault("commit", merged.get("commit"))
     merged.update({k: v for k, v in meta.items() if k != "figures"})
     merged["figures"].update({name: {"date": meta["date"], "commit": meta["commit"], **meta["figures"][name]}
                               for name in names})

@@ -153,11 +153,13 @@ def test_paper_figure_adopts_a_run_and_into_keeps_each_figures_own_stamp(tmp_pat
         (run / "bench" / name).write_text((curated / "paper" / "run" / "bench" / name).read_text())
     (run / "samples.jsonl").write_text("big\n")
     into.mkdir()
-    (into / "figures.json").write_text(json.dumps({"commit": "old", "figures": {"kernels": {"commit": "k1", "returncode": 0}}}))
+    (into / "figures.json").write_text(json.dumps({"commit": "old", "date": "d0", "figures": {
+        "kernels": {"commit": "k1", "returncode": 0}, "profile": {"returncode": 0}}}))
     rc = readme_figures.main(["--only", "paper", "--paper-run", str(run), "--out", str(tmp_path / "o"), "--into", str(into)])
     assert rc == 0
     meta = json.loads((into / "figures.json").read_text())
-    assert meta["figures"]["kernels"] == {"commit": "k1", "returncode": 0} and meta["commit"] != "old"
+    assert meta["figures"]["kernels"] == {"commit": "k1", "date": "d0", "returncode": 0} and meta["commit"] != "old"
+    assert meta["figures"]["profile"]["commit"] == "old"  # a figure without its own stamp keeps the old top level
     assert meta["figures"]["paper"]["commit"] == meta["commit"] and meta["figures"]["paper"]["wall_s"] is None
     assert (into / "paper" / "run" / "bench" / "results.json").is_file() and not list(into.glob("paper/**/*.jsonl"))
     assert "| DPO, shortest vs longest |" in (into / "figures.md").read_text()
