@@ -149,7 +149,8 @@ def adopt(name: str, run: Path, folder: Path) -> dict:
     _copy_kept(run, folder / name / "run", tuple(g.removeprefix("run/") for g in FIGURES[name].keep))
     timing = run / "demo_timing.json"
     if timing.is_file():
-        total, finished = (json.loads(timing.read_text())[k] for k in ("total_s", "finished"))
+        record = json.loads(timing.read_text())
+        total, finished = record["total_s"], record.get("finished")
     else:  # the results file's time stands for the run's end
         made = (run / FIGURES[name].adopt_needs[0]).stat().st_mtime
         total, finished = None, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(made))
