@@ -105,6 +105,48 @@ def train_step(folder: Path) -> str:
     return found[0].read_text().strip()
 
 
+_PAPER_LABELS = {"base": "base", "fast-prompt": "fast-solving prompt", "sft-shortest": "SFT, shortest correct",
+                 "dpo": "DPO, shortest vs longest"}
+_PAPER_MAIN = "o1-pruner-lam2"  # the method's main row (lambda = 2), in bold
+
+
+def _paper_label(model: str) -> str:
+    if model.startswith("o1-pruner-lam"):
+        label = f"O1-Pruner, lambda = {model.removeprefix('o1-pruner-lam')}"
+        return f"**{label}**" if model == _PAPER_MAIN else label
+    return _PAPER_LABELS.get(model, model)
+
+
+def paper(folder: Path) -> str:
+    """bench/paper_comparisons.py's benchmark as one row per model: greedy and sampled side by side."""
+    r = _json(folder / "run" / "bench" / "results.json")
+    runs = {(x["model"], x["mode"]): x for x in r["runs"]}
+    cmp = {(c["model"], c["mode"]): c for c in r["comparisons"]}
+    models = list(dict.fromkeys(x["model"] for x in r["runs"]))
+    order = [m for m in (*_PAPER_LABELS, _PAPER_MAIN) if m in models] + \
+        [m for m in models if m not in _PAPER_LABELS and m != _PAPER_MAIN]
+    rows = ["| model | greedy acc. | greedy tokens (ratio) | sampled acc. | sampled tokens (ratio) | sampled time ratio "
+            "| AES greedy / sampled | waste removed greedy / sampled |", "|---|---|---|---|---|---|---|---|"]
+    for m in order:
+        cells = [_paper_label(m)]
+        for mode in ("greedy", "sampled"):
+            run, c = runs.get((m, mode)), cmp.get((m, mode))
+            ratio = f" ({c['token_ratio']:.3f})" if c else ""
+            cells += [f"{run['accuracy']:.3f}", f"{run['mean_tokens']:.1f}{ratio}"] if run else ["—", "—"]
+        c_greedy, c_sampled = cmp.get((m, "greedy")), cmp.get((m, "sampled"))
+        cells.append(f"{c_sampled['time_ratio']:.3f}" if c_sampled else "1")
+        both = (c_greedy or {}, c_sampled or {})
+        for key in ("aes", "waste_removed"):
+            values = [_fmt3(c.get(key)) for c in both]
+            cells.append("—" if set(values) == {"—"} else " / ".join(values))
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def _fmt3(value: float | None) -> str:
+    return "—" if value is None else f"{value:.3f}"
+
+
 def _marker(name: str, closing: bool = False) -> str:
     return f"<!-- {'/' if closing else ''}figures:{name} -->"
 

@@ -10,58 +10,75 @@ ablation; lambda = 2 is the method's main row). Every fine-tune is the same trai
 The training pool is pre-sampled first (resumed if present) at temperature 1.0, top-p 1.0: at the
 paper's 0.5 / 0.8 the embedded default answers every training problem right in all K samples, the
 accuracy term of the reward is then zero everywhere, and lambda could not matter.
+
+Every stage is a configuration (`pruner.configs`) run in a fresh process
+by `pruner.cli.run_stage`, which prints its command first.
 """
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import os
 import shlex
-import subprocess
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # `python bench/<this>.py` from a checkout: `bench.*` and `pruner`
+
+from pruner.cli import parse_config, run_stage  # noqa: E402
+from pruner.configs import DatasetConfig, PresampleConfig, SpeedConfig, TrainConfig  # noqa: E402
 
 
-def _run(cmd: list[str]) -> None:
-    print(f"\n$ {shlex.join(cmd)}", flush=True)
-    subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+@dataclass
+class PaperConfig:
+    """The paper's comparisons (baselines and the lambda ablation) on the embedded default."""
+
+    samples: str = field(default="", metadata={"help": "pre-sampled responses of the base model (default <run>/samples.jsonl, sampled first if missing)"})
+    k: int = field(default=8, metadata={"help": "samples per training problem when pre-sampling"})
+    train_problems: int = field(default=1200, metadata={"help": "training problems to pre-sample"})
+    temperature: float = field(default=1.0, metadata={"help": "pre-sampling temperature"})
+    top_p: float = field(default=1.0, metadata={"help": "pre-sampling top-p"})
+    run: str = field(default="runs/paper", metadata={"help": "output folder"})
+    lams: list[float] = field(default_factory=lambda: [0.0, 1.0, 2.0, 5.0], metadata={"help": "the O1-Pruner rows: one training set and fine-tune per accuracy weight lambda"})
+    nproc: int = field(default=2, metadata={"help": "torchrun processes per fine-tune"})
+    test_problems: int = field(default=400, metadata={"help": "test problems in the benchmark"})
+    modes: list[Literal["greedy", "sampled"]] = field(default_factory=lambda: ["greedy", "sampled"], metadata={"help": "the benchmark's decoding modes"})
+    train_args: str = field(default="", metadata={"help": "extra pruner/train.py flags for every fine-tune, e.g. '--lr 1e-5 --max-steps 100'"})
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--samples", default="", help="pre-sampled responses of the base model (default <run>/samples.jsonl, "
-                   "sampled first if missing)")
-    p.add_argument("--k", type=int, default=8, help="samples per training problem when pre-sampling")
-    p.add_argument("--train-problems", type=int, default=1200, help="training problems to pre-sample")
-    p.add_argument("--temperature", type=float, default=1.0, help="pre-sampling temperature")
-    p.add_argument("--top-p", type=float, default=1.0, help="pre-sampling top-p")
-    p.add_argument("--run", default="runs/paper", help="output folder")
-    p.add_argument("--lams", type=float, nargs="*", default=[0.0, 1.0, 2.0, 5.0])
-    p.add_argument("--nproc", type=int, default=2)
-    p.add_argument("--test-problems", type=int, default=400)
-    p.add_argument("--modes", nargs="*", default=["greedy", "sampled"])
-    p.add_argument("--train-args", default="", help="extra flags for every pruner/train.py run")
-    args = p.parse_args()
-    run, py = Path(args.run), sys.executable
-    samples = args.samples or str(run / "samples.jsonl")
-    if not args.samples:  # resumes to nothing when complete
-        _run([py, "pruner/presample.py", "--out", samples, "--k", str(args.k), "--limit", str(args.train_problems),
-              "--temperature", str(args.temperature), "--top-p", str(args.top_p)])
-    sets = {f"o1-pruner-lam{lam:g}": ("lh", ["--lam", str(lam)]) for lam in args.lams}
-    sets.update({"sft-shortest": ("sft", []), "dpo": ("dpo", [])})
+def fine_tunes(cfg: PaperConfig, samples: str) -> dict[str, tuple[DatasetConfig, TrainConfig]]:
+    """Each fine-tuned row's training set and training run, by the row's name."""
+    run = Path(cfg.run)
+    # --train-args are trainer flags: parsed once, so a wrong one fails before any stage runs
+    base = parse_config(TrainConfig, shlex.split(cfg.train_args), prog="--train-args")
+    kinds = {f"o1-pruner-lam{lam:g}": DatasetConfig(kind="lh", lam=lam) for lam in cfg.lams}
+    kinds.update({"sft-shortest": DatasetConfig(kind="sft"), "dpo": DatasetConfig(kind="dpo")})
+    return {name: (dataclasses.replace(data, samples=samples, out=str(run / f"set-{name}")),
+                   dataclasses.replace(base, data=str(run / f"set-{name}"), out=str(run / f"train-{name}"),
+                                       resume=True))
+            for name, data in kinds.items()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_config(PaperConfig, argv, prog="bench/paper_comparisons.py")
+    run = Path(cfg.run)
+    rows = fine_tunes(cfg, cfg.samples or str(run / "samples.jsonl"))
+    stage = dict(cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    if not cfg.samples:  # resumes to nothing when complete
+        run_stage("pruner.presample", PresampleConfig(out=str(run / "samples.jsonl"), k=cfg.k, limit=cfg.train_problems,
+                                                      temperature=cfg.temperature, top_p=cfg.top_p), **stage)
+    torchrun = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={cfg.nproc}"]
     models = ["base=embedded", "fast-prompt=embedded"]
-    for name, (kind, extra) in sets.items():
-        data, out = run / f"set-{name}", run / f"train-{name}"
-        if not (data / "meta.json").exists():
-            _run([py, "pruner/dataset.py", "--samples", samples, "--out", str(data), "--kind", kind, *extra])
-        if not (out / "export" / "config.json").exists():
-            _run([py, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-                  "pruner/train.py", "--data", str(data), "--out", str(out), "--resume",
-                  *shlex.split(args.train_args)])
-        models.append(f"{name}={out / 'export'}")
-    _run([py, "bench/speed.py", "--models", *models, "--fast-prompt", "fast-prompt", "--limit",
-          str(args.test_problems), "--modes", *args.modes, "--out", str(run / "bench"), "--overwrite"])
+    for name, (data, train) in rows.items():
+        if not (Path(data.out) / "meta.json").exists():
+            run_stage("pruner.dataset", data, **stage)
+        if not (Path(train.out) / "export" / "config.json").exists():
+            run_stage("pruner.train", train, launcher=torchrun, **stage)
+        models.append(f"{name}={Path(train.out) / 'export'}")
+    run_stage("bench.speed", SpeedConfig(models=models, fast_prompt=["fast-prompt"], limit=cfg.test_problems,
+                                         modes=cfg.modes, out=str(run / "bench"), overwrite=True), **stage)
 
 
 if __name__ == "__main__":

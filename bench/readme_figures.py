@@ -1,11 +1,12 @@
 """Regenerate every figure the README quotes, from one command, stamped with the date and commit.
 
-    python bench/readme_figures.py                           # all figures -> runs/figures/<date>-<commit>/
+    python bench/readme_figures.py                           # every figure but paper -> runs/figures/<date>-<commit>/
     python bench/readme_figures.py --only profile,kernels    # some of them
     python bench/readme_figures.py --only demo --demo-run runs/demo   # tables of a `make demo` already run
     python bench/readme_figures.py --into docs/results       # also update the curated copy
     python bench/readme_figures.py --readme README.md        # also rewrite README's marked regions
     python bench/readme_figures.py --render runs/figures/X --readme README.md   # re-render, measure nothing
+    python bench/readme_figures.py --only paper --paper-run runs/paper --into docs/results   # adopt the hour-long run
 
 Figures (each the script that measures it, run as its own process):
   demo       `python -m pruner.demo` (pre-sample, train, benchmark) : result tables + per-stage wall time
@@ -13,16 +14,17 @@ Figures (each the script that measures it, run as its own process):
   presample  bench/presample_vs_hf.py : pre-sampling throughput, vLLM against HF generate
   kernels    bench/kernel_ops.py (CPU: PyTorch paths, small shapes) : time and peak memory
   train_step bench/train_step.py : one trainer step against the paper code's recipe
+  paper      bench/paper_comparisons.py (about an hour; only when named) : baselines and the lambda ablation
 
 The results folder holds each figure's raw output in a subfolder, `figures.md` (one Markdown
 region per figure between `<!-- figures:NAME -->` and `<!-- /figures:NAME -->`) and
-`figures.json` (date, commit, machine, load, command and wall time of each figure). `--readme`
+`figures.json` (date, commit, machine, load, command and wall time of each figure; `--into` merges it,
+so the curated copy keeps each figure's own date and commit). `--readme`
 replaces the same regions in a Markdown file; regions of figures not regenerated stay as they are.
 A figure whose command fails leaves nothing behind, and then neither `--into` nor `--readme` is touched.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -30,7 +32,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -38,6 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # `python bench/<this>.py` from a checkout: `bench.*` and `pruner`
 
 from bench import figure_render as render  # noqa: E402
+from pruner.cli import parse_config  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,8 @@ class Figure:
     command: Callable[[Path], list[str]]
     render: Callable[[Path], str]
     keep: tuple[str, ...] = ("*.json", "*.md", "*.csv", "*.png")  # the curated copy's files
+    slow: bool = False  # measured only when named in --only
+    adopt_needs: tuple[str, ...] = ()  # files of a finished run folder that --<name>-run can adopt
 
 
 def _py(script: str, *args: str) -> list[str]:
@@ -56,13 +61,36 @@ def _py(script: str, *args: str) -> list[str]:
 FIGURES: dict[str, Figure] = {
     "demo": Figure(lambda d: [sys.executable, "-m", "pruner.demo", "--run", str(d / "run")], render.demo,
                    keep=("run/demo_timing.json", "run/samples.summary.json", "run/bench/*.json", "run/bench/*.md",
-                         "run/bench/*.png", "run/train/*.png", "run/train/*.json")),
+                         "run/bench/*.png", "run/train/*.png", "run/train/*.json"),
+                   adopt_needs=("bench/results.json", "bench/results.md", "demo_timing.json")),
     "profile": Figure(lambda d: _py("bench/profile_default.py", "--out", str(d / "default_profile")), render.profile),
     "presample": Figure(lambda d: _py("bench/presample_vs_hf.py", "--out", str(d / "presample_vs_hf.json")),
                         render.presample),
     "kernels": Figure(lambda d: _py("bench/kernel_ops.py", "--out", str(d / "kernels_cpu.csv")), render.kernels),
     "train_step": Figure(lambda d: _py("bench/train_step.py", "--out", str(d)), render.train_step),
+    "paper": Figure(lambda d: _py("bench/paper_comparisons.py", "--run", str(d / "run")), render.paper,
+                    keep=("run/bench/*.json", "run/bench/*.md", "run/bench/*.png",
+                          "run/set-o1-pruner-lam2/report/report.md", "run/set-o1-pruner-lam2/report/*.png"),
+                    slow=True, adopt_needs=("bench/results.json", "bench/results.md")),
 }
+
+
+@dataclass
+class FiguresConfig:
+    """Regenerate every figure the README quotes, from one command, stamped with the date and commit."""
+
+    only: str = field(default="", metadata={"help": "comma list of figures: " + ", ".join(FIGURES) + " (default: all but paper; with --render, those the folder has)"})
+    out: str = field(default="", metadata={"help": "results folder (default runs/figures/<date>-<commit>)"})
+    demo_run: str = field(default="", metadata={"help": "a finished demo run folder to take the demo's tables from"})
+    paper_run: str = field(default="", metadata={"help": "a finished bench/paper_comparisons.py run folder to take the paper table from"})
+    into: str = field(default="", metadata={"help": "also copy the kept files and merge figures.md/json here (e.g. docs/results)"})
+    readme: str = field(default="", metadata={"help": "also rewrite this Markdown file's figure regions"})
+    render: str = field(default="", metadata={"help": "measure nothing: render the figures of this results folder"})
+
+    def adopted(self, name: str) -> Path | None:
+        """The finished run folder given for figure `name` (--demo-run, --paper-run), if any."""
+        folder = {"demo": self.demo_run, "paper": self.paper_run}.get(name)
+        return Path(folder) if folder else None
 
 
 def _git(*args: str) -> str:
@@ -113,17 +141,20 @@ def measure(name: str, folder: Path) -> dict:
     return record
 
 
-def adopt_demo(run: Path, folder: Path) -> dict:
-    """Take the tables of a demo already run (e.g. a timed `make demo`) instead of running one."""
-    for needed in ("bench/results.json", "bench/results.md", "demo_timing.json"):
+def adopt(name: str, run: Path, folder: Path) -> dict:
+    """Take the tables of a run already made (a timed `make demo`, an hour of paper comparisons)."""
+    for needed in FIGURES[name].adopt_needs:
         if not (run / needed).is_file():
-            raise SystemExit(f"--demo-run {run}: {run / needed} is missing (a finished `python -m pruner.demo` "
-                             "run folder has it)")
-    target = folder / "demo" / "run"
-    _copy_kept(run, target, tuple(g.removeprefix("run/") for g in FIGURES["demo"].keep))
-    timing = json.loads((run / "demo_timing.json").read_text())
-    return {"command": f"(adopted) {run}", "wall_s": timing["total_s"], "finished": timing.get("finished"),
-            "returncode": 0}
+            raise SystemExit(f"--{name}-run {run}: {run / needed} is missing (a finished run folder has it)")
+    _copy_kept(run, folder / name / "run", tuple(g.removeprefix("run/") for g in FIGURES[name].keep))
+    timing = run / "demo_timing.json"
+    if timing.is_file():
+        record = json.loads(timing.read_text())
+        total, finished = record["total_s"], record.get("finished")
+    else:  # the results file's time stands for the run's end
+        made = (run / FIGURES[name].adopt_needs[0]).stat().st_mtime
+        total, finished = None, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(made))
+    return {"command": f"(adopted) {run}", "wall_s": total, "finished": finished, "returncode": 0}
 
 
 def _copy_kept(src: Path, dst: Path, globs: tuple[str, ...]) -> None:
@@ -135,92 +166,100 @@ def _copy_kept(src: Path, dst: Path, globs: tuple[str, ...]) -> None:
 
 
 def fragments(folder: Path, names: list[str], meta: dict) -> dict[str, str]:
-    """Each figure's Markdown region body: the stamp, then the figure."""
+    """Each figure's Markdown region body: the stamp (the figure's own date and commit), then the figure."""
     out = {}
     for name in names:
         fig = meta["figures"][name]
         load = (f"adopted a run that finished {fig.get('finished')}" if "load_before" not in fig
                 else f"load average {fig['load_before']} at the start")
-        line = (f"_`python bench/readme_figures.py --only {name}`: {meta['date']}, commit {meta['commit']}, "
-                f"{meta['machine']}, {load}, {fig['wall_s']:.0f} s._")
+        wall = "" if fig.get("wall_s") is None else f", {fig['wall_s']:.0f} s"
+        line = (f"_`python bench/readme_figures.py --only {name}`: {fig.get('date', meta['date'])}, commit "
+                f"{fig.get('commit', meta['commit'])}, {meta['machine']}, {load}{wall}._")
         out[name] = f"{line}\n\n{FIGURES[name].render(folder / name).strip()}\n"
     return out
 
 
-def update_curated(folder: Path, into: Path, names: list[str], bodies: dict[str, str]) -> None:
-    """Replace <into>/<figure>/ by the kept files of this run and merge figures.md."""
+def update_curated(folder: Path, into: Path, names: list[str], bodies: dict[str, str], meta: dict) -> None:
+    """Replace <into>/<figure>/ by the kept files of this run; merge figures.json and figures.md."""
     for name in names:
         staged = into / f"{name}.partial"
         shutil.rmtree(staged, ignore_errors=True)
         _copy_kept(folder / name, staged, FIGURES[name].keep)
         shutil.rmtree(into / name, ignore_errors=True)
         staged.rename(into / name)
-    for extra in ("figures.json",):
-        shutil.copy2(folder / extra, into / extra)
-    md = into / "figures.md"
+    curated = into / "figures.json"
+    merged = json.loads(curated.read_text()) if curated.is_file() else {"figures": {}}
+    # the figures kept from earlier runs keep their own stamp (the old top level's, if they had none);
+    # the top level is this update's
+    for fig in merged["figures"].values():
+        fig.setdefault("date", merged.get("date"))
+        fig.setdefault("commit", merged.get("commit"))
+    merged.update({k: v for k, v in meta.items() if k != "figures"})
+    merged["figures"].update({name: {"date": meta["date"], "commit": meta["commit"], **meta["figures"][name]}
+                              for name in names})
+    curated.write_text(json.dumps(merged, indent=2) + "\n")
+    merge_markdown(into / "figures.md", bodies)
+
+
+def merge_markdown(md: Path, bodies: dict[str, str]) -> None:
+    """Replace (or append) the figures' regions of `md`; the other regions stay as they are."""
     md.write_text(render.replace_regions(md.read_text() if md.exists() else "", bodies, append_missing=True))
 
 
-def parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", help=f"comma list of figures: {', '.join(FIGURES)} (default: all; with --render, "
-                   "those the folder has)")
-    p.add_argument("--out", type=Path, help="results folder (default runs/figures/<date>-<commit>)")
-    p.add_argument("--demo-run", type=Path, help="a finished demo run folder to take the demo's tables from")
-    p.add_argument("--into", type=Path, help="also copy the kept files and figures.md here (e.g. docs/results)")
-    p.add_argument("--readme", type=Path, help="also rewrite this Markdown file's figure regions")
-    p.add_argument("--render", type=Path, help="measure nothing: render the figures of this results folder")
-    args = p.parse_args(argv)
-    if args.render is not None:
-        if not (args.render / "figures.json").is_file():
-            p.error(f"--render {args.render}: no figures.json there (a results folder of this script has one)")
-        made = json.loads((args.render / "figures.json").read_text())["figures"]
-        if args.only is None:
-            args.only = ",".join(n for n in made if made[n]["returncode"] == 0)
-    args.names = [n for n in (args.only or ",".join(FIGURES)).split(",") if n]
-    unknown = sorted(set(args.names) - set(FIGURES))
-    if unknown or not args.names:
-        p.error(f"--only: unknown figure(s) {unknown}; choose from {', '.join(FIGURES)}")
-    if args.readme is not None:
+def parse(argv: list[str] | None) -> tuple[FiguresConfig, list[str]]:
+    """The configuration and the figures it names, every flag checked before any work."""
+    cfg = parse_config(FiguresConfig, argv, prog="bench/readme_figures.py")
+    only = cfg.only
+    if cfg.render:
+        if not (Path(cfg.render) / "figures.json").is_file():
+            raise SystemExit(f"--render {cfg.render}: no figures.json there (a results folder of this script has one)")
+        made = json.loads((Path(cfg.render) / "figures.json").read_text())["figures"]
+        only = only or ",".join(n for n in made if made[n]["returncode"] == 0)
+    names = [n for n in (only or ",".join(n for n, f in FIGURES.items() if not f.slow)).split(",") if n]
+    unknown = sorted(set(names) - set(FIGURES))
+    if unknown or not names:
+        raise SystemExit(f"--only: unknown figure(s) {unknown}; choose from {', '.join(FIGURES)}")
+    if cfg.readme:
         # Checked before any heavy work: every region must already be there, once.
-        render.replace_regions(args.readme.read_text(), {n: "" for n in args.names}, source=str(args.readme))
-    return args
+        render.replace_regions(Path(cfg.readme).read_text(), {n: "" for n in names}, source=cfg.readme)
+    return cfg, names
 
 
-def measure_all(args: argparse.Namespace) -> tuple[Path, dict]:
+def measure_all(cfg: FiguresConfig, names: list[str]) -> tuple[Path, dict]:
     """Measure the chosen figures into a new results folder; returns it and its figures.json."""
     meta = {**stamp(), "figures": {}}
-    folder = args.out or ROOT / "runs" / "figures" / f"{time.strftime('%Y%m%d-%H%M%S')}-{meta['commit']}"
+    default = ROOT / "runs" / "figures" / f"{time.strftime('%Y%m%d-%H%M%S')}-{meta['commit']}"
+    folder = Path(cfg.out) if cfg.out else default
     folder.mkdir(parents=True, exist_ok=True)
-    for name in args.names:
-        if name == "demo" and args.demo_run:
-            meta["figures"][name] = adopt_demo(args.demo_run, folder)
-        else:
-            meta["figures"][name] = measure(name, folder)
+    for name in names:
+        run = cfg.adopted(name)
+        meta["figures"][name] = adopt(name, run, folder) if run else measure(name, folder)
     (folder / "figures.json").write_text(json.dumps(meta, indent=2) + "\n")
     return folder, meta
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse(argv)
-    if args.render:
-        folder, meta = args.render, json.loads((args.render / "figures.json").read_text())
+    cfg, names = parse(argv)
+    if cfg.render:
+        folder = Path(cfg.render)
+        meta = json.loads((folder / "figures.json").read_text())
     else:
-        folder, meta = measure_all(args)
-    done = [n for n in args.names if n in meta["figures"] and meta["figures"][n]["returncode"] == 0]
+        folder, meta = measure_all(cfg, names)
+    done = [n for n in names if n in meta["figures"] and meta["figures"][n]["returncode"] == 0]
     bodies = fragments(folder, done, meta)
-    (folder / "figures.md").write_text(render.replace_regions("", bodies, append_missing=True))
+    merge_markdown(folder / "figures.md", bodies)
     print(f"\nwrote {folder / 'figures.md'} ({', '.join(done) or 'no figures'})")
-    if len(done) < len(args.names):
+    if len(done) < len(names):
         print("some figures failed: --into / --readme left unchanged", file=sys.stderr)
         return 1
-    if args.into:
-        args.into.mkdir(parents=True, exist_ok=True)
-        update_curated(folder, args.into, done, bodies)
-        print(f"updated {args.into}")
-    if args.readme:
-        args.readme.write_text(render.replace_regions(args.readme.read_text(), bodies, source=str(args.readme)))
-        print(f"rewrote the regions {', '.join(done)} of {args.readme}")
+    if cfg.into and Path(cfg.into).resolve() != folder.resolve():
+        Path(cfg.into).mkdir(parents=True, exist_ok=True)
+        update_curated(folder, Path(cfg.into), done, bodies, meta)
+        print(f"updated {cfg.into}")
+    if cfg.readme:
+        readme = Path(cfg.readme)
+        readme.write_text(render.replace_regions(readme.read_text(), bodies, source=cfg.readme))
+        print(f"rewrote the regions {', '.join(done)} of {readme}")
     return 0
 
 

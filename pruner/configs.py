@@ -122,3 +122,23 @@ class TrainConfig:
     tensorboard: bool = field(default=False, metadata={"help": "also write TensorBoard scalars"})
     rounds: int = field(default=1, metadata={"help": "on-policy rounds: > 1 re-samples from the current model between rounds"})
     round_samples: int = field(default=0, metadata={"help": "samples per problem in on-policy rounds (0 = as in the training set)"})
+
+
+# bench/speed.py's flags: here, not in that script, because the demo and bench/paper_comparisons.py build it
+# (and `bench/` is not installed; `pruner.demo` runs it as `python -m bench.speed` from a checkout).
+@dataclass
+class SpeedConfig:
+    """Inference-time benchmark: base and pruned models side by side, same prompts, same settings."""
+
+    models: list[str] = field(default_factory=list, metadata={"help": "name=path (HF folder or hub id; 'embedded' = the default model); the first is the base of every comparison; none = the embedded base vs the latest runs/*/export"})
+    fast_prompt: list[str] = field(default_factory=list, metadata={"help": "names of models prompted with the paper's fast-solving suffix (the prompt baseline)"})
+    data: str = field(default="embedded:test", metadata={"help": "problems: a file of ../shared/data, embedded:test, or a hub id"})
+    limit: int | None = field(default=None, metadata={"help": "only the first N problems (N >= 1; omit for all)"})
+    modes: list[Literal["greedy", "sampled"]] = field(default_factory=lambda: ["greedy", "sampled"], metadata={"help": "decoding modes to measure"})
+    n: int = field(default=4, metadata={"help": "samples per problem in the sampled mode (pass@1 averaged)"})
+    max_new_tokens: int = field(default=1024, metadata={"help": "max response tokens"})
+    warmup: int = field(default=8, metadata={"help": "prompts generated before timing starts"})
+    seed: int = field(default=0, metadata={"help": "sampling seed"})
+    out: str = field(default="runs/default/bench", metadata={"help": "results folder"})
+    overwrite: bool = field(default=False, metadata={"help": "replace results of another comparison in --out"})
+    worker_out: str = field(default="", metadata={"help": "internal: benchmark the one model of --models in this process and write its per-sample results to this JSON file (what the benchmark runs per model)"})

@@ -3,57 +3,96 @@
 pre-sampling (vLLM) -> training set (length-harmonizing reward) -> `torchrun` training (FSDP2)
 -> `bench/speed.py` (base vs pruned, same prompts) -> the before/after table.
 
-Each stage is the same command a user runs by hand (printed before it runs), and each resumes or
-reuses its output, so an interrupted demo continues where it stopped; a stage whose folder holds
-another configuration's output refuses (run manifests), and the benchmark, a new measurement each
-time, replaces its folder (`--overwrite`). At the end it prints each stage's wall time and writes
-them to <run>/demo_timing.json.
+Each stage is built as its own configuration (`pruner.configs`) and run
+in a fresh process by `pruner.cli.run_stage`, which prints the command first: the same command a
+user runs by hand. Each stage resumes or reuses its output, so an interrupted demo continues where
+it stopped; a stage whose folder holds another configuration's output refuses (run manifests), and
+the benchmark, a new measurement each time, replaces its folder (`--overwrite`). At the end it
+prints each stage's wall time and writes them to <run>/demo_timing.json.
+
+The demo runs from a checkout: the benchmark is a script of `bench/`, which is not installed.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import shlex
-import subprocess
-import sys
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
+
+from pruner.cli import parse_config, run_stage
+from pruner.configs import DatasetConfig, PresampleConfig, SpeedConfig, TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# The stage each script is, for the timing table.
-_STAGE_NAMES = {"pruner/presample.py": "pre-sampling", "pruner/dataset.py": "training set",
-                "pruner/train.py": "training (torchrun)", "bench/speed.py": "benchmark (bench/speed.py)"}
-# {"stage", "wall_s", "command"} of every stage run by this process's last `main`: `_run`
-# records them so that the stage calls in `main` stay plain commands.
-_TIMINGS: list[dict] = []
+
+@dataclass
+class DemoConfig:
+    """`make demo`: pre-sample, build the training set, train with torchrun, benchmark base vs pruned."""
+
+    run: str = field(default="runs/demo", metadata={"help": "folder for every stage's output"})
+    k: int = field(default=8, metadata={"help": "samples per training problem"})
+    # 600 problems (150 steps of 32) at twice the trainer's embedded learning rate reach what 1,200 problems
+    # (300 steps) at 2e-5 did -- sampled: token ratio 0.518 vs 0.515, waste removed 0.972 vs 0.979, accuracy
+    # 0.990 vs 0.998 against the base's 0.959; greedy identical -- in 4.0 instead of 8.1 minutes (issue 16).
+    train_problems: int = field(default=600, metadata={"help": "training problems to pre-sample (of 1,200)"})
+    lr: float = field(default=4e-5, metadata={"help": "the trainer's peak learning rate for this run"})
+    test_problems: int = field(default=400, metadata={"help": "test problems in the benchmark"})
+    # One process with every core beats two with one each on this 0.5M-parameter model: the
+    # collectives cost more than the halved work saves (2 processes: 0.85-0.91x the tokens/s on
+    # 2 quiet cores, issue 16; 0.8-1.0x on a loaded machine). tests/test_demo.py runs 2.
+    nproc: int = field(default=1, metadata={"help": "torchrun processes (each gets cores/nproc threads)"})
+    ckpt_every: int = field(default=100, metadata={"help": "training steps between resumable checkpoints"})
+    lam: float = field(default=2.0, metadata={"help": "the accuracy weight of the reward (the paper's lambda)"})
 
 
-def _stage_name(cmd: list[str]) -> str:
-    return next((name for script, name in _STAGE_NAMES.items() if script in cmd), cmd[1])
+@dataclass(frozen=True)
+class Stage:
+    """One stage of the demo: its name in the timing table, the module it runs, its configuration."""
+
+    name: str
+    module: str
+    config: Any
+    launcher: tuple[str, ...] = ()
 
 
-def _run(cmd: list[str], env: dict) -> None:
-    print(f"\n$ {shlex.join(cmd)}", flush=True)
-    start = time.perf_counter()
-    subprocess.run(cmd, check=True, cwd=ROOT, env=env)
-    _TIMINGS.append({"stage": _stage_name(cmd), "wall_s": round(time.perf_counter() - start, 2),
-                     "command": shlex.join(cmd)})
+def stages(cfg: DemoConfig) -> list[Stage]:
+    """The demo's four stages, each a configuration of the stage it runs."""
+    run = Path(cfg.run)
+    # 128 problems x K = 1,024 sequences per vLLM call fill open_llm's CPU max_num_seqs; 64 left half of
+    # it idle and drained the batch twice as often (1.32x samples/s measured, issue 16 notes).
+    presample = PresampleConfig(out=str(run / "samples.jsonl"), k=cfg.k, limit=cfg.train_problems, chunk_problems=128)
+    trainset = DatasetConfig(samples=presample.out, out=str(run / "trainset"), lam=cfg.lam)
+    train = TrainConfig(data=trainset.out, out=str(run / "train"), resume=True, ckpt_every=cfg.ckpt_every, lr=cfg.lr)
+    bench = SpeedConfig(models=["base=embedded", f"pruned={Path(train.out) / 'export'}"], limit=cfg.test_problems,
+                        out=str(run / "bench"), overwrite=True)
+    torchrun = ("-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={cfg.nproc}")
+    return [Stage("pre-sampling", "pruner.presample", presample), Stage("training set", "pruner.dataset", trainset),
+            Stage("training (torchrun)", "pruner.train", train, torchrun),
+            Stage("benchmark (bench/speed.py)", "bench.speed", bench)]
 
 
-def _stage_env(nproc: int) -> dict:
+def stage_env(nproc: int) -> dict[str, str]:
     """The stages' environment: this checkout's modules, and the cores shared by the processes.
 
-    PYTHONSAFEPATH keeps a script's own folder off sys.path, so `python bench/speed.py` imports
-    nothing by accident from bench/ (PYTHONPATH gives it the repository root).
+    PYTHONSAFEPATH keeps the working folder off sys.path, so a stage imports nothing by accident
+    from where it was started (PYTHONPATH gives it the repository root).
     OMP_WAIT_POLICY=PASSIVE: idle OpenMP threads sleep instead of spinning. With the vLLM engine
     in-process and 2 threads on 2 cores, any other busy process made the spinning threads wait on
     a descheduled partner: pre-sampling fell to ~7 samples/s (vs ~60 passive) on a loaded machine.
     """
     threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // nproc))
-    return {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONSAFEPATH": "1", "OMP_NUM_THREADS": threads,
+    path = os.pathsep.join([str(ROOT), str(ROOT / "kernels")])  # kernels/: this checkout's o1pruner_kernels
+    return {**os.environ, "PYTHONPATH": path, "PYTHONSAFEPATH": "1", "OMP_NUM_THREADS": threads,
             "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY") or "PASSIVE"}
+
+
+def run_timed(stage: Stage, env: dict[str, str]) -> dict:
+    """Run one stage in a fresh process; its {"stage", "wall_s", "command"} for the timing table."""
+    start = time.perf_counter()
+    command = run_stage(stage.module, stage.config, launcher=stage.launcher, env=env, cwd=ROOT)
+    return {"stage": stage.name, "wall_s": round(time.perf_counter() - start, 2), "command": command}
 
 
 def timing_table(stages: list[dict], total_s: float) -> str:
@@ -64,12 +103,11 @@ def timing_table(stages: list[dict], total_s: float) -> str:
     return "\n".join(rows)
 
 
-def _write_timing(run: Path, args: argparse.Namespace, env: dict, total_s: float) -> Path:
-    path = run / "demo_timing.json"
-    record = {"total_s": round(total_s, 2), "cpus": os.cpu_count(), "nproc": args.nproc,
+def write_timing(cfg: DemoConfig, timings: list[dict], env: dict[str, str], total_s: float) -> Path:
+    path = Path(cfg.run) / "demo_timing.json"
+    record = {"total_s": round(total_s, 2), "cpus": os.cpu_count(), "nproc": cfg.nproc,
               "omp_num_threads": env["OMP_NUM_THREADS"], "omp_wait_policy": env["OMP_WAIT_POLICY"],
-              "ckpt_every": args.ckpt_every,
-              "stages": _TIMINGS,
+              "ckpt_every": cfg.ckpt_every, "config": asdict(cfg), "stages": timings,
               "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(record, indent=2) + "\n")
@@ -78,42 +116,14 @@ def _write_timing(run: Path, args: argparse.Namespace, env: dict, total_s: float
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", default="runs/demo", help="folder for every stage's output")
-    p.add_argument("--k", type=int, default=8, help="samples per training problem")
-    # 600 problems (150 steps of 32) at twice the trainer's embedded learning rate reach what 1,200 problems
-    # (300 steps) at 2e-5 did -- sampled: token ratio 0.518 vs 0.515, waste removed 0.972 vs 0.979, accuracy
-    # 0.990 vs 0.998 against the base's 0.959; greedy identical -- in 4.0 instead of 8.1 minutes (issue 16).
-    p.add_argument("--train-problems", type=int, default=600, help="training problems to pre-sample (of 1,200)")
-    p.add_argument("--lr", type=float, default=4e-5, help="the trainer's peak learning rate for this run")
-    p.add_argument("--test-problems", type=int, default=400, help="test problems in the benchmark")
-    # One process with every core beats two with one each on this 0.5M-parameter model: the
-    # collectives cost more than the halved work saves (2 processes: 0.85-0.91x the tokens/s on
-    # 2 quiet cores, issue 16; 0.8-1.0x on a loaded machine). tests/test_demo.py runs 2.
-    p.add_argument("--nproc", type=int, default=1, help="torchrun processes (each gets cores/nproc threads)")
-    p.add_argument("--ckpt-every", type=int, default=100, help="training steps between resumable checkpoints")
-    p.add_argument("--lam", type=float, default=2.0, help="the accuracy weight of the reward (the paper's lambda)")
-    args = p.parse_args(argv)
-    run = Path(args.run)
-    py = sys.executable
-    env = _stage_env(args.nproc)
-    _TIMINGS.clear()
+    cfg = parse_config(DemoConfig, argv, prog="python -m pruner.demo")
+    env = stage_env(cfg.nproc)
     start = time.perf_counter()
-    # 128 problems x K = 1,024 sequences per vLLM call fill open_llm's CPU max_num_seqs; 64 left half of
-    # it idle and drained the batch twice as often (1.32x samples/s measured, issue 16 notes).
-    _run([py, "pruner/presample.py", "--out", str(run / "samples.jsonl"), "--k", str(args.k),
-          "--limit", str(args.train_problems), "--chunk-problems", "128"], env)
-    _run([py, "pruner/dataset.py", "--samples", str(run / "samples.jsonl"), "--out", str(run / "trainset"),
-          "--lam", str(args.lam)], env)
-    _run([py, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}", "pruner/train.py",
-          "--data", str(run / "trainset"), "--out", str(run / "train"), "--resume",
-          "--ckpt-every", str(args.ckpt_every), "--lr", str(args.lr)], env)
-    _run([py, "bench/speed.py", "--models", "base=embedded", f"pruned={run / 'train' / 'export'}",
-          "--limit", str(args.test_problems), "--out", str(run / "bench"), "--overwrite"], env)
+    timings = [run_timed(stage, env) for stage in stages(cfg)]
     total = time.perf_counter() - start
-    timing = _write_timing(run, args, env, total)
-    print(f"\n{timing_table(_TIMINGS, total)}\n\nstage times in {timing}")
-    print(f"\ndemo finished in {total / 60:.1f} min; results in {run / 'bench'}")
+    path = write_timing(cfg, timings, env, total)
+    print(f"\n{timing_table(timings, total)}\n\nstage times in {path}")
+    print(f"\ndemo finished in {total / 60:.1f} min; results in {Path(cfg.run) / 'bench'}")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import subprocess
@@ -112,23 +113,86 @@ def test_speed_checks_every_model_and_flag_before_the_first_benchmark(tmp_path, 
 
 
 def test_speed_refuses_an_out_folder_of_another_comparison(tmp_path):
-    import argparse
-
     from bench.speed import claim_out
+    from pruner.configs import SpeedConfig
     from pruner import default_model_path
     from pruner.manifest import RunStateError
 
     models = [("base", str(default_model_path())), ("twin", str(default_model_path()))]
 
-    def args(**kw):
-        base = dict(models=None, fast_prompt=[], data="embedded:test", limit=3, modes=["greedy"], n=4,
-                    max_new_tokens=64, warmup=1, seed=0, out=str(tmp_path / "b"), overwrite=False, worker=False,
-                    model_name=None, model_path=None, worker_out=None)
-        return argparse.Namespace(**{**base, **kw})
+    def cfg(**kw):
+        return SpeedConfig(limit=3, modes=["greedy"], max_new_tokens=64, warmup=1, out=str(tmp_path / "b"), **kw)
 
-    with claim_out(args(), models):
+    with claim_out(cfg(), models):
         (tmp_path / "b" / "results.json").write_text("{}")
     with pytest.raises(RunStateError, match=r"config\.limit: was 3, now 5"):
-        claim_out(args(limit=5), models)
-    with claim_out(args(limit=5, overwrite=True), models):
+        claim_out(dataclasses.replace(cfg(), limit=5), models)
+    with claim_out(dataclasses.replace(cfg(), limit=5, overwrite=True), models):
         assert not (tmp_path / "b" / "results.json").exists()
+
+
+def test_speed_modes_are_the_configs_choices():
+    import typing
+
+    from bench.speed import MODES
+    from pruner.configs import SpeedConfig
+
+    (choices,) = typing.get_args(typing.get_type_hints(SpeedConfig)["modes"])
+    assert set(typing.get_args(choices)) == set(MODES) == set(SpeedConfig().modes)
+
+
+def test_speed_worker_is_the_benchmark_narrowed_to_one_model(tmp_path, monkeypatch):
+    # The per-model worker is run from a SpeedConfig, not from hand-built flags: its command parses back
+    # into the same configuration, with the one model, its fast-prompt choice and the file it writes.
+    from bench import speed
+    from pruner.cli import parse_config, to_argv
+
+    calls = []
+
+    def fake_run_stage(module, cfg, **kw):
+        calls.append((module, cfg))
+        Path(cfg.worker_out).write_text(json.dumps([_raw(cfg.models[0].split("=")[0], "greedy", 1.0,
+                                                         [(10, True, False, 0.1)])]))
+        return ""
+
+    monkeypatch.setattr(speed, "run_stage", fake_run_stage)
+    cfg = speed.SpeedConfig(models=["base=/m/a", "fast=/m/b"], fast_prompt=["fast"], limit=2, modes=["greedy"],
+                            out=str(tmp_path), overwrite=True)
+    speed._benchmark(cfg, speed.parse_models(cfg.models))
+    assert [m for m, _ in calls] == ["bench.speed", "bench.speed"]
+    base, fast = (c for _, c in calls)
+    assert (base.models, base.fast_prompt, fast.models, fast.fast_prompt) == (["base=/m/a"], [], ["fast=/m/b"], ["fast"])
+    assert fast.worker_out == str(tmp_path / "raw_fast.json") and not fast.overwrite and fast.limit == 2
+    assert parse_config(speed.SpeedConfig, to_argv(fast)) == fast
+    assert json.loads((tmp_path / "results.json").read_text())["comparisons"][0]["model"] == "fast"
+
+
+def test_every_bench_config_writes_under_runs_by_default():
+    # Benchmarks and profiles leave the source tree alone: their default output lies under runs/ (ignored).
+    from bench.paper_comparisons import PaperConfig
+    from bench.presample_vs_hf import PresampleVsHfConfig
+    from bench.profile_default import ProfileConfig
+    from pruner.configs import SpeedConfig
+    from pruner.demo import DemoConfig
+
+    outs = [SpeedConfig().out, PaperConfig().run, PresampleVsHfConfig().out, ProfileConfig().out, DemoConfig().run]
+    for out in outs:
+        rel = Path(out).relative_to(ROOT) if Path(out).is_absolute() else Path(out)
+        assert rel.parts[0] == "runs", out
+    assert "runs/" in (ROOT / ".gitignore").read_text().splitlines()
+
+
+def test_paper_comparisons_build_each_row_as_configs():
+    from bench.paper_comparisons import PaperConfig, fine_tunes
+    from pruner.cli import parse_config, to_argv
+
+    cfg = parse_config(PaperConfig, ["--run", "r", "--lams", "0", "5", "--train-args", "--lr 1e-5 --max-steps 7"])
+    rows = fine_tunes(cfg, "r/samples.jsonl")
+    assert list(rows) == ["o1-pruner-lam0", "o1-pruner-lam5", "sft-shortest", "dpo"]
+    for name, (data, train) in rows.items():
+        assert data.samples == "r/samples.jsonl" and train.data == data.out == f"r/set-{name}"
+        assert (train.out, train.resume, train.lr, train.max_steps) == (f"r/train-{name}", True, 1e-5, 7)
+        assert parse_config(type(train), to_argv(train)) == train
+    assert [(d.kind, d.lam) for d, _ in rows.values()][1:] == [("lh", 5.0), ("sft", 2.0), ("dpo", 2.0)]
+    with pytest.raises(SystemExit):  # a wrong trainer flag fails before any stage runs
+        fine_tunes(parse_config(PaperConfig, ["--train-args", "--no-such-flag 1"]), "s")

@@ -1,6 +1,7 @@
-"""pruner.demo: the stages' environment, the per-stage timing, and a tiny run with 2 training processes."""
+"""pruner.demo: stages built as configurations, their environment, the timing table, and a tiny run."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -8,22 +9,48 @@ from pathlib import Path
 
 import pytest
 
+from pruner import demo
+from pruner.cli import parse_config, to_argv
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_demo_stage_env_and_timing_table(monkeypatch):
-    from pruner import demo
+def test_demo_stages_are_configs_that_chain_and_round_trip():
+    cfg = parse_config(demo.DemoConfig, ["--run", "r", "--train-problems", "8", "--nproc", "2", "--lr", "1e-5",
+                                         "--lam", "5", "--test-problems", "4"])
+    presample, trainset, train, bench = demo.stages(cfg)
+    assert [s.module for s in (presample, trainset, train, bench)] == ["pruner.presample", "pruner.dataset",
+                                                                      "pruner.train", "bench.speed"]
+    # each stage reads what the one before wrote
+    assert trainset.config.samples == presample.config.out == "r/samples.jsonl"
+    assert train.config.data == trainset.config.out and bench.config.models[1] == f"pruned={train.config.out}/export"
+    assert (presample.config.limit, trainset.config.lam, train.config.lr, bench.config.limit) == (8, 5.0, 1e-5, 4)
+    assert train.config.resume and bench.config.overwrite and presample.config.chunk_problems == 128
+    assert train.launcher == ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
+    assert presample.launcher == trainset.launcher == bench.launcher == ()
+    for stage in (presample, trainset, train, bench):
+        # the printed command is the configuration: parsing it back gives the same object
+        assert parse_config(type(stage.config), to_argv(stage.config)) == stage.config
+    assert "--resume" in to_argv(train.config) and "--lr=1e-05" in to_argv(train.config)
 
+
+def test_demo_defaults_are_the_documented_ones():
+    cfg = demo.DemoConfig()
+    assert (cfg.run, cfg.train_problems, cfg.lr, cfg.k, cfg.nproc, cfg.ckpt_every) == ("runs/demo", 600, 4e-5, 8, 1, 100)
+    assert dataclasses.replace(cfg) == parse_config(demo.DemoConfig, [])
+
+
+def test_demo_stage_env_and_timing_table(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(demo.os, "cpu_count", lambda: 8)
-    assert demo._stage_env(1)["OMP_NUM_THREADS"] == "8" and demo._stage_env(3)["OMP_NUM_THREADS"] == "2"
-    assert demo._stage_env(2)["PYTHONSAFEPATH"] == "1" and demo._stage_env(2)["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert demo.stage_env(1)["OMP_NUM_THREADS"] == "8" and demo.stage_env(3)["OMP_NUM_THREADS"] == "2"
+    assert demo.stage_env(2)["PYTHONSAFEPATH"] == "1" and demo.stage_env(2)["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert demo.stage_env(1)["PYTHONPATH"].split(":")[0] == str(ROOT)
     monkeypatch.setenv("OMP_NUM_THREADS", "5")
-    assert demo._stage_env(2)["OMP_NUM_THREADS"] == "5"  # the user's choice wins
+    assert demo.stage_env(2)["OMP_NUM_THREADS"] == "5"  # the user's choice wins
     table = demo.timing_table([{"stage": "pre-sampling", "wall_s": 30.0}, {"stage": "training (torchrun)", "wall_s": 90.0}],
                               120.0)
     assert "| pre-sampling | 30.0 | 25% |" in table and "| total | 120.0 (2.0 min) | |" in table
-    assert demo._stage_name(["py", "-m", "torch.distributed.run", "pruner/train.py"]) == "training (torchrun)"
 
 
 @pytest.mark.slow
@@ -40,5 +67,16 @@ def test_tiny_demo_with_two_training_processes_writes_its_stage_times(tmp_path):
     assert [s["stage"] for s in timing["stages"]] == ["pre-sampling", "training set", "training (torchrun)",
                                                       "benchmark (bench/speed.py)"]
     assert timing["nproc"] == 2 and abs(sum(s["wall_s"] for s in timing["stages"]) - timing["total_s"]) < 5
+    # the recorded commands are the printed ones, and the torchrun one runs the trainer as a module
+    assert all(f"$ {s['command']}" in out.stdout for s in timing["stages"])
+    assert "--nproc_per_node=2 -m pruner.train" in timing["stages"][2]["command"]
     assert "| total |" in out.stdout and (run / "bench" / "results.json").is_file()
     assert list((run / "train" / "checkpoints").iterdir())
+
+
+def test_demo_imports_configs_not_stages():
+    # The demo builds configurations; the stages (and torch, vLLM, the bench scripts) load in their own processes.
+    code = ("import sys, pruner.demo; print(sorted(m for m in sys.modules if m.split('.')[0] in ('bench', 'torch', "
+            "'vllm') or m in ('pruner.presample', 'pruner.dataset', 'pruner.train')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -42,7 +42,8 @@ def test_flags_are_checked_before_any_work(tmp_path):
         readme_figures.parse(["--only", "demo,profile", "--readme", str(readme)])
     with pytest.raises(SystemExit):
         readme_figures.parse(["--only", "demo,nonsense"])
-    assert readme_figures.parse(["--only", "demo", "--readme", str(readme)]).names == ["demo"]
+    assert readme_figures.parse(["--only", "demo", "--readme", str(readme)])[1] == ["demo"]
+    assert "paper" not in readme_figures.parse([])[1]  # an hour's run: only when named
 
 
 def _demo_run(run: Path) -> None:
@@ -136,3 +137,31 @@ def test_render_rerenders_a_results_folder_without_measuring(tmp_path):
     assert "| re-rendered |" in readme.read_text()
     with pytest.raises(SystemExit):
         readme_figures.main(["--render", str(tmp_path / "nothing")])
+
+
+def test_paper_figure_adopts_a_run_and_into_keeps_each_figures_own_stamp(tmp_path):
+    # The curated paper table is rendered from the moved results.json, row for row as the README shows it.
+    curated = ROOT / "docs" / "results"
+    md = render.paper(curated / "paper")
+    assert "| **O1-Pruner, lambda = 2** | 1.000 | 74.9 (0.438) | 0.993 | 80.2 (0.541) | 0.607 |" in md
+    assert md.splitlines()[2].startswith("| base | 1.000 | 171.1 | 0.968 | 148.4 | 1 |")
+    assert json.loads((curated / "figures.json").read_text())["figures"]["paper"]["commit"] == "be83d01"
+    # adopting a finished run into a curated folder that holds another figure: that figure keeps its stamp
+    run, into = tmp_path / "paper_run", tmp_path / "curated"
+    (run / "bench").mkdir(parents=True)
+    for name in ("results.json", "results.md"):
+        (run / "bench" / name).write_text((curated / "paper" / "run" / "bench" / name).read_text())
+    (run / "samples.jsonl").write_text("big\n")
+    into.mkdir()
+    (into / "figures.json").write_text(json.dumps({"commit": "old", "date": "d0", "figures": {
+        "kernels": {"commit": "k1", "returncode": 0}, "profile": {"returncode": 0}}}))
+    rc = readme_figures.main(["--only", "paper", "--paper-run", str(run), "--out", str(tmp_path / "o"), "--into", str(into)])
+    assert rc == 0
+    meta = json.loads((into / "figures.json").read_text())
+    assert meta["figures"]["kernels"] == {"commit": "k1", "date": "d0", "returncode": 0} and meta["commit"] != "old"
+    assert meta["figures"]["profile"]["commit"] == "old"  # a figure without its own stamp keeps the old top level
+    assert meta["figures"]["paper"]["commit"] == meta["commit"] and meta["figures"]["paper"]["wall_s"] is None
+    assert (into / "paper" / "run" / "bench" / "results.json").is_file() and not list(into.glob("paper/**/*.jsonl"))
+    assert "| DPO, shortest vs longest |" in (into / "figures.md").read_text()
+    with pytest.raises(SystemExit, match="--paper-run .*results.json is missing"):
+        readme_figures.main(["--only", "paper", "--paper-run", str(tmp_path / "o"), "--out", str(tmp_path / "o2")])
