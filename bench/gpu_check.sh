@@ -38,7 +38,7 @@ if [ "$DRY" = 1 ]; then
   FIXTURE_ARGS=(--arch cpu-small --response-tokens 48 --problems 2 --k 4)
   TRAIN_DEVICE=(--device cpu)  # --dry on a GPU machine too: the interpreter is on, so stay on the CPU
 else
-  KERNEL_ARGS=(--n 4096,8192,16384 --d 3584 --v 152064 --reps 10 --warmup 3 --dtype bfloat16)
+  KERNEL_ARGS=(--n 4096 8192 16384 --d 3584 --v 152064 --reps 10 --warmup 3 --dtype bfloat16)
   STEP_ARGS=(--preset qwen2.5-1.5b --batch 1 --seq 4096 --steps 3 --warmup 2 --activation-checkpointing)
   TEST_FILTER=()
   FIXTURE_ARGS=(--arch qwen2.5-1.5b --response-tokens 4096 --problems 2 --k 4)
@@ -61,7 +61,7 @@ run_step() {  # name, time limit (s), command...
 # the configs test runs every candidate explicitly and drives the autotuned path itself.
 run_step kernel_tests 90 env O1PRUNER_AUTOTUNE=0 $PY -m pytest -q -p no:cacheprovider tests/test_kernels_*.py "${TEST_FILTER[@]}" \
   --junitxml "$OUT/kernel_tests.xml"
-run_step kernel_bench 100 $PY bench/kernel_ops.py --ops fused_linear,logprobs,ratio_loss "${KERNEL_ARGS[@]}" \
+run_step kernel_bench 100 $PY bench/kernel_ops.py --ops fused_linear logprobs ratio_loss "${KERNEL_ARGS[@]}" \
   --out "$OUT/kernels.csv"
 run_step train_step 50 $PY bench/train_step.py --torchrun "${STEP_ARGS[@]}" --out "$OUT"
 
