@@ -11,17 +11,33 @@ the project's own writer, `pruner.dataset.build_trainset`.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import shutil
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
 
 import torch  # noqa: E402
+
+from pruner.cli import parse_config  # noqa: E402
+
+
+@dataclass
+class FixtureConfig:
+    """A random-weight model of a real architecture and a small synthetic training set for it."""
+
+    arch: str = field(default="qwen2.5-1.5b", metadata={"help": "architecture preset of pruner/presets.py"})
+    response_tokens: int = field(default=4096, metadata={"help": "tokens per synthetic response"})
+    problems: int = field(default=4, metadata={"help": "synthetic problems"})
+    k: int = field(default=4, metadata={"help": "samples per problem"})
+    device: Literal["cuda", "cpu"] = field(default="cuda" if torch.cuda.is_available() else "cpu",
+                                           metadata={"help": "where the model is initialised (cuda when available)"})
+    out: str = field(default="runs/gpu_fixture", metadata={"help": "folder for model/, samples.jsonl and trainset/"})
 
 
 def build_model_folder(arch: str, out: Path, device: str) -> Path:
@@ -82,14 +98,7 @@ def write_samples(path: Path, model_dir: Path, *, problems: int, k: int, respons
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--arch", default="qwen2.5-1.5b")
-    ap.add_argument("--response-tokens", type=int, default=4096)
-    ap.add_argument("--problems", type=int, default=4)
-    ap.add_argument("--k", type=int, default=4, help="samples per problem")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--out", required=True)
-    args = ap.parse_args()
+    args = parse_config(FixtureConfig, prog="bench/trainer_fixture.py")
     from pruner.dataset import build_trainset
 
     out = Path(args.out)
