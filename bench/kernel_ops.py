@@ -311,6 +311,11 @@ def timing_rows(cfg: KernelOpsConfig, device: str, stamp: dict) -> list[dict]:
     return rows
 
 
+def output_path(cfg: KernelOpsConfig, device_name: str) -> Path:
+    """--out, or runs/kernels/kernels_<device>.csv (under the working directory, like every stage's runs/)."""
+    return Path(cfg.out or f"runs/kernels/kernels_{device_name}.csv")
+
+
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(KernelOpsConfig, argv, prog="bench/kernel_ops.py")
     cfg.check()
@@ -319,7 +324,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = [] if cfg.memory_ratio else timing_rows(cfg, "cuda" if cuda else "cpu", stamp)
     if cfg.memory_ratio or (not cuda and not cfg.skip_memory_ratio):
         rows += memory_ratio(stamp["commit"])
-    out = Path(cfg.out or ROOT / "runs" / "kernels" / f"kernels_{stamp['device']}.csv")
+    out = output_path(cfg, stamp["device"])
     out.parent.mkdir(parents=True, exist_ok=True)
     new = not out.exists()
     with out.open("a", newline="") as f:
