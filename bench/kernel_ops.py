@@ -1,4 +1,4 @@
-"""Benchmark the `kernels` ops against eager PyTorch, torch.compile, Liger-Kernel and Cut Cross-Entropy.
+"""Benchmark the `o1pruner_kernels` ops against eager PyTorch, torch.compile, Liger-Kernel and Cut Cross-Entropy.
 
     python bench/kernel_ops.py                       # CUDA: D=3584,5120 x N=1k..32k, V=152064, bf16
     python bench/kernel_ops.py --n 4096 --d 3584 --ops fused_linear --providers kernels-triton liger
@@ -239,7 +239,7 @@ def bench_shape(op: str, shape: tuple[int, int, int], dtype, device: str, cfg: K
 
 _RSS_CHILD = """
 import json, resource, sys, torch
-sys.path.insert(0, {root!r})
+sys.path.insert(0, {kernels!r})
 import o1pruner_kernels
 which = {which!r}
 N, D, V = {n}, {d}, {v}
@@ -262,7 +262,7 @@ print(json.dumps({{"growth": peak() - before}}))
 
 
 def rss_growth(which: str, n: int, d: int, v: int) -> int:
-    code = _RSS_CHILD.format(root=str(ROOT), which=which, n=n, d=d, v=v)
+    code = _RSS_CHILD.format(kernels=str(ROOT / "kernels"), which=which, n=n, d=d, v=v)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])["growth"]
 

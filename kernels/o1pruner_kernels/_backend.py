@@ -51,7 +51,7 @@ def check_label_range(labels: torch.Tensor, valid: torch.Tensor, vocab: int) -> 
     """Out-of-range labels would read past the row in a kernel; fail loudly instead.
 
     One small reduction; on CUDA it costs a host sync, which is why the Triton path calls it
-    only when `KERNELS_CHECK_LABELS=1` (the torch path always checks via `gather`).
+    only when `KERNELS_CHECK_LABELS=1` (see `should_check_labels`); the torch path always calls it.
     """
     if labels.numel() and bool(((labels >= vocab) & valid).any()):
         raise IndexError(f"label >= vocabulary size {vocab}")
