@@ -11,8 +11,9 @@ Backward: grid (token tiles, vocabulary tiles). Each program recomputes its logi
 dz = d loss / d logits for the per-token upstream gradients (log-prob and entropy), and either
 stores dz for a chunk of tokens, which two GEMMs turn into d_hidden and d_weight (bwd="matmul",
 the default), or adds dz @ W_tile into d_hidden and dz^T @ h_tile into d_weight with fp32
-atomics (bwd="atomic": no dz buffer, contention at large N * V * D). Nothing is computed for the backward during the forward (the lesson of
-Liger's PR 1298): arbitrary per-token upstream gradients are exact.
+atomics (bwd="atomic": no dz buffer, contention at large N * V * D). Nothing is computed for
+the backward during the forward (the lesson of Liger's PR 1298): arbitrary per-token upstream
+gradients are exact.
 
 Register budget (sm_90, `bench/kernel_resources.py`): what made tiles above 64 x 128 spill was
 not the accumulator but the work around it, chiefly a tile-wide compare against a 64-bit column
