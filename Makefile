@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast demo clean
+.PHONY: install test test-fast demo gpu-wheels clean
 
 install: $(STAMP)
 
@@ -29,6 +29,13 @@ test-fast: install
 
 demo: install
 	$(BIN)/python -m pruner.demo
+
+# Liger-Kernel and Cut Cross-Entropy wheels for bench/gpu_check.sh, pinned by hash in bench/gpu-wheels.txt.
+# Run on a machine with network; the GPU machine has none: carry .cache/gpu-wheels/ there with the checkout.
+GPU_WHEELS := .cache/gpu-wheels
+gpu-wheels:
+	$(PY) -m pip download --quiet --no-deps --require-hashes -r bench/gpu-wheels.txt -d $(GPU_WHEELS)
+	@ls $(GPU_WHEELS)
 
 clean:
 	rm -rf $(VENV)

@@ -11,12 +11,18 @@
 #      --activation-checkpointing. Peak memory, tokens/s and the memory planner's estimate go to the summary,
 #   5. the summary table, printed last.
 # Nothing from this project is installed there: it runs from the tree (PYTHONPATH below), without vLLM.
-# Results go to $OUT (default bench/results/). Liger-Kernel and Cut Cross-Entropy travel as wheels in
-# bench/wheels/ (no network there). Without a GPU (or with --dry) the same steps run on the CPU at
-# small shapes, with the Triton interpreter, so the script is known to work before GPU time is spent.
+# Results go to $OUT (default runs/gpu_check/, ignored by git).
+#
+# Liger-Kernel and Cut Cross-Entropy come as wheels from $GPU_WHEELS (default .cache/gpu-wheels/, ignored).
+# The GPU machine has no network: first, on a machine that has one, run `make gpu-wheels` (pip download of
+# the versions pinned by hash in bench/gpu-wheels.txt), then carry .cache/gpu-wheels/ there with the
+# checkout. Without the wheels the run goes on; the Liger/CCE columns and the Liger patch are then missing.
+# Without a GPU (or with --dry) the same steps run on the CPU at small shapes, with the Triton interpreter,
+# so the script is known to work before GPU time is spent.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT="${OUT:-bench/results}"
+OUT="${OUT:-runs/gpu_check}"
+GPU_WHEELS="${GPU_WHEELS:-.cache/gpu-wheels}"
 mkdir -p "$OUT"
 PY="${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}"
 DRY=0
@@ -25,8 +31,13 @@ LIMIT_SCALE=1  # the stage limits below add up to 475 s on a GPU (<= 8 minutes w
 $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" || DRY=1
 
 SITE="$(mktemp -d)"
-$PY -m pip install --quiet --no-deps --no-index --target "$SITE" bench/wheels/*.whl 2>"$OUT/wheels.log" \
-  || echo "note: could not install the bundled wheels (see $OUT/wheels.log); Liger/CCE columns will be missing"
+if ls "$GPU_WHEELS"/*.whl > /dev/null 2>&1; then
+  $PY -m pip install --quiet --no-deps --no-index --target "$SITE" "$GPU_WHEELS"/*.whl 2>"$OUT/wheels.log" \
+    || echo "note: could not install the wheels of $GPU_WHEELS (see $OUT/wheels.log); Liger/CCE columns will be missing"
+else
+  echo "note: no wheels in $GPU_WHEELS (run \`make gpu-wheels\` on a networked machine and carry the folder here);" \
+    "Liger/CCE columns will be missing"
+fi
 export PYTHONPATH="$PWD:$PWD/kernels:$SITE${PYTHONPATH:+:$PYTHONPATH}"
 if [ "$DRY" = 1 ]; then
   export TRITON_INTERPRET=1
@@ -38,7 +49,7 @@ if [ "$DRY" = 1 ]; then
   FIXTURE_ARGS=(--arch cpu-small --response-tokens 48 --problems 2 --k 4)
   TRAIN_DEVICE=(--device cpu)  # --dry on a GPU machine too: the interpreter is on, so stay on the CPU
 else
-  KERNEL_ARGS=(--n 4096,8192,16384 --d 3584 --v 152064 --reps 10 --warmup 3 --dtype bfloat16)
+  KERNEL_ARGS=(--n 4096 8192 16384 --d 3584 --v 152064 --reps 10 --warmup 3 --dtype bfloat16)
   STEP_ARGS=(--preset qwen2.5-1.5b --batch 1 --seq 4096 --steps 3 --warmup 2 --activation-checkpointing)
   TEST_FILTER=()
   FIXTURE_ARGS=(--arch qwen2.5-1.5b --response-tokens 4096 --problems 2 --k 4)
@@ -61,7 +72,7 @@ run_step() {  # name, time limit (s), command...
 # the configs test runs every candidate explicitly and drives the autotuned path itself.
 run_step kernel_tests 90 env O1PRUNER_AUTOTUNE=0 $PY -m pytest -q -p no:cacheprovider tests/test_kernels_*.py "${TEST_FILTER[@]}" \
   --junitxml "$OUT/kernel_tests.xml"
-run_step kernel_bench 100 $PY bench/kernel_ops.py --ops fused_linear,logprobs,ratio_loss "${KERNEL_ARGS[@]}" \
+run_step kernel_bench 100 $PY bench/kernel_ops.py --ops fused_linear logprobs ratio_loss "${KERNEL_ARGS[@]}" \
   --out "$OUT/kernels.csv"
 run_step train_step 50 $PY bench/train_step.py --torchrun "${STEP_ARGS[@]}" --out "$OUT"
 

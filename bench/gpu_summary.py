@@ -4,15 +4,30 @@ Goals (issue: GPU check): fused log-prob kernel >= 1.3x faster than Liger's best
 memory <= 2% of eager's, >= 60% of matmul TFLOP/s; trainer step >= 1.5x faster than the paper
 code's recipe at <= 50% of its peak memory. Plus the real trainer's runs (pruner/train.py under
 torchrun): stage status, peak memory, tokens/s and the memory planner's estimate against the measured
-peak (torch.cuda.max_memory_allocated on a GPU; peak RSS after start-up on the CPU).
+peak (torch.cuda.max_memory_allocated on a GPU; peak RSS after start-up on the CPU). Reads the
+results folder of one gpu_check.sh run and writes gpu_summary.md / gpu_summary.json into it.
+
+    python bench/gpu_summary.py --results runs/gpu_check
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import json
+import sys
 import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/gpu_summary.py` from a checkout
+from pruner.cli import parse_config  # noqa: E402
+
+
+@dataclass
+class GpuSummaryConfig:
+    """The summary table of one bench/gpu_check.sh run."""
+
+    results: str = field(default="runs/gpu_check", metadata={
+        "help": "gpu_check.sh's results folder ($OUT there); gpu_summary.md/.json are written into it"})
 
 
 def kernel_tests(results: Path) -> str:
@@ -83,10 +98,10 @@ def trainer_lines(runs: dict) -> list[str]:
     return lines
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--results", default="bench/results")
-    results = Path(ap.parse_args().results)
+def main(argv: list[str] | None = None) -> None:
+    results = Path(parse_config(GpuSummaryConfig, argv, prog="bench/gpu_summary.py").results)
+    if not results.is_dir():
+        raise SystemExit(f"gpu_summary.py: --results {results}: no such folder (run bench/gpu_check.sh first)")
     lines = ["| check | value | goal | met |", "|---|---|---|---|"]
     summary: dict = {"kernel_tests": kernel_tests(results)}
     lines.append(f"| kernel tests | {summary['kernel_tests']} | all pass | "

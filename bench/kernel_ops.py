@@ -1,7 +1,7 @@
-"""Benchmark the `kernels` ops against eager PyTorch, torch.compile, Liger-Kernel and Cut Cross-Entropy.
+"""Benchmark the `o1pruner_kernels` ops against eager PyTorch, torch.compile, Liger-Kernel and Cut Cross-Entropy.
 
     python bench/kernel_ops.py                       # CUDA: D=3584,5120 x N=1k..32k, V=152064, bf16
-    python bench/kernel_ops.py --n 4096 --d 3584 --ops fused_linear --providers kernels-triton,liger
+    python bench/kernel_ops.py --n 4096 --d 3584 --ops fused_linear --providers kernels-triton liger
     python bench/kernel_ops.py --memory-ratio        # CPU: peak-RSS ratio fused(torch) / naive
 
 On CUDA: forward, backward and total time (median over --reps warmed-up runs, CUDA events),
@@ -9,18 +9,21 @@ achieved TFLOP/s next to a plain matmul of the same size measured in the same ru
 memory (torch.cuda.max_memory_allocated above the inputs). On the CPU only the PyTorch paths
 run, at small shapes, followed by the N=8192/D=512/V=32000 peak-RSS comparison (each side in its
 own fresh subprocess, ru_maxrss growth over one forward+backward). One CSV row per
-(op, provider, shape, dtype, device, commit) goes to bench/results/kernels_<device>.csv.
+(op, provider, shape, dtype, device, commit) is appended to runs/kernels/kernels_<device>.csv
+(--out). The README's curated CPU table is `bench/readme_figures.py --only kernels`'s copy in
+docs/results/kernels/.
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import os
 import statistics
 import subprocess
 import sys
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Literal
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `python bench/kernel_ops.py` from a checkout: the repository's modules
@@ -29,6 +32,42 @@ import torch  # noqa: E402
 
 import o1pruner_kernels  # noqa: E402
 from o1pruner_kernels.reference import clipped_ratio_loss_reference  # noqa: E402
+from pruner.cli import parse_config  # noqa: E402
+
+Op = Literal["fused_linear", "logprobs", "ratio_loss"]
+Provider = Literal["eager", "compile", "kernels-torch", "kernels-triton", "kernels-triton-atomic", "liger", "cce"]
+
+
+@dataclass
+class KernelOpsConfig:
+    """Time and memory of the kernel ops against eager PyTorch, torch.compile, Liger-Kernel and CCE."""
+
+    ops: list[Op] = field(default_factory=lambda: ["fused_linear", "logprobs", "ratio_loss"],
+                          metadata={"help": "ops to benchmark"})
+    n: list[int] = field(default_factory=list, metadata={
+        "help": "token counts (default: 1024 4096 8192 16384 32768 on CUDA, 1024 on the CPU)"})
+    d: list[int] = field(default_factory=list, metadata={
+        "help": "hidden sizes of fused_linear (default: 3584 5120 on CUDA, 256 on the CPU)"})
+    v: int | None = field(default=None, metadata={"help": "vocabulary size (default: 152064 on CUDA, 8192 on the CPU)"})
+    dtype: Literal["bfloat16", "float16", "float32"] = field(default="bfloat16", metadata={
+        "help": "input dtype on CUDA (the CPU always runs float32)"})
+    providers: list[Provider] = field(default_factory=list, metadata={
+        "help": "only these providers (default: every one available on the device)"})
+    reps: int = field(default=10, metadata={"help": "timed repetitions, median reported (at most 3 on the CPU)"})
+    warmup: int = field(default=3, metadata={"help": "untimed repetitions first (1 on the CPU)"})
+    out: str = field(default="", metadata={"help": "CSV to append rows to (default: runs/kernels/kernels_<device>.csv)"})
+    memory_ratio: bool = field(default=False, metadata={
+        "help": "only the CPU peak-RSS comparison (fused torch path vs naive, N=8192 D=512 V=32000)"})
+    skip_memory_ratio: bool = field(default=False, metadata={
+        "help": "on the CPU, skip the peak-RSS comparison that otherwise follows the timings (about a minute)"})
+
+    def check(self) -> None:
+        """Refuse impossible flags before any benchmark runs."""
+        for flag, values in (("--n", self.n), ("--d", self.d), ("--v", [self.v or 1]), ("--reps", [self.reps])):
+            if min(values, default=1) < 1:
+                raise SystemExit(f"kernel_ops.py: {flag} must be >= 1, got {values}")
+        if self.warmup < 0:
+            raise SystemExit(f"kernel_ops.py: --warmup must be >= 0, got {self.warmup}")
 
 FIELDS = ["op", "provider", "N", "D", "V", "dtype", "device", "commit", "fwd_ms", "bwd_ms", "total_ms",
           "tflops", "matmul_tflops", "frac_of_matmul", "peak_mem_mib", "status"]
@@ -150,7 +189,10 @@ def matmul_tflops(n: int, d: int, v: int, dtype, device: str, reps: int) -> floa
 
 
 # ----------------------------------------------------------------------------- driver
-def bench_shape(op: str, n: int, d: int, v: int, dtype, device: str, args, providers: dict) -> list[dict]:
+def bench_shape(op: str, shape: tuple[int, int, int], dtype, device: str, cfg: KernelOpsConfig, providers: dict,
+                stamp: dict) -> list[dict]:
+    """One row per provider at one (N, D, V); `stamp` holds the device name and commit of every row."""
+    n, d, v = shape
     torch.manual_seed(0)
     if op == "fused_linear":
         h = (torch.randn(n, d, device=device) * 0.5).to(dtype).requires_grad_()
@@ -166,17 +208,17 @@ def bench_shape(op: str, n: int, d: int, v: int, dtype, device: str, args, provi
         lp = (-torch.rand(b, 1024, device=device) * 3).requires_grad_()
         old = lp.detach() + 0.1 * torch.randn_like(lp)
         inputs, grads, flops = (lp, old, torch.randn(b, device=device), torch.rand(b, 1024, device=device) > 0.1), (lp,), 0
-    mm = matmul_tflops(n, d, v, dtype, device, args.reps) if flops else float("nan")
+    mm = matmul_tflops(n, d, v, dtype, device, cfg.reps) if flops else float("nan")
     rows = []
     for name, fn in providers.items():
-        if args.providers and name not in args.providers:
+        if cfg.providers and name not in cfg.providers:
             continue
         row = {"op": op, "provider": name, "N": n, "D": d if op == "fused_linear" else "",
                "V": v if op != "ratio_loss" else "",
-               "dtype": str(dtype).replace("torch.", ""), "device": args.device_name, "commit": args.commit,
+               "dtype": str(dtype).replace("torch.", ""), **stamp,
                "matmul_tflops": round(mm, 3) if flops else ""}
         try:
-            res = measure(fn, inputs, grads, args.reps, args.warmup, device)
+            res = measure(fn, inputs, grads, cfg.reps, cfg.warmup, device)
             row.update({k: round(val, 3) for k, val in res.items()}, status="ok")
             if flops:
                 row["tflops"] = round(flops / (res["total_ms"] * 1e-3) / 1e12, 3)
@@ -197,7 +239,7 @@ def bench_shape(op: str, n: int, d: int, v: int, dtype, device: str, args, provi
 
 _RSS_CHILD = """
 import json, resource, sys, torch
-sys.path.insert(0, {root!r})
+sys.path.insert(0, {kernels!r})
 import o1pruner_kernels
 which = {which!r}
 N, D, V = {n}, {d}, {v}
@@ -220,12 +262,12 @@ print(json.dumps({{"growth": peak() - before}}))
 
 
 def rss_growth(which: str, n: int, d: int, v: int) -> int:
-    code = _RSS_CHILD.format(root=str(ROOT), which=which, n=n, d=d, v=v)
+    code = _RSS_CHILD.format(kernels=str(ROOT / "kernels"), which=which, n=n, d=d, v=v)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])["growth"]
 
 
-def memory_ratio(args) -> list[dict]:
+def memory_ratio(commit: str) -> list[dict]:
     n, d, v = 8192, 512, 32000
     fused, naive = rss_growth("fused", n, d, v), rss_growth("naive", n, d, v)
     logits = n * v * 4
@@ -234,7 +276,7 @@ def memory_ratio(args) -> list[dict]:
     print(f"  naive log_softmax(h @ W.T).gather    : {naive / 2**20:8.1f} MiB")
     print(f"  ratio fused / naive                  : {fused / naive:8.3f}")
     base = {"op": "fused_linear", "N": n, "D": d, "V": v, "dtype": "float32", "device": "cpu-rss",
-            "commit": args.commit, "status": "ok"}
+            "commit": commit, "status": "ok"}
     return [{**base, "provider": "kernels-torch", "peak_mem_mib": round(fused / 2**20, 1)},
             {**base, "provider": "eager", "peak_mem_mib": round(naive / 2**20, 1)}]
 
@@ -247,47 +289,42 @@ def _commit() -> str:
         return "unknown"
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--ops", default="fused_linear,logprobs,ratio_loss", help="comma list of ops")
-    ap.add_argument("--n", default=None, help="comma list of token counts (default CUDA 1024..32768)")
-    ap.add_argument("--d", default=None, help="comma list of hidden sizes (default CUDA 3584,5120)")
-    ap.add_argument("--v", type=int, default=None, help="vocabulary size (default CUDA 152064)")
-    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    ap.add_argument("--providers", default="", help="comma list to restrict providers (default all available)")
-    ap.add_argument("--reps", type=int, default=10, help="timed repetitions (median reported)")
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--out", default=None, help="CSV path (default bench/results/kernels_<device>.csv)")
-    ap.add_argument("--memory-ratio", action="store_true", help="only the CPU peak-RSS comparison")
-    ap.add_argument("--skip-memory-ratio", action="store_true",
-                    help="on the CPU, skip the N=8192/D=512/V=32000 peak-RSS comparison (about a minute)")
-    args = ap.parse_args(argv)
-    cuda = torch.cuda.is_available()
-    device = "cuda" if cuda else "cpu"
-    args.providers = [p for p in args.providers.split(",") if p]
-    args.commit = _commit()
-    args.device_name = torch.cuda.get_device_name().replace(" ", "_") if cuda else "cpu"
+def timing_rows(cfg: KernelOpsConfig, device: str, stamp: dict) -> list[dict]:
+    """Every (op, shape, provider) timing; on the CPU small shapes, float32 and few repetitions."""
+    cuda = device == "cuda"
+    if not cuda:
+        print("No CUDA device: running only the PyTorch paths (eager, torch.compile, the kernels' torch backend) "
+              "at small shapes; timings are CPU wall-clock.")
+        cfg = replace(cfg, reps=min(cfg.reps, 3), warmup=1)
+    ns = cfg.n or ([1024, 4096, 8192, 16384, 32768] if cuda else [1024])
+    ds = cfg.d or ([3584, 5120] if cuda else [256])
+    v = cfg.v or (152064 if cuda else 8192)
+    dtype = getattr(torch, cfg.dtype if cuda else "float32")
+    print("op | provider | N | D | V | dtype | fwd_ms | bwd_ms | total_ms | TFLOP/s | of matmul | peak MiB | status")
+    table = {"fused_linear": fused_linear_providers, "logprobs": logprobs_providers, "ratio_loss": ratio_providers}
     rows: list[dict] = []
-    if not args.memory_ratio:
-        if not cuda:
-            print("No CUDA device: running only the PyTorch paths (eager, torch.compile, the kernels' torch backend) "
-                  "at small shapes; timings are CPU wall-clock.")
-        ns = [int(x) for x in (args.n or ("1024,4096,8192,16384,32768" if cuda else "1024")).split(",")]
-        ds = [int(x) for x in (args.d or ("3584,5120" if cuda else "256")).split(",")]
-        v = args.v or (152064 if cuda else 8192)
-        dtype = getattr(torch, args.dtype if cuda else "float32")
-        if not cuda:
-            args.reps, args.warmup = min(args.reps, 3), 1
-        print("op | provider | N | D | V | dtype | fwd_ms | bwd_ms | total_ms | TFLOP/s | of matmul | peak MiB | status")
-        table = {"fused_linear": fused_linear_providers, "logprobs": logprobs_providers, "ratio_loss": ratio_providers}
-        for op in args.ops.split(","):
-            providers = table[op](device)
-            for n in ns:
-                for d in (ds if op == "fused_linear" else ds[:1]):
-                    rows += bench_shape(op, n, d, v, dtype, device, args, providers)
-    if args.memory_ratio or (not cuda and not args.skip_memory_ratio):
-        rows += memory_ratio(args)
-    out = Path(args.out or ROOT / "bench" / "results" / f"kernels_{args.device_name}.csv")
+    for op in cfg.ops:
+        providers = table[op](device)
+        for n in ns:
+            for d in (ds if op == "fused_linear" else ds[:1]):
+                rows += bench_shape(op, (n, d, v), dtype, device, cfg, providers, stamp)
+    return rows
+
+
+def output_path(cfg: KernelOpsConfig, device_name: str) -> Path:
+    """--out, or runs/kernels/kernels_<device>.csv (under the working directory, like every stage's runs/)."""
+    return Path(cfg.out or f"runs/kernels/kernels_{device_name}.csv")
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_config(KernelOpsConfig, argv, prog="bench/kernel_ops.py")
+    cfg.check()
+    cuda = torch.cuda.is_available()
+    stamp = {"device": torch.cuda.get_device_name().replace(" ", "_") if cuda else "cpu", "commit": _commit()}
+    rows = [] if cfg.memory_ratio else timing_rows(cfg, "cuda" if cuda else "cpu", stamp)
+    if cfg.memory_ratio or (not cuda and not cfg.skip_memory_ratio):
+        rows += memory_ratio(stamp["commit"])
+    out = output_path(cfg, stamp["device"])
     out.parent.mkdir(parents=True, exist_ok=True)
     new = not out.exists()
     with out.open("a", newline="") as f:

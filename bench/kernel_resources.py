@@ -8,11 +8,12 @@ per thread and stack frame (spills) come from `cuobjdump --dump-resource-usage` 
 Triton); shared memory from the compiled kernel's metadata. Blocks per SM and occupancy follow
 from the per-SM budgets below.
 
-    python bench/kernel_resources.py [--json] [--arch 90 80] [--dtype bf16 fp32] [--kernel fused_linear]
+    python bench/kernel_resources.py [--json] [--arch 90 80] [--dtype bf16 fp32] [--kernel fused_linear] [--defaults-only]
 
 `--json` prints a list of objects: kernel, config (block sizes, warps, stages), variant (the
 other constexprs), dtype, arch, registers, spill_bytes, shared_bytes, blocks_per_sm, occupancy,
-default (the launcher's config at N = 16,384, D = 3,584, V = 152,064, bf16, sm_90).
+fits, default (the launcher's config at N = 16,384, D = 3,584, V = 152,064, bf16, sm_90). Output goes
+to stdout only (the README's table is a curated excerpt).
 """
 from __future__ import annotations
 
@@ -21,7 +22,6 @@ import os
 os.environ.pop("TRITON_INTERPRET", None)  # compiled kernels, not interpreter objects
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
-import argparse  # noqa: E402
 import itertools  # noqa: E402
 import json  # noqa: E402
 import re  # noqa: E402
@@ -30,6 +30,7 @@ import sys  # noqa: E402
 import tempfile  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import Literal  # noqa: E402
 
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
@@ -41,6 +42,9 @@ from o1pruner_kernels import logprobs as lp  # noqa: E402
 from o1pruner_kernels import ratio_loss as rl  # noqa: E402
 from o1pruner_kernels._tl import num_warps_for  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/kernel_resources.py` from a checkout
+from pruner.cli import parse_config  # noqa: E402
+
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 # Per-SM budgets: registers, shared memory (usable by blocks), threads, resident blocks.
 SM = {
@@ -49,8 +53,21 @@ SM = {
 }
 MAX_REGS = 255
 TARGET = dict(N=16384, D=3584, V=152064)  # Qwen2.5-7B LM head, 16k tokens
-ELT = {"bf16": "bf16", "fp32": "fp32"}
-PREC = {"bf16": "tf32", "fp32": "ieee"}  # the launcher's choice (fused_linear._config)
+PREC = {"bf16": "tf32", "fp32": "ieee"}  # the launcher's choice (_fused_linear_triton._config)
+
+
+@dataclass
+class KernelResourcesConfig:
+    """Registers, spills, shared memory and occupancy of every Triton kernel, compiled ahead of time on the CPU."""
+
+    json: bool = field(default=False, metadata={"help": "print a JSON list instead of a table"})
+    arch: list[Literal[90, 80]] = field(default_factory=lambda: [90, 80], metadata={
+        "help": "compute capabilities to compile for (90: H100 sm_90a, 80: A100)"})
+    dtype: list[Literal["bf16", "fp32"]] = field(default_factory=lambda: ["bf16", "fp32"], metadata={
+        "help": "operand dtypes of the kernels"})
+    kernel: str | None = field(default=None, metadata={
+        "help": "only kernels whose name starts with this (e.g. fused_linear.fwd)"})
+    defaults_only: bool = field(default=False, metadata={"help": "only the configs marked default"})
 
 
 @dataclass
@@ -75,7 +92,7 @@ def _signature(b: Build) -> tuple[dict, dict, dict]:
             sig[name] = "constexpr"
             continue
         if name.endswith("_ptr"):
-            sig[name] = b.int_ptrs.get(name) or "*" + (ELT[b.dtype] if name in b.elt_args else "fp32")
+            sig[name] = b.int_ptrs.get(name) or "*" + (b.dtype if name in b.elt_args else "fp32")
         else:
             sig[name] = "fp32" if name in ("inv_t", "lo", "hi") else "i32"
         if sig[name] != "fp32":  # aligned pointers and sizes / strides divisible by 16 at the target
@@ -195,24 +212,18 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
-    ap.add_argument("--arch", type=int, nargs="+", default=[90, 80], choices=sorted(SM))
-    ap.add_argument("--dtype", nargs="+", default=["bf16", "fp32"], choices=sorted(ELT))
-    ap.add_argument("--kernel", default=None, help="only kernels whose name starts with this (e.g. fused_linear.fwd)")
-    ap.add_argument("--defaults-only", action="store_true", help="only the configs marked default")
-    args = ap.parse_args(argv)
+    cfg = parse_config(KernelResourcesConfig, argv, prog="bench/kernel_resources.py")
     rows = []
-    if not args.json:
+    if not cfg.json:
         print("\n".join(table([]).splitlines()[:2]))
-    for b in all_builds(args.dtype, args.kernel):
-        if args.defaults_only and not b.default:
+    for b in all_builds(cfg.dtype, cfg.kernel):
+        if cfg.defaults_only and not b.default:
             continue
-        for arch in args.arch:
+        for arch in cfg.arch:
             rows.append(measure(b, arch))
-            if not args.json:
+            if not cfg.json:
                 print(table(rows[-1:]).splitlines()[-1], flush=True)
-    if args.json:
+    if cfg.json:
         print(json.dumps(rows, indent=1))
     bad = [r for r in rows if r["arch"] == "sm_90" and not r["fits"]]
     print(f"{len(rows)} compiled; {len(bad)} over the sm_90 budget (spills or no block fits)", file=sys.stderr)

@@ -6,31 +6,40 @@ not in the plan). Models: the embedded default and a Qwen2.5-0.5B-shaped small m
 vocabulary and tied head, fewer and narrower layers: `qwen2.5-0.5b-tiny`).
 
     python bench/plan_vs_measured.py [--response-tokens 512] [--out runs/plan_vs_measured]
+
+Writes <out>/plan_vs_measured.json (one object per model and process count) and the runs it measured.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import subprocess
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:] = [str(ROOT), str(ROOT / "bench")] + [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
 
+from pruner.cli import parse_config, run_stage  # noqa: E402
+from pruner.configs import TrainConfig  # noqa: E402
 from trainer_fixture import build_model_folder, write_samples  # noqa: E402
 
 
+@dataclass
+class PlanVsMeasuredConfig:
+    """The memory planner's per-rank total against the measured peak of real 1- and 2-process trainer runs."""
+
+    response_tokens: int = field(default=512, metadata={"help": "tokens per synthetic response"})
+    micro_batch_size: int = field(default=2, metadata={"help": "sequences per forward/backward on one process"})
+    out: str = field(default="runs/plan_vs_measured", metadata={"help": "folder for the runs and plan_vs_measured.json"})
+
+
 def run(model: Path, trainset: Path, out: Path, nproc: int, micro: int) -> dict:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(ROOT / "pruner" / "train.py"), "--model", str(model), "--data", str(trainset), "--out", str(out),
-           "--global-batch-size", str(2 * micro * nproc), "--micro-batch-size", str(micro), "--max-steps", "2",
-           "--ckpt-every", "100", "--no-export", "--lr", "1e-6"]
+    cfg = TrainConfig(model=str(model), data=str(trainset), out=str(out), global_batch_size=2 * micro * nproc,
+                      micro_batch_size=micro, max_steps=2, ckpt_every=100, export=False, lr=1e-6)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}:{ROOT / 'kernels'}"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=1800)
-    if proc.returncode:
-        sys.exit(f"{cmd}\n{proc.stderr[-3000:]}")
+    run_stage("pruner.train", cfg, launcher=["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"],
+              env=env, cwd=ROOT)
     plan = json.loads((out / "memory_plan.json").read_text())
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     peak = max(r["peak_memory_gib"] for r in rows) * 2**30
@@ -40,14 +49,12 @@ def run(model: Path, trainset: Path, out: Path, nproc: int, micro: int) -> dict:
             "measured_bytes": measured, "error": total / measured - 1, "per_rank": plan["per_rank"]}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--response-tokens", type=int, default=512)
-    ap.add_argument("--micro-batch-size", type=int, default=2)
-    ap.add_argument("--out", default=str(ROOT / "runs" / "plan_vs_measured"))
-    args = ap.parse_args()
-    from pruner import default_model_path
+def main(argv: list[str] | None = None) -> None:
+    args = parse_config(PlanVsMeasuredConfig, argv, prog="bench/plan_vs_measured.py")
+    if min(args.response_tokens, args.micro_batch_size) < 1:
+        raise SystemExit("plan_vs_measured.py: --response-tokens and --micro-batch-size must be >= 1")
     from pruner.dataset import build_trainset
+    from pruner.embedded import default_model_path
 
     out = Path(args.out)
     models = {"embedded default": default_model_path(),
@@ -64,6 +71,7 @@ def main() -> None:
                   f"{r['plan_bytes'] / 2**20:.0f} MiB, measured {r['measured_bytes'] / 2**20:.0f} MiB, "
                   f"error {r['error']:+.0%}", flush=True)
     (out / "plan_vs_measured.json").write_text(json.dumps(results, indent=2))
+    print(f"wrote {out / 'plan_vs_measured.json'}")
 
 
 if __name__ == "__main__":

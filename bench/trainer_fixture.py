@@ -17,11 +17,27 @@ import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
 
 import torch  # noqa: E402
+
+from pruner.cli import parse_config  # noqa: E402
+
+
+@dataclass
+class FixtureConfig:
+    """A random-weight model of a real architecture and a small synthetic training set for it."""
+
+    arch: str = field(default="qwen2.5-1.5b", metadata={"help": "architecture preset of pruner/presets.py"})
+    response_tokens: int = field(default=4096, metadata={"help": "tokens per synthetic response"})
+    problems: int = field(default=4, metadata={"help": "synthetic problems"})
+    k: int = field(default=4, metadata={"help": "samples per problem"})
+    device: Literal["cuda", "cpu"] = field(default="cuda" if torch.cuda.is_available() else "cpu",
+                                           metadata={"help": "where the model is initialised (cuda when available)"})
+    out: str = field(default="runs/gpu_fixture", metadata={"help": "folder for model/, samples.jsonl and trainset/"})
 
 
 def build_model_folder(arch: str, out: Path, device: str) -> Path:
@@ -82,24 +98,10 @@ def write_samples(path: Path, model_dir: Path, *, problems: int, k: int, respons
     return path
 
 
-@dataclass
-class FixtureConfig:
-    """A random-weight model of a real architecture and a synthetic training set for it (GPU checks offline)."""
-
-    out: str = field(default="runs/gpu_fixture", metadata={"help": "output folder: model/, samples.jsonl, trainset/"})
-    arch: str = field(default="qwen2.5-1.5b", metadata={"help": "architecture preset (pruner/presets.py)"})
-    response_tokens: int = field(default=4096, metadata={"help": "response length of every sample (a little less for some)"})
-    problems: int = field(default=4, metadata={"help": "problems in the training set"})
-    k: int = field(default=4, metadata={"help": "samples per problem"})
-    device: str = field(default="cuda" if torch.cuda.is_available() else "cpu",
-                        metadata={"help": "device the random weights are initialised on"})
-
-
 def main(argv: list[str] | None = None) -> None:
-    from pruner.cli import parse_config
+    args = parse_config(FixtureConfig, argv, prog="bench/trainer_fixture.py")
     from pruner.dataset import build_trainset
 
-    args = parse_config(FixtureConfig, argv)
     out = Path(args.out)
     model_dir = build_model_folder(args.arch, out / "model", args.device)
     samples = write_samples(out / "samples.jsonl", model_dir, problems=args.problems, k=args.k,

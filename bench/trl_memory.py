@@ -10,13 +10,12 @@ Variants, each in a fresh process so each peak is its own:
 The model is a random-init Qwen2 with Qwen2.5-0.5B's vocabulary and width (V = 151936, D = 896) and
 `--layers` layers; the batch is `--batch` random completions of `--tokens` tokens in all, scored by
 TRL's own `compute_loss` + backward (generation is not part of the measurement). Peak memory is the
-peak RSS on CPU (ru_maxrss) or torch.cuda.max_memory_allocated on CUDA. Writes runs/trl_memory.json.
+peak RSS on CPU (ru_maxrss) or torch.cuda.max_memory_allocated on CUDA. Writes runs/trl_memory.json (--out).
 
-    PYTHONPATH=$PWD:$PWD/kernels python bench/trl_memory.py [--variants trl,o1pruner,logits]
+    PYTHONPATH=$PWD:$PWD/kernels python bench/trl_memory.py [--variants trl o1pruner logits]
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -24,11 +23,42 @@ import resource
 import subprocess
 import sys
 import time
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Literal
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # `python bench/trl_memory.py` from a checkout: the repository's modules
+from pruner.cli import parse_config, to_argv  # noqa: E402
+
 TOKENIZER_DIR = ROOT / "pruner" / "assets" / "default_model"
-VARIANTS = ("trl", "o1pruner", "logits")
+Variant = Literal["trl", "o1pruner", "logits"]
+
+
+@dataclass
+class TrlMemoryConfig:
+    """Peak memory of one TRL GRPOTrainer step, with and without `patch_grpo_trainer()`."""
+
+    vocab: int = field(default=151936, metadata={"help": "vocabulary size (Qwen2.5's)"})
+    hidden: int = field(default=896, metadata={"help": "hidden size (Qwen2.5-0.5B's)"})
+    intermediate: int = field(default=4864, metadata={"help": "MLP width (Qwen2.5-0.5B's)"})
+    layers: int = field(default=2, metadata={"help": "decoder layers of the random-init model"})
+    tokens: int = field(default=4096, metadata={"help": "completion tokens in the batch, in all (a multiple of --batch)"})
+    batch: int = field(default=4, metadata={"help": "completions in the batch"})
+    prompt: int = field(default=16, metadata={"help": "prompt tokens per sequence"})
+    device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata={"help": "auto: cuda when available"})
+    variants: list[Variant] = field(default_factory=lambda: ["trl", "o1pruner"], metadata={
+        "help": "trl (TRL as installed), o1pruner (patched), logits (a full-logits baseline, several GB)"})
+    out: str = field(default="runs/trl_memory.json", metadata={"help": "JSON report"})
+    child: Variant | None = field(default=None, metadata={
+        "help": "internal: measure this one variant in this process and print its JSON (the parent starts one "
+                "fresh process per variant, so each peak is its own)"})
+
+    def check(self) -> None:
+        """Refuse impossible shapes before any model is built."""
+        if min(self.tokens, self.batch, self.layers, self.vocab, self.prompt) <= 0 or self.tokens % self.batch:
+            raise SystemExit("trl_memory.py: --tokens, --batch, --layers, --vocab and --prompt must be positive, "
+                             f"--tokens a multiple of --batch (got --tokens {self.tokens} --batch {self.batch})")
 
 
 def current_rss_bytes() -> int:
@@ -56,7 +86,7 @@ def logits_trainer_class():
     return LogitsGRPOTrainer
 
 
-def build_trainer(variant: str, args):
+def build_trainer(variant: str, cfg: TrlMemoryConfig):
     import torch
     from datasets import Dataset
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
@@ -66,16 +96,16 @@ def build_trainer(variant: str, args):
 
     torch.manual_seed(0)
     config = Qwen2Config(
-        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers, num_attention_heads=14, num_key_value_heads=2,
-        tie_word_embeddings=True, max_position_embeddings=args.tokens + 64,
+        vocab_size=cfg.vocab, hidden_size=cfg.hidden, intermediate_size=cfg.intermediate,
+        num_hidden_layers=cfg.layers, num_attention_heads=14, num_key_value_heads=2,
+        tie_word_embeddings=True, max_position_embeddings=cfg.tokens + 64,
     )
-    model = Qwen2ForCausalLM(config).to(args.device)
+    model = Qwen2ForCausalLM(config).to(cfg.device)
     trainer_cls = logits_trainer_class() if variant == "logits" else GRPOTrainer
     grpo_args = GRPOConfig(
-        output_dir=str(ROOT / "runs" / "trl_memory_tmp"), per_device_train_batch_size=args.batch,
-        num_generations=args.batch, max_completion_length=args.tokens // args.batch, use_vllm=False,
-        bf16=False, use_cpu=args.device == "cpu", report_to="none", save_strategy="no", beta=0.0,
+        output_dir=str(Path(cfg.out).parent / "trl_memory_tmp"), per_device_train_batch_size=cfg.batch,
+        num_generations=cfg.batch, max_completion_length=cfg.tokens // cfg.batch, use_vllm=False,
+        bf16=False, use_cpu=cfg.device == "cpu", report_to="none", save_strategy="no", beta=0.0,
         temperature=0.7, entropy_coef=0.01,
     )
     if variant == "o1pruner":
@@ -83,49 +113,49 @@ def build_trainer(variant: str, args):
     try:
         return trainer_cls(
             model=model, reward_funcs=lambda completions, **_: [0.0] * len(completions), args=grpo_args,
-            train_dataset=Dataset.from_dict({"prompt": ["x"] * args.batch}),
+            train_dataset=Dataset.from_dict({"prompt": ["x"] * cfg.batch}),
             processing_class=AutoTokenizer.from_pretrained(TOKENIZER_DIR),
         )
     finally:
         o1trl.unpatch_grpo_trainer()
 
 
-def random_batch(args):
+def random_batch(cfg: TrlMemoryConfig):
     """The dict GRPOTrainer._prepare_inputs hands to compute_loss: prompts, completions, advantages."""
     import torch
 
     g = torch.Generator().manual_seed(1)
-    completion = args.tokens // args.batch
-    ids = lambda n: torch.randint(0, args.vocab, (args.batch, n), generator=g).to(args.device)  # noqa: E731
-    ones = lambda n: torch.ones(args.batch, n, dtype=torch.long, device=args.device)  # noqa: E731
+    completion = cfg.tokens // cfg.batch
+    ids = lambda n: torch.randint(0, cfg.vocab, (cfg.batch, n), generator=g).to(cfg.device)  # noqa: E731
+    ones = lambda n: torch.ones(cfg.batch, n, dtype=torch.long, device=cfg.device)  # noqa: E731
     return {
-        "prompt_ids": ids(args.prompt), "prompt_mask": ones(args.prompt),
+        "prompt_ids": ids(cfg.prompt), "prompt_mask": ones(cfg.prompt),
         "completion_ids": ids(completion), "completion_mask": ones(completion),
-        "advantages": torch.randn(args.batch, generator=g).to(args.device),
-        "num_items_in_batch": torch.tensor(float(args.tokens), device=args.device),
+        "advantages": torch.randn(cfg.batch, generator=g).to(cfg.device),
+        "num_items_in_batch": torch.tensor(float(cfg.tokens), device=cfg.device),
     }
 
 
-def child(variant: str, args) -> dict:
+def child(variant: str, cfg: TrlMemoryConfig) -> dict:
     import torch
 
-    trainer = build_trainer(variant, args)
+    trainer = build_trainer(variant, cfg)
     trainer.model.train()
     trainer.current_gradient_accumulation_steps = 1  # what Trainer's loop sets before compute_loss
-    inputs = random_batch(args)
+    inputs = random_batch(cfg)
     rss_before = current_rss_bytes()
-    if args.device == "cuda":
+    if cfg.device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
     start = time.perf_counter()
     loss = trainer.compute_loss(trainer.model, inputs)
     loss.backward()
-    if args.device == "cuda":
+    if cfg.device == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     result = {"variant": variant, "loss": loss.item(), "step_seconds": round(seconds, 2)}
-    if args.device == "cuda":
+    if cfg.device == "cuda":
         peak = torch.cuda.max_memory_allocated()
         result.update(memory="cuda_max_allocated", before_bytes=before, peak_bytes=peak)
     else:
@@ -135,52 +165,32 @@ def child(variant: str, args) -> dict:
     return result
 
 
-def run_variant(variant: str, argv: list[str]) -> dict:
-    done = subprocess.run(
-        [sys.executable, __file__, "--child", variant, *argv], capture_output=True, text=True, env=dict(os.environ)
-    )
+def run_variant(variant: str, cfg: TrlMemoryConfig) -> dict:
+    cmd = [sys.executable, __file__, *to_argv(replace(cfg, child=variant))]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
     if done.returncode != 0:
         raise RuntimeError(f"variant {variant} failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--vocab", type=int, default=151936)
-    p.add_argument("--hidden", type=int, default=896)
-    p.add_argument("--intermediate", type=int, default=4864)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--tokens", type=int, default=4096, help="completion tokens in the batch, in all")
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--prompt", type=int, default=16, help="prompt tokens per sequence")
-    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
-    p.add_argument("--variants", default="trl,o1pruner")
-    p.add_argument("--out", default=str(ROOT / "runs" / "trl_memory.json"))
-    p.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    if args.device is None:
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_config(TrlMemoryConfig, argv, prog="bench/trl_memory.py")
+    cfg.check()
+    if cfg.device == "auto":
         import torch
 
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    bad = set(args.variants.split(",")) - set(VARIANTS)
-    if bad or args.tokens % args.batch or min(args.tokens, args.batch, args.layers, args.vocab) <= 0:
-        p.error(f"unknown variants {sorted(bad)}" if bad else "--tokens must be a positive multiple of --batch")
-    return args
-
-
-def main() -> None:
-    argv = sys.argv[1:]
-    args = parse_args(argv)
-    if args.child:
-        print(json.dumps(child(args.child, args)))
+        cfg = replace(cfg, device="cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.child:
+        print(json.dumps(child(cfg.child, cfg)))
         return
-    results = {v: run_variant(v, argv) for v in args.variants.split(",")}  # a child ignores --variants
+    results = {v: run_variant(v, cfg) for v in cfg.variants}  # a child ignores --variants
     gib = 2**30
     for r in results.values():
         print(f"{r['variant']:>9}: peak {r['peak_bytes'] / gib:6.2f} GiB, step +{r['step_increase_bytes'] / gib:6.2f} GiB"
               f" ({r['memory']}), loss {r['loss']:.6f}, {r['step_seconds']} s")
     report = {
-        "shape": {k: getattr(args, k) for k in ("vocab", "hidden", "layers", "tokens", "batch", "prompt", "device")},
+        "shape": {k: getattr(cfg, k) for k in ("vocab", "hidden", "layers", "tokens", "batch", "prompt", "device")},
+        "config": asdict(cfg),
         "host": platform.node(), "results": results,
         "note": "CPU peak RSS includes the model, its gradients and the interpreter; timings on a shared machine are noisy",
     }
@@ -193,7 +203,7 @@ def main() -> None:
     if "logits" in results and "o1pruner" in results:
         report["peak_ratio_logits_over_o1pruner"] = results["logits"]["peak_bytes"] / results["o1pruner"]["peak_bytes"]
         print(f"peak ratio full-logits / patched: {report['peak_ratio_logits_over_o1pruner']:.2f}x")
-    out = Path(args.out)
+    out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(report, indent=2))

@@ -83,8 +83,8 @@ def test_speed_runs_vllm_on_each_model_and_compares_with_the_first(tmp_path):
 
 def test_kernel_benchmark_writes_a_row_per_provider_and_shape(tmp_path):
     out = tmp_path / "k.csv"
-    cmd = [sys.executable, "bench/kernel_ops.py", "--ops", "logprobs,ratio_loss", "--n", "64,96", "--v", "97",
-           "--providers", "eager,kernels-torch", "--reps", "1", "--warmup", "0", "--skip-memory-ratio",
+    cmd = [sys.executable, "bench/kernel_ops.py", "--ops", "logprobs", "ratio_loss", "--n", "64", "96", "--v", "97",
+           "--providers", "eager", "kernels-torch", "--reps", "1", "--warmup", "0", "--skip-memory-ratio",
            "--out", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})

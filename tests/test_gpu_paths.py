@@ -36,9 +36,9 @@ def test_trainer_import_path_has_no_vllm():
 
 @pytest.mark.parametrize("model_type", ["qwen2", "llama"])
 def test_liger_is_patched_before_the_model_is_built_and_the_log_says_what(tmp_path, model_type):
-    wheel = next((ROOT / "bench" / "wheels").glob("liger_kernel-*.whl"), None)
+    wheel = next((ROOT / ".cache" / "gpu-wheels").glob("liger_kernel-*.whl"), None)
     if wheel is None:
-        pytest.skip("no Liger wheel in bench/wheels")
+        pytest.skip("no Liger wheel in .cache/gpu-wheels (make gpu-wheels)")
     site = tmp_path / "site"
     pip = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index", "--target",
                           str(site), str(wheel)], capture_output=True, text=True, timeout=300)

@@ -1,7 +1,9 @@
 """Fused kernels for length-harmonizing / PPO-style fine-tuning, usable by any trainer.
 
-Five functional entry points, each with a Triton implementation (CUDA tensors) and a PyTorch
-one (everything else); `backend="auto" | "triton" | "torch"` overrides the choice:
+Five functional entry points. The three that stream over the vocabulary or the tokens have a
+Triton implementation (CUDA tensors) and a PyTorch one (everything else), and take
+`backend="auto" | "triton" | "torch"` to override the choice; the sequence reductions and the
+reward are a few elementwise ops, plain PyTorch on every device:
 
 - `logprobs_from_logits(logits, labels, *, temperature, ignore_index, return_entropy, backend)`
   -> fp32 log-prob of each label (and entropy), online log-sum-exp over V in one pass.

@@ -1,25 +1,15 @@
 """Backend dispatch and argument checks shared by every op.
 
-Kept free of Triton imports so that `kernels` imports on machines without Triton; the Triton
-modules are imported lazily by `triton_available()` and the ops that need them.
+No kernels here; the op modules hold them and import Triton, a dependency of the package (the
+CPU path needs no GPU, but it does need `triton` installed: the kernels are defined at import).
 """
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
 
 BACKENDS = ("auto", "triton", "torch")
-
-
-@functools.lru_cache(maxsize=None)
-def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except Exception:  # pragma: no cover - depends on the install
-        return False
-    return True
 
 
 def interpreting() -> bool:
@@ -37,12 +27,9 @@ def resolve_backend(backend: str, *tensors: torch.Tensor) -> str:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     on_cuda = all(t.is_cuda for t in tensors)
     if backend == "auto":
-        return "triton" if on_cuda and triton_available() else "torch"
-    if backend == "triton":
-        if not triton_available():
-            raise RuntimeError("backend='triton' requested but triton is not installed")
-        if not on_cuda and not interpreting():
-            raise RuntimeError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1)")
+        return "triton" if on_cuda else "torch"
+    if backend == "triton" and not on_cuda and not interpreting():
+        raise RuntimeError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1)")
     return backend
 
 
@@ -64,7 +51,7 @@ def check_label_range(labels: torch.Tensor, valid: torch.Tensor, vocab: int) -> 
     """Out-of-range labels would read past the row in a kernel; fail loudly instead.
 
     One small reduction; on CUDA it costs a host sync, which is why the Triton path calls it
-    only when `KERNELS_CHECK_LABELS=1` (the torch path always checks via `gather`).
+    only when `KERNELS_CHECK_LABELS=1` (see `should_check_labels`); the torch path always calls it.
     """
     if labels.numel() and bool(((labels >= vocab) & valid).any()):
         raise IndexError(f"label >= vocabulary size {vocab}")

@@ -74,8 +74,3 @@ def prune_for_dtype(kind: str):
 def autotune_enabled() -> bool:
     """GPU launches autotune over the candidates unless O1PRUNER_AUTOTUNE=0 (then: the defaults)."""
     return os.environ.get("O1PRUNER_AUTOTUNE", "1") != "0"
-
-
-def shape_bucket(n: int) -> int:
-    """Autotuning key for the token count: the next power of two (N varies batch to batch)."""
-    return 1 << max(0, (int(n) - 1).bit_length())

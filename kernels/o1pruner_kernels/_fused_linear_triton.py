@@ -9,9 +9,11 @@ problems fill the GPU.
 
 Backward: grid (token tiles, vocabulary tiles). Each program recomputes its logits tile, forms
 dz = d loss / d logits for the per-token upstream gradients (log-prob and entropy), and either
-stores dz (GEMMs consume it) or adds dz @ W_tile into d_hidden and dz^T @ h_tile into d_weight
-with fp32 atomics. Nothing is computed for the backward during the forward (the lesson of
-Liger's PR 1298): arbitrary per-token upstream gradients are exact.
+stores dz for a chunk of tokens, which two GEMMs turn into d_hidden and d_weight (bwd="matmul",
+the default), or adds dz @ W_tile into d_hidden and dz^T @ h_tile into d_weight with fp32
+atomics (bwd="atomic": no dz buffer, contention at large N * V * D). Nothing is computed for
+the backward during the forward (the lesson of Liger's PR 1298): arbitrary per-token upstream
+gradients are exact.
 
 Register budget (sm_90, `bench/kernel_resources.py`): what made tiles above 64 x 128 spill was
 not the accumulator but the work around it, chiefly a tile-wide compare against a 64-bit column
@@ -26,7 +28,7 @@ import triton
 import triton.language as tl
 
 from . import _flp_configs as fc
-from ._backend import interpreting
+from ._backend import interpreting, next_pow2
 from ._tl import dlogits, index_range, online_lse_update
 
 
@@ -80,7 +82,7 @@ def _flp_fwd_kernel(
     WITH_ENT: tl.constexpr, I64: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    # n_bucket (a power of two >= N) is only the autotuner's key.
+    # n_bucket (the power of two >= N; N varies batch to batch) is only the autotuner's key.
     split = tl.program_id(1)
     rows = index_range(tl.program_id(0) * BLOCK_N, BLOCK_N, I64)
     row_ok = rows < N
@@ -245,7 +247,7 @@ def flp_forward(h, w, y, inv_t: float, cfg: dict, with_entropy: bool = True):
     part = torch.zeros((4, N, n_out), dtype=torch.float32, device=h.device)
     part[0].fill_(-1.0e30)  # neutral partials for the columns a chosen config leaves unused
     args = (h, h.stride(0), h.stride(1), w, w.stride(0), w.stride(1), y, part[0], part[1], part[2], part[3],
-            N, V, D, n_out, inv_t, fc.shape_bucket(N))
+            N, V, D, n_out, inv_t, next_pow2(N))
     const = dict(WITH_ENT=with_entropy, I64=_needs_i64(_max_offset(h), _max_offset(w), N * n_out),
                  PREC=cfg["prec"], UPCAST=cfg["upcast"])
     if cfg["autotune"]:
@@ -279,7 +281,7 @@ def flp_backward(h, w, y, lse, ent, g_logp, g_ent, inv_t: float, cfg: dict, need
         n = rows.stop - rows.start
         hc = h[rows]
         args = (hc, hc.stride(0), hc.stride(1), w, w.stride(0), w.stride(1), y[rows], lse[rows], ent[rows],
-                g_logp[rows], g_ent[rows], dh, dw, dz, n, V, D, inv_t, fc.shape_bucket(n))
+                g_logp[rows], g_ent[rows], dh, dw, dz, n, V, D, inv_t, next_pow2(n))
         # The dz variant ignores NEED_*: fixed, so they make no extra compiled variants.
         const = dict(HAS_ENT_GRAD=has_ent, STORE_DZ=store_dz, NEED_DH=need_dh or store_dz, NEED_DW=need_dw or store_dz,
                      I64=_needs_i64(_max_offset(hc), _max_offset(w), n * V, N * D, V * D),

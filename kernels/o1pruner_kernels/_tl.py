@@ -54,5 +54,3 @@ def index_range(start, BLOCK: tl.constexpr, I64: tl.constexpr):
 
 def num_warps_for(block: int) -> int:
     return 4 if block <= 1024 else (8 if block <= 4096 else 16)
-
-

@@ -3,8 +3,8 @@
 The [N, V] logits never exist in memory. Two implementations behind one entry point:
 
 - Triton (`_fused_linear_triton`): logits tiles in SRAM, online log-sum-exp; the backward
-  recomputes the logits tiles (per token chunk: a kernel writes dz, two GEMMs consume it; or
-  an atomics variant without the dz buffer).
+  recomputes the logits tiles (by default, per token chunk, a kernel writes dz and two GEMMs
+  consume it; `bwd="atomic"`: fp32 atomics, no dz buffer).
 - PyTorch (`TorchFusedLinearLogprobs`, the CPU training path): tokens in chunks of
   `chunk_size` rows (default: as many as fit `chunk_bytes` = 32 MiB of fp32 logits). Autograd
   saves only hidden, weight, labels and per-token lse / entropy; backward recomputes each chunk.

@@ -82,19 +82,17 @@ def _logprobs_bwd_kernel(
         tl.store(dx_row + cols, dz.to(dx_ptr.dtype.element_ty), mask=in_row)
 
 
-def _block_v(V: int, block_v: int | None) -> int:
-    if block_v is not None:
-        return block_v
+def _block_v(V: int) -> int:
     return min(next_pow2(V), 64 if interpreting() else 4096)
 
 
-def _launch_fwd(x: torch.Tensor, y: torch.Tensor, inv_t: float, ignore_index: int, block_v: int | None):
+def _launch_fwd(x: torch.Tensor, y: torch.Tensor, inv_t: float, ignore_index: int):
     N, V = x.shape
     logp = torch.empty(N, dtype=torch.float32, device=x.device)
     lse = torch.empty_like(logp)
     ent = torch.empty_like(logp)
     if N:
-        bv = _block_v(V, block_v)
+        bv = _block_v(V)
         _logprobs_fwd_kernel[(N,)](
             x, x.stride(0), x.stride(1), y, logp, lse, ent, V, inv_t, ignore_index,
             BLOCK_V=bv, num_warps=num_warps_for(bv),
@@ -102,11 +100,11 @@ def _launch_fwd(x: torch.Tensor, y: torch.Tensor, inv_t: float, ignore_index: in
     return logp, lse, ent
 
 
-def _launch_bwd(x, y, lse, ent, g_logp, g_ent, inv_t, ignore_index, block_v):
+def _launch_bwd(x, y, lse, ent, g_logp, g_ent, inv_t, ignore_index):
     N, V = x.shape
     dx = torch.empty((N, V), dtype=x.dtype, device=x.device)
     if N:
-        bv = _block_v(V, block_v)
+        bv = _block_v(V)
         has_ent = g_ent is not None
         _logprobs_bwd_kernel[(N,)](
             x, x.stride(0), x.stride(1), y, lse, ent, g_logp, g_ent if has_ent else g_logp, dx, dx.stride(0),
@@ -119,10 +117,10 @@ class TritonLogprobs(torch.autograd.Function):
     """Outputs (logp, entropy), both [N] fp32; the entropy output is differentiable too."""
 
     @staticmethod
-    def forward(ctx, x, y, inv_t: float, ignore_index: int, block_v: int | None):
-        logp, lse, ent = _launch_fwd(x, y, inv_t, ignore_index, block_v)
+    def forward(ctx, x, y, inv_t: float, ignore_index: int):
+        logp, lse, ent = _launch_fwd(x, y, inv_t, ignore_index)
         ctx.save_for_backward(x, y, lse, ent)
-        ctx.args = (inv_t, ignore_index, block_v)
+        ctx.args = (inv_t, ignore_index)
         ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(lse)
         return logp, ent, lse
@@ -130,13 +128,13 @@ class TritonLogprobs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_logp, g_ent, _g_lse):
         x, y, lse, ent = ctx.saved_tensors
-        inv_t, ignore_index, block_v = ctx.args
+        inv_t, ignore_index = ctx.args
         if g_logp is None and g_ent is None:
-            return None, None, None, None, None
+            return None, None, None, None
         g_logp = torch.zeros_like(lse) if g_logp is None else g_logp.float().contiguous()
         g_ent = None if g_ent is None else g_ent.float().contiguous()
-        dx = _launch_bwd(x, y, lse, ent, g_logp, g_ent, inv_t, ignore_index, block_v)
-        return dx, None, None, None, None
+        dx = _launch_bwd(x, y, lse, ent, g_logp, g_ent, inv_t, ignore_index)
+        return dx, None, None, None
 
 
 def logprobs_from_logits(
@@ -169,6 +167,6 @@ def logprobs_from_logits(
         y = labels.reshape(-1).to(torch.int64).contiguous()
         if should_check_labels(x):
             check_label_range(y, valid_label_mask(y, ignore_index), V)
-        logp, ent, _ = TritonLogprobs.apply(x, y, 1.0 / temperature, ignore_index, None)
+        logp, ent, _ = TritonLogprobs.apply(x, y, 1.0 / temperature, ignore_index)
         logp, ent = logp.view(labels.shape), ent.view(labels.shape)
     return (logp, ent) if return_entropy else logp

@@ -49,32 +49,6 @@ def fused_linear_logprobs_reference(
     return logprobs_reference(hidden @ weight.T, labels, temperature, ignore_index)
 
 
-def sequence_logprobs_reference(
-    token_logps: torch.Tensor, mask: torch.Tensor, normalize: bool = True
-) -> tuple[torch.Tensor, torch.Tensor]:
-    m = mask.to(torch.bool)
-    lengths = m.sum(-1)
-    total = torch.where(m, token_logps, torch.zeros_like(token_logps)).sum(-1)
-    if normalize:
-        total = total / lengths.clamp(min=1).to(total.dtype)
-    return total, lengths
-
-
-def length_harmonizing_reward_reference(
-    lengths: torch.Tensor,
-    correct: torch.Tensor,
-    ref_mean_length: torch.Tensor,
-    ref_mean_accuracy: torch.Tensor,
-    lam: float,
-    clip: tuple[float, float] | None = (-2.0, 4.0),
-) -> torch.Tensor:
-    lengths = lengths.double()
-    r = ref_mean_length.double() / lengths - 1.0 + lam * (correct.double() - ref_mean_accuracy.double())
-    if clip is not None:
-        r = r.clamp(clip[0], clip[1])
-    return r
-
-
 def clipped_ratio_loss_reference(
     logps: torch.Tensor,
     old_logps: torch.Tensor,
