@@ -20,7 +20,9 @@ $(STAMP): setup.py
 	$(BIN)/python -c "import torch, transformers, triton, vllm, o1pruner_kernels, pruner; print('environment ok: torch', torch.__version__, 'vllm', vllm.__version__)"
 	touch $(STAMP)
 
+# The Liger wheel too: tests/test_gpu_paths.py checks on the CPU that the trainer patches it in.
 test: install
+	$(MAKE) --no-print-directory gpu-wheels PY=$(BIN)/python
 	$(BIN)/python -m pytest -q tests
 
 # The unit tier only (no vLLM engine, torchrun job or ahead-of-time compile): a developer's quick loop.
