@@ -186,7 +186,7 @@ def test_nan_steps_are_skipped_then_the_run_stops(tiny_model_dir, trainset, tmp_
     broken = tmp_path / "nan_set"
     broken.mkdir()
     for f in trainset.iterdir():
-        if f.is_file() and not f.name.startswith("ref_logps"):
+        if f.is_file() and not f.name.startswith("old_logps"):
             (broken / f.name).write_bytes(f.read_bytes())
     tensors = load_file(str(broken / "trainset.safetensors"))
     tensors["advantages"] = torch.full_like(tensors["advantages"], float("nan"))
