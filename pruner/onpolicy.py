@@ -28,6 +28,11 @@ from pruner.distributed import Dist, barrier, broadcast_object
 from pruner.manifest import manifest_digest
 
 
+# What a round needs from the first set's meta["sampling"] (pre-sampling records them all).
+SAMPLING_FIELDS = ("problems", "k", "temperature", "top_p", "max_new_tokens", "seed", "system_prompt", "suffix",
+                   "think")
+
+
 def round_dir(out: Path, round_index: int) -> Path:
     return out / f"round-{round_index}"
 
@@ -38,10 +43,11 @@ def round_configs(first_trainset: Path, folder: Path, round_index: int,
     (a seed of its own per round), rewarded against the first set's reference statistics."""
     meta_path = first_trainset / "meta.json"
     meta = json.loads(meta_path.read_text())
-    sampling = meta.get("sampling")
-    if not sampling:
-        raise ValueError(f"{meta_path}: field sampling is missing; on-policy rounds (--rounds > 1) re-sample "
-                         "with the first training set's recorded sampling settings")
+    sampling = meta.get("sampling") or {}
+    missing = [k for k in SAMPLING_FIELDS if k not in sampling]
+    if missing:
+        raise ValueError(f"{meta_path}: field sampling lacks {', '.join(missing)}; on-policy rounds (--rounds > 1) "
+                         "re-sample with the first training set's recorded sampling settings")
     presample = PresampleConfig(
         model=str(folder / "model"), problems=sampling["problems"], out=str(folder / "samples.jsonl"),
         k=samples_per_problem or sampling["k"], temperature=sampling["temperature"], top_p=sampling["top_p"],
