@@ -179,6 +179,9 @@ def test_on_policy_round_samples_the_exported_policy_with_vllm(tiny_model_dir, t
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert {r["round"] for r in rows} == {0, 1}
     assert (out / "round-1" / "model" / "config.json").exists() and (out / "export" / "config.json").exists()
+    assert (out / "round-1" / "round.json").exists()  # written last: the round is complete
+    # the round's old log-probs are the round model's (the sampling policy), cached next to its set
+    assert len(list((out / "round-1" / "trainset").glob("old_logps-*.safetensors"))) == 1
 
 
 def test_nan_steps_are_skipped_then_the_run_stops(tiny_model_dir, trainset, tmp_path):
