@@ -36,7 +36,7 @@ from pruner.metrics import MetricsLogger, peak_memory_gib, plot_metrics
 from pruner.embedded import default_model_path
 from pruner.model_files import load_tokenizer, tokenizer_fingerprint
 from pruner.modeling import prepare_model
-from pruner.onpolicy import resample
+from pruner.onpolicy import resample, round_configs
 from pruner.plan import check_memory_plan
 from pruner.reflogps import attach_response_offsets, old_logprobs
 from pruner.step import LossSpec, StepResult, train_step
@@ -284,7 +284,8 @@ def load_training_data(cfg: TrainConfig) -> tuple[dict, Any]:
 
 def check_inputs(cfg: TrainConfig, data: dict, world_size: int, source: str = "") -> None:
     """What the flags alone cannot say: the model is a causal LM whose vocabulary holds the set's
-    tokens, a DPO run has pairs, the set fills one global batch, the batch divides over the ranks."""
+    tokens, a DPO run has pairs, the set fills one global batch, the batch divides over the ranks,
+    on-policy rounds find the first set's sampling settings."""
     source = source or cfg.data
     check_batch_sizes(cfg.global_batch_size, cfg.micro_batch_size, world_size, 2 if cfg.loss == "dpo" else 1)
     if cfg.loss == "dpo" and "pairs" not in data:
@@ -300,6 +301,8 @@ def check_inputs(cfg: TrainConfig, data: dict, world_size: int, source: str = ""
     if len(data["prompt_lengths"]) < cfg.global_batch_size:
         raise ValueError(f"{source}: {len(data['prompt_lengths'])} samples are fewer than one global batch "
                          f"of {cfg.global_batch_size}; lower --global-batch-size")
+    if cfg.rounds > 1:  # the rounds re-sample with the first set's recorded settings: are they all there?
+        round_configs(Path(cfg.data), Path(cfg.out), 1, cfg.round_samples)
 
 
 def run_manifest(cfg: TrainConfig, tokenizer: Any) -> dict[str, Any]:

@@ -272,3 +272,11 @@ def test_a_round_on_disk_is_reused_only_when_this_run_built_it(trainset, tmp_pat
     (folder / "round.json").unlink()
     with pytest.raises(RuntimeError, match="incomplete"):
         resample(*args, samples_per_problem=6, at_round_start=False)
+
+
+def test_rounds_need_the_sets_sampling_settings_before_any_work(tiny_model_dir, trainset, tmp_path):
+    # the fixture's samples record only k: --rounds 2 is refused before the first round trains
+    with pytest.raises(ValueError, match="sampling lacks problems"):
+        _run_inline("--model", str(tiny_model_dir), "--data", str(trainset), "--out", str(tmp_path / "o"),
+                    "--rounds", "2", "--global-batch-size", "8", "--micro-batch-size", "4")
+    assert not (tmp_path / "o").exists()
