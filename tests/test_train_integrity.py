@@ -1,6 +1,6 @@
 """The trainer's run folder: fresh runs never land on another run's checkpoints, --resume only
 continues an identical configuration, metrics never mix runs, one writer at a time, and the
-reference log-prob cache is keyed by the exact tokens it was computed for (issue 12, cases 1-3)."""
+old log-prob cache is keyed by the exact tokens it was computed for (issue 12, cases 1-3)."""
 from __future__ import annotations
 
 import json
@@ -123,7 +123,7 @@ def test_second_writer_is_refused_while_the_first_holds_the_folder(tiny_model_di
     assert not (out / ".lock").exists()  # released on exit
 
 
-def test_reference_cache_is_keyed_by_the_exact_tokens(tiny_model_dir, tmp_path):
+def test_old_logps_cache_is_keyed_by_the_exact_tokens(tiny_model_dir, tmp_path):
     """case 3: the same samples in another problem order have the same token count; the old cache
     (keyed by that count only) was reused with every row misaligned."""
     from pruner import distributed
