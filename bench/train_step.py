@@ -1,8 +1,9 @@
 """One training step of this trainer against the paper code's recipe, at the same batch.
 
 ours : the trainer's own step (pruner.step.train_step, as pruner/train.py calls it) on the trainer's
-       FSDP2 policy: one model; reference log-probs precomputed once (DESIGN §1.4); token log-probs
-       from the fused kernel (no [N, V] logits); the fused clipped-ratio loss.
+       FSDP2 policy: one model; the old log-probs (here the reference model's) precomputed once
+       (DESIGN §1.4); token log-probs from the fused kernel (no [N, V] logits); the fused
+       clipped-ratio loss.
 paper: the policy AND a second reference model forwarded every step; full fp32 logits,
        log_softmax + gather; the same loss in plain PyTorch.
 
@@ -12,7 +13,6 @@ Each recipe runs in its own process (`--recipe`), so peak memory is that recipe'
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -21,16 +21,36 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # `python bench/train_step.py` from a checkout: `bench.*` and `pruner`
 
 import torch  # noqa: E402
 
+from pruner.cli import parse_config, to_argv  # noqa: E402
 from pruner.presets import ARCHITECTURES  # noqa: E402
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+Preset = Literal[tuple(sorted(ARCHITECTURES))]
+
+
+@dataclass
+class StepBenchConfig:
+    """One trainer step (pruner.step.train_step) against the paper code's recipe, at the same batch."""
+
+    preset: Preset = field(default="cpu-small", metadata={"help": "architecture preset (random weights, pruner/presets.py)"})
+    batch: int = field(default=4, metadata={"help": "sequences per step"})
+    seq: int = field(default=512, metadata={"help": "tokens per sequence (a quarter prompt)"})
+    steps: int = field(default=3, metadata={"help": "timed steps (the median is reported)"})
+    warmup: int = field(default=1, metadata={"help": "untimed steps first"})
+    device: Literal["auto", "cuda", "cpu"] = field(default="auto", metadata={"help": "'auto' (cuda when available), 'cuda' or 'cpu'"})
+    activation_checkpointing: bool = field(default=False, metadata={"help": "recompute decoder blocks in backward"})
+    recipe: Literal["", "ours", "paper"] = field(default="", metadata={"help": "run one recipe in this process (internal); empty = launch both"})
+    torchrun: bool = field(default=False, metadata={"help": "launch each recipe under torchrun (FSDP2, 1 process)"})
+    out: str = field(default="runs/bench/train_step", metadata={"help": "folder for the JSON + Markdown comparison"})
 
 
 def build_model(preset: str, device: torch.device):
@@ -68,7 +88,7 @@ def _peak(device: torch.device) -> float:
 def ours_step(args, d) -> tuple[callable, int]:
     """The trainer's own step (pruner.step.train_step) on the trainer's own FSDP2 policy."""
     from pruner.modeling import TokenLogprobs, shard_policy
-    from pruner.reflogps import compute_reference_logprobs
+    from pruner.reflogps import compute_response_logprobs
     from pruner.step import LossSpec, train_step
 
     lm = build_model(args.preset, d.device)
@@ -77,13 +97,14 @@ def ours_step(args, d) -> tuple[callable, int]:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     policy = shard_policy(TokenLogprobs(lm), d, mixed_precision=True)
     data = make_data(lm.config.vocab_size, args.batch * d.world_size, args.seq)
-    # Precomputed once before training (DESIGN §1.4), by the trainer's own function: not part of a step.
-    old = compute_reference_logprobs(policy, data, d, micro_batch=args.batch, pad_id=0, show_progress=False)
+    # The old log-probs: precomputed once before training (DESIGN §1.4) by the trainer's own function,
+    # not part of a step.
+    old = compute_response_logprobs(policy, data, d, micro_batch=args.batch, pad_id=0, show_progress=False)
     opt = torch.optim.AdamW(policy.parameters(), lr=1e-6)
     step_plan = [[list(range(r * args.batch, (r + 1) * args.batch))] for r in range(d.world_size)]
 
     def step() -> float:
-        return train_step(policy, opt, data, step_plan, spec=LossSpec("lh"), d=d, pad_id=0, old_flat=old,
+        return train_step(policy, opt, data, step_plan, spec=LossSpec("lh"), d=d, pad_id=0, old_logps_flat=old,
                           max_grad_norm=10.0).loss
     return step, n_params
 
@@ -159,19 +180,8 @@ def run_recipe(args) -> dict:
     return result
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="cpu-small", choices=sorted(ARCHITECTURES))
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--seq", type=int, default=512)
-    p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--activation-checkpointing", action="store_true")
-    p.add_argument("--recipe", choices=["ours", "paper"], help="run one recipe in this process (internal)")
-    p.add_argument("--torchrun", action="store_true", help="launch each recipe under torchrun (FSDP2, 1 process)")
-    p.add_argument("--out", default=str(ROOT / "bench" / "results"))
-    args = p.parse_args()
+def main(argv: list[str] | None = None) -> None:
+    args = parse_config(StepBenchConfig, argv, prog="python bench/train_step.py")
     if args.recipe:
         print("RESULT " + json.dumps(run_recipe(args)), flush=True)
         return
@@ -179,7 +189,7 @@ def main() -> None:
     for recipe in ("ours", "paper"):
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"] \
             if args.torchrun else [sys.executable]
-        cmd = launcher + [__file__, "--recipe", recipe] + [a for a in sys.argv[1:] if a != "--torchrun"]
+        cmd = launcher + [__file__, *to_argv(StepBenchConfig(**{**vars(args), "recipe": recipe, "torchrun": False}))]
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(
             [str(ROOT), str(ROOT / "kernels"), os.environ.get("PYTHONPATH", "")])})
         line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)

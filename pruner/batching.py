@@ -71,7 +71,7 @@ class MicroBatch:
     attention_mask: torch.Tensor  # [B, T] long
     labels: torch.Tensor          # [B, T] long: position t holds token t+1 where it is a response token
     mask: torch.Tensor            # [B, T] bool: labels != IGNORE_INDEX
-    old_logps: torch.Tensor | None  # [B, T] fp32, aligned with labels (0 elsewhere)
+    old_logps: torch.Tensor | None  # [B, T] fp32: the sampling policy's log-probs, aligned with labels (0 elsewhere)
 
     def to(self, device: torch.device) -> "MicroBatch":
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
@@ -80,14 +80,16 @@ class MicroBatch:
 
 
 def response_offsets(response_lengths: torch.Tensor) -> torch.Tensor:
-    """Start of each sample's response log-probs in the flat per-response-token cache."""
+    """Start of each sample's response log-probs in a flat per-response-token table."""
     out = torch.zeros(len(response_lengths) + 1, dtype=torch.long)
     out[1:] = torch.cumsum(response_lengths.long(), 0)
     return out
 
 
-def collate(data: dict, indices: list[int], *, pad_id: int = 0, ref_flat: torch.Tensor | None = None) -> MicroBatch:
-    """Right-padded tensors for `indices`; `ref_flat` (per response token) becomes aligned old log-probs."""
+def collate(data: dict, indices: list[int], *, pad_id: int = 0,
+            old_logps_flat: torch.Tensor | None = None) -> MicroBatch:
+    """Right-padded tensors for `indices`; `old_logps_flat` (one value per response token, in
+    `response_offsets` order) becomes `old_logps`, aligned with the labels."""
     ids, offsets = data["input_ids"], data["offsets"]
     prompt_lengths, response_lengths = data["prompt_lengths"], data["response_lengths"]
     width = max(int(offsets[i + 1] - offsets[i]) for i in indices)
@@ -95,7 +97,7 @@ def collate(data: dict, indices: list[int], *, pad_id: int = 0, ref_flat: torch.
     input_ids = torch.full((batch, width), pad_id, dtype=torch.long)
     attention = torch.zeros((batch, width), dtype=torch.long)
     labels = torch.full((batch, width), IGNORE_INDEX, dtype=torch.long)
-    old = torch.zeros((batch, width), dtype=torch.float32) if ref_flat is not None else None
+    old = torch.zeros((batch, width), dtype=torch.float32) if old_logps_flat is not None else None
     resp_off = data.get("response_offsets")
     for row, i in enumerate(indices):
         seq = ids[offsets[i]:offsets[i + 1]].long()
@@ -105,5 +107,5 @@ def collate(data: dict, indices: list[int], *, pad_id: int = 0, ref_flat: torch.
         # The logits at position t predict token t+1: response tokens p..p+r-1 are scored at p-1..p+r-2.
         labels[row, p - 1:p + r - 1] = seq[p:p + r]
         if old is not None:
-            old[row, p - 1:p + r - 1] = ref_flat[resp_off[i]:resp_off[i + 1]]
+            old[row, p - 1:p + r - 1] = old_logps_flat[resp_off[i]:resp_off[i + 1]]
     return MicroBatch(indices, input_ids, attention, labels, labels != IGNORE_INDEX, old)

@@ -104,7 +104,7 @@ class TrainConfig:
     max_grad_norm: float = field(default=10.0, metadata={"help": "gradient clipping norm (the paper: 10)"})
     global_batch_size: int = field(default=32, metadata={"help": "sequences per optimizer step over all processes"})
     micro_batch_size: int = field(default=8, metadata={"help": "sequences per forward/backward on one process"})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature the log-probs are taken at"})
+    temperature: float | None = field(default=None, metadata={"help": "temperature the log-probs are taken at; default = the sampling temperature recorded in the training set's meta (1.0 when it has none)"})
     seed: int = field(default=0, metadata={"help": "seed of the data order and of torch"})
     device: Literal["auto", "cuda", "cpu"] = field(default="auto", metadata={"help": "'auto' (cuda when available), 'cuda' or 'cpu'"})
     liger: bool = field(default=True, metadata={"help": "patch Liger-Kernel's RMSNorm/RoPE/SwiGLU into the model on CUDA"})
@@ -123,6 +123,27 @@ class TrainConfig:
     rounds: int = field(default=1, metadata={"help": "on-policy rounds: > 1 re-samples from the current model between rounds"})
     round_samples: int = field(default=0, metadata={"help": "samples per problem in on-policy rounds (0 = as in the training set)"})
 
+    def validate(self) -> None:
+        """Flag-only checks, before any file is read: a ValueError naming the flag."""
+        positive = ("global_batch_size", "micro_batch_size", "epochs", "rounds", "ckpt_every", "keep_checkpoints",
+                    "max_bad_steps", "max_grad_norm")
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        for name in ("lr", "weight_decay", "eps_low", "eps_high", "max_steps", "stop_after", "round_samples"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
+        if self.temperature is not None and not self.temperature > 0:
+            raise ValueError(f"--temperature must be positive, got {self.temperature}")
+        if not (0 <= self.warmup_ratio < 1 and 0 <= self.min_lr_ratio <= 1):
+            raise ValueError(f"--warmup-ratio {self.warmup_ratio} must lie in [0, 1) and --min-lr-ratio "
+                             f"{self.min_lr_ratio} in [0, 1]")
+        if self.loss not in ("", *LOSSES) or self.ratio_level not in ("sequence", "token"):
+            raise ValueError(f"--loss {self.loss!r} (choose one of {LOSSES}) or --ratio-level "
+                             f"{self.ratio_level!r} (choose 'sequence' or 'token') is not a choice")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ValueError(f"--global-batch-size {self.global_batch_size} is not divisible by "
+                             f"--micro-batch-size {self.micro_batch_size}")
 
 # bench/speed.py's flags: here, not in that script, because the demo and bench/paper_comparisons.py build it
 # (and `bench/` is not installed; `pruner.demo` runs it as `python -m bench.speed` from a checkout).

@@ -151,6 +151,17 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
+def decoder_blocks(lm: torch.nn.Module) -> list[torch.nn.Module]:
+    """The units FSDP2 shards one by one (the trainer and the memory planner agree on them): the
+    blocks a Hugging Face model declares unsplittable, else its decoder's layer list."""
+    names = set(getattr(lm, "_no_split_modules", None) or [])
+    blocks = [m for m in lm.modules() if type(m).__name__ in names]
+    if not blocks:  # architectures that do not declare their blocks: the body's layer list
+        layers = getattr(lm.get_decoder(), "layers", None)
+        blocks = list(layers) if layers is not None else []
+    return blocks
+
+
 def print0(*args: object, **kwargs: object) -> None:
     if int(os.environ.get("RANK", 0)) == 0:
         print(*args, **kwargs, flush=True)  # type: ignore[call-overload]

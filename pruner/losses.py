@@ -33,7 +33,11 @@ def compute_loss(loss: str, logps: torch.Tensor, old_logps: torch.Tensor | None,
                  advantages: torch.Tensor, normalizer: float, *, ratio_level: str = "sequence",
                  eps_low: float = 0.2, eps_high: float = 0.2, dpo_beta: float = 0.1,
                  chosen: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Loss of one micro-batch (already divided by the global `normalizer`) and detached statistics."""
+    """Loss of one micro-batch (already divided by the global `normalizer`) and detached statistics.
+
+    `old_logps` are the log-probs of the policy that sampled the training set (the ratio's
+    denominator; DPO's reference): the frozen reference model in the first round, the round's
+    sampling policy in an on-policy round."""
     if loss == "lh":
         value, stats = clipped_ratio_loss(logps, old_logps, advantages, mask, eps_low=eps_low,
                                                   eps_high=eps_high, level=ratio_level, normalizer=normalizer)
@@ -46,8 +50,8 @@ def compute_loss(loss: str, logps: torch.Tensor, old_logps: torch.Tensor | None,
     if loss == "dpo":
         # Rows come in (chosen, rejected) pairs, adjacent; the `chosen` flags say which is which.
         seq, _ = sequence_logprobs(logps, mask, normalize=False)
-        ref, _ = sequence_logprobs(old_logps, mask, normalize=False)
-        margin = (seq - ref).view(-1, 2)
+        old_seq, _ = sequence_logprobs(old_logps, mask, normalize=False)
+        margin = (seq - old_seq).view(-1, 2)
         sign = torch.where(chosen.view(-1, 2)[:, 0].bool(), 1.0, -1.0).to(margin)
         delta = sign * (margin[:, 0] - margin[:, 1])
         per_pair = -F.logsigmoid(dpo_beta * delta)

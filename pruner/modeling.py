@@ -15,7 +15,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from o1pruner_kernels.fused_linear import fused_linear_logprobs
-from pruner.distributed import Dist, broadcast_buffers, print0
+from pruner.distributed import Dist, broadcast_buffers, decoder_blocks, print0
 
 
 class TokenLogprobs(nn.Module):
@@ -86,15 +86,6 @@ def apply_liger(model_type: str) -> str:
             + (f" (not patched: {', '.join(missing)})" if missing else ""))
 
 
-def _decoder_blocks(lm: nn.Module) -> list[nn.Module]:
-    names = set(getattr(lm, "_no_split_modules", None) or [])
-    blocks = [m for m in lm.modules() if type(m).__name__ in names]
-    if not blocks:  # architectures that do not declare their blocks: the body's layer list
-        layers = getattr(lm.get_decoder(), "layers", None)
-        blocks = list(layers) if layers is not None else []
-    return blocks
-
-
 def load_model(path: str, d: Dist, *, meta_init: bool, dtype: torch.dtype = torch.float32) -> nn.Module:
     """Load the HF model; with `meta_init` only rank 0 reads the weights, the others build on `meta`."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -139,7 +130,7 @@ def shard_policy(policy: TokenLogprobs, d: Dist, *, mixed_precision: bool = True
     shard_kwargs = {"mp_policy": mp} if mp is not None else {}
     if d.device.type != "cpu" and full_state is None:
         policy.to(d.device)
-    for block in _decoder_blocks(policy.lm):
+    for block in decoder_blocks(policy.lm):
         fully_shard(block, **shard_kwargs)
     fully_shard(policy, **shard_kwargs)  # the root: embedding, final norm and the LM head (tied or not)
     if full_state is not None:

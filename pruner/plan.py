@@ -30,14 +30,21 @@ Per rank (bytes), with e = bytes of the compute dtype (2 under the bf16 MixedPre
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
+
+if __package__ in (None, ""):  # `python pruner/plan.py`: make the project importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
+
+from pruner.cli import parse_config
+from pruner.distributed import decoder_blocks, print0
+from pruner.presets import ARCHITECTURES, config_for
 
 GIB = 2**30
 COMPONENTS = ("params", "grads", "optimizer", "fsdp_unsharded", "activations", "head_workspace")
@@ -69,8 +76,6 @@ def _shard_numel(shape: tuple[int, ...], world_size: int) -> int:
 def load_config(arch: str = "", model: str = ""):
     from transformers import AutoConfig
 
-    from pruner.presets import config_for
-
     if bool(arch) == bool(model):
         raise ValueError("give exactly one of --arch (a preset) or --model (a Hugging Face folder)")
     return config_for(arch) if arch else AutoConfig.from_pretrained(model)
@@ -86,10 +91,8 @@ def _meta_model(config) -> torch.nn.Module:
 
 def model_layout(config) -> ShardLayout:
     """Build the model on the meta device and group its parameters like FSDP2."""
-    from pruner.modeling import _decoder_blocks
-
     lm = _meta_model(config)
-    blocks = _decoder_blocks(lm)
+    blocks = decoder_blocks(lm)
     in_block = {id(p) for b in blocks for p in b.parameters()}
     root = [tuple(p.shape) for p in lm.parameters() if id(p) not in in_block]  # parameters() dedups tied
     return ShardLayout(param_count=sum(p.numel() for p in lm.parameters()), root_shapes=root,
@@ -103,15 +106,13 @@ def fsdp_local_numel(config, world_size: int, layout: ShardLayout | None = None)
     from torch.distributed.fsdp import fully_shard
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    from pruner.modeling import _decoder_blocks
-
     if dist.is_initialized():  # the trainer's own group: FSDP2's chunking rule gives the same count
         return (layout or model_layout(config)).local_numel(world_size)
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
     try:
         mesh = init_device_mesh("cpu", (world_size,))
         lm = _meta_model(config)
-        for block in _decoder_blocks(lm):
+        for block in decoder_blocks(lm):
             fully_shard(block, mesh=mesh)
         fully_shard(lm, mesh=mesh)
         return sum(p.to_local().numel() for p in lm.parameters())
@@ -274,8 +275,6 @@ def check_memory_plan(cfg, d, data: dict) -> MemoryPlan:
     import os
     import resource
 
-    from pruner.distributed import print0
-
     lengths = data["offsets"][1:] - data["offsets"][:-1]
     tokens = cfg.micro_batch_size * int(lengths.max())
     cuda = d.device.type == "cuda"
@@ -294,31 +293,35 @@ def check_memory_plan(cfg, d, data: dict) -> MemoryPlan:
     return plan
 
 
-def main(argv: list[str] | None = None) -> None:
-    from pruner.presets import ARCHITECTURES
+ArchChoice = Literal[("", *sorted(ARCHITECTURES))]
 
-    p = argparse.ArgumentParser(prog="python -m pruner.plan", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", default="", choices=[""] + sorted(ARCHITECTURES), help="architecture preset")
-    p.add_argument("--model", default="", help="a Hugging Face model folder (instead of --arch)")
-    p.add_argument("--gpus", type=int, default=1, help="world size (processes, one GPU each)")
-    p.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory of one GPU")
-    p.add_argument("--micro-batch-tokens", type=int, default=16384, help="tokens in one micro-batch on one rank")
-    p.add_argument("--activation-checkpointing", action="store_true", help="recompute decoder blocks in backward")
-    p.add_argument("--compute-dtype", default="bfloat16", choices=["bfloat16", "float32"],
-                   help="the trainer's compute dtype (bfloat16 = its default MixedPrecisionPolicy on CUDA)")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-    args = p.parse_args(argv)
-    if args.gpus < 1 or args.micro_batch_tokens < 1 or args.gpu_memory_gib <= 0:
-        p.error("--gpus, --micro-batch-tokens and --gpu-memory-gib must be positive")
+
+@dataclass
+class PlanConfig:
+    """Per-GPU memory of an FSDP2 training run of this trainer, before anything is loaded."""
+
+    arch: ArchChoice = field(default="", metadata={"help": "architecture preset"})
+    model: str = field(default="", metadata={"help": "a Hugging Face model folder (instead of --arch)"})
+    gpus: int = field(default=1, metadata={"help": "world size (processes, one GPU each)"})
+    gpu_memory_gib: float = field(default=80.0, metadata={"help": "memory of one GPU"})
+    micro_batch_tokens: int = field(default=16384, metadata={"help": "tokens in one micro-batch on one rank"})
+    activation_checkpointing: bool = field(default=False, metadata={"help": "recompute decoder blocks in backward"})
+    compute_dtype: Literal["bfloat16", "float32"] = field(default="bfloat16", metadata={"help": "the trainer's compute dtype (bfloat16 = its default MixedPrecisionPolicy on CUDA)"})
+    json: bool = field(default=False, metadata={"help": "print one JSON object instead of the table"})
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_config(PlanConfig, argv, prog="python -m pruner.plan")
+    if cfg.gpus < 1 or cfg.micro_batch_tokens < 1 or cfg.gpu_memory_gib <= 0:
+        sys.exit("--gpus, --micro-batch-tokens and --gpu-memory-gib must be positive")
     try:
-        config = load_config(args.arch, args.model)
+        config = load_config(cfg.arch, cfg.model)
     except (ValueError, OSError) as err:
-        p.error(str(err))
-    plan = plan_for(config, gpus=args.gpus, gpu_memory_gib=args.gpu_memory_gib,
-                    micro_batch_tokens=args.micro_batch_tokens, activation_checkpointing=args.activation_checkpointing,
-                    compute_dtype=args.compute_dtype, name=args.arch or str(Path(args.model)))
-    print(json.dumps(asdict(plan)) if args.json else format_table(plan))
+        sys.exit(str(err))
+    plan = plan_for(config, gpus=cfg.gpus, gpu_memory_gib=cfg.gpu_memory_gib,
+                    micro_batch_tokens=cfg.micro_batch_tokens, activation_checkpointing=cfg.activation_checkpointing,
+                    compute_dtype=cfg.compute_dtype, name=cfg.arch or str(Path(cfg.model)))
+    print(json.dumps(asdict(plan)) if cfg.json else format_table(plan))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,13 @@
-"""Reference log-probabilities: one no-grad pass of the initial model over the training set.
+"""The "old" log-probs: one no-grad pass, over a training set, of the policy that sampled it.
 
-The data is fixed and pi_ref is the starting point of pi, so log pi_ref(y_t | x, y_<t) is computed
-once, before the first update, and cached next to the training set (DESIGN §1.4): no second model
-is ever held in memory and no step pays for a reference forward.
+Two words, two things. The "ref" model is the frozen reference pi_ref, the starting point of the
+run; the "old" log-probs are those of the policy that sampled the training set in use (the
+ratio's denominator). In the first round the sampling policy IS the reference model; in an
+on-policy round (`--rounds`) it is the policy exported at the round's start. Either way the data
+is fixed and the sampling policy is the trained policy's state before the set's first update, so
+log pi_old(y_t | x, y_<t) is computed once, before that update, and cached next to the training
+set as `old_logps-<model>-t<temperature>-<data>.safetensors` (DESIGN §1.4): no second model is
+ever held in memory and no step pays for an extra forward.
 """
 from __future__ import annotations
 
@@ -33,13 +38,15 @@ def content_key(data: dict) -> str:
 
 
 def cache_path(trainset: Path, model_key: str, temperature: float, data_key: str) -> Path:
-    return trainset / f"ref_logps-{model_key}-t{temperature:g}-{data_key}.safetensors"
+    """The cached old log-probs of `trainset` under the model `model_key` at `temperature`."""
+    return trainset / f"old_logps-{model_key}-t{temperature:g}-{data_key}.safetensors"
 
 
 @torch.no_grad()
-def compute_reference_logprobs(policy: torch.nn.Module, data: dict, d: Dist, *, micro_batch: int,
-                               pad_id: int, show_progress: bool = True) -> torch.Tensor:
-    """Flat fp32 tensor of log-probs of every response token, in sample order (see response_offsets)."""
+def compute_response_logprobs(policy: torch.nn.Module, data: dict, d: Dist, *, micro_batch: int,
+                              pad_id: int, show_progress: bool = True) -> torch.Tensor:
+    """Flat fp32 tensor of `policy`'s log-probs of every response token, in sample order (see
+    response_offsets)."""
     lengths = (data["offsets"][1:] - data["offsets"][:-1]).tolist()
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     batches = [order[i:i + micro_batch] for i in range(0, len(order), micro_batch)]
@@ -53,7 +60,7 @@ def compute_reference_logprobs(policy: torch.nn.Module, data: dict, d: Dist, *, 
     if show_progress and d.is_main:
         from tqdm.auto import tqdm
 
-        iterator = tqdm(mine, desc="reference log-probs", unit="batch")
+        iterator = tqdm(mine, desc="old log-probs", unit="batch")
     was_training = policy.training
     policy.eval()
     for indices in iterator:
@@ -67,14 +74,17 @@ def compute_reference_logprobs(policy: torch.nn.Module, data: dict, d: Dist, *, 
     policy.train(was_training)
     if not torch.isfinite(flat).all():
         bad = (~torch.isfinite(flat)).sum().item()
-        raise FloatingPointError(f"reference log-probs: {bad} non-finite values; the model or data is broken")
+        raise FloatingPointError(f"old log-probs: {bad} non-finite values; the model or data is broken")
     # Each rank filled only its own samples: the sum over ranks is the whole table.
     return all_reduce_sum(flat)
 
 
-def reference_logprobs(policy: torch.nn.Module, data: dict, trainset: Path, model_path: str, d: Dist, *,
-                       temperature: float, micro_batch: int, pad_id: int) -> tuple[torch.Tensor, Path, bool]:
-    """Load the cached table for this model and training set, or compute and cache it."""
+def old_logprobs(policy: torch.nn.Module, data: dict, trainset: Path, model_path: str, d: Dist, *,
+                 temperature: float, micro_batch: int, pad_id: int,
+                 may_compute: bool = True) -> tuple[torch.Tensor, Path, bool]:
+    """The old log-probs of `trainset` (sampled by `model_path`, whose weights `policy` holds now):
+    the cached table, or computed and cached. Returns (table, cache file, loaded from the cache).
+    `may_compute=False` (the policy has moved since the set was sampled): a missing cache is an error."""
     model_key, data_key = model_fingerprint(model_path), content_key(data)
     path = cache_path(trainset, model_key, temperature, data_key)
     if path.exists():
@@ -84,7 +94,10 @@ def reference_logprobs(policy: torch.nn.Module, data: dict, trainset: Path, mode
         if (stored.get("data_key"), stored.get("model_key")) == (data_key, model_key) \
                 and flat.numel() == int(data["response_offsets"][-1]):
             return flat, path, True
-    flat = compute_reference_logprobs(policy, data, d, micro_batch=micro_batch, pad_id=pad_id)
+    if not may_compute:
+        raise FileNotFoundError(f"{path}: the old log-probs of {trainset} are not cached and the policy has been "
+                                "updated since that set was sampled; resume from the checkpoint at the round's start")
+    flat = compute_response_logprobs(policy, data, d, micro_batch=micro_batch, pad_id=pad_id)
     if d.is_main:
         tmp = path.with_suffix(".tmp")
         save_file({"logps": flat}, str(tmp), metadata={"model": model_path, "temperature": str(temperature),

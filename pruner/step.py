@@ -42,13 +42,13 @@ class StepResult:
 
 
 def _forward_backward(policy: torch.nn.Module, data: dict, micro_batches: list[list[int]], spec: LossSpec,
-                      normalizer: int, old_flat: torch.Tensor | None, d: Dist, pad_id: int
+                      normalizer: int, old_logps_flat: torch.Tensor | None, d: Dist, pad_id: int
                       ) -> tuple[torch.Tensor, list[str]]:
     """Accumulate gradients over this rank's micro-batches; returns [loss, *stats] summed, on the device."""
     sums: torch.Tensor | None = None
     names: list[str] = []
     for indices in micro_batches:
-        batch = collate(data, indices, pad_id=pad_id, ref_flat=old_flat).to(d.device)
+        batch = collate(data, indices, pad_id=pad_id, old_logps_flat=old_logps_flat).to(d.device)
         logps = policy(batch.input_ids, batch.attention_mask, batch.labels)
         chosen = data["chosen"][indices].to(d.device) if "chosen" in data else None
         loss, stats = compute_loss(spec.loss, logps, batch.old_logps, batch.mask,
@@ -66,16 +66,17 @@ def _forward_backward(policy: torch.nn.Module, data: dict, micro_batches: list[l
 
 def train_step(policy: torch.nn.Module, optimizer: torch.optim.Optimizer, data: dict,
                step_plan: list[list[list[int]]], *, spec: LossSpec, d: Dist, pad_id: int,
-               old_flat: torch.Tensor | None, max_grad_norm: float) -> StepResult:
+               old_logps_flat: torch.Tensor | None, max_grad_norm: float) -> StepResult:
     """Forward/backward this rank's share of one global step (`step_plan`: ranks -> micro-batches ->
-    sample indices), clip, and update unless any rank saw a non-finite loss or gradient norm."""
+    sample indices), clip, and update unless any rank saw a non-finite loss or gradient norm.
+    `old_logps_flat`: the sampling policy's log-prob of every response token (pruner/reflogps.py)."""
     everyone = [i for rank in step_plan for micro in rank for i in micro]
     lengths = data["offsets"][1:] - data["offsets"][:-1]
     # The loss is a sum over the step's units divided by their count over ALL ranks and
     # micro-batches; every rank knows the plan, so no collective is needed for it.
     normalizer = count_units(normalizer_units(spec.loss, spec.ratio_level),
                              data["response_lengths"][everyone].tolist())
-    sums, names = _forward_backward(policy, data, step_plan[d.rank], spec, normalizer, old_flat, d, pad_id)
+    sums, names = _forward_backward(policy, data, step_plan[d.rank], spec, normalizer, old_logps_flat, d, pad_id)
     grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_grad_norm)
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
     bad = (~(torch.isfinite(sums[0]) & torch.isfinite(grad_norm))).double().reshape(1)

@@ -65,7 +65,7 @@ def test_collate_aligns_labels_and_old_logprobs_with_the_response():
             "prompt_lengths": torch.tensor([2, 1]), "response_lengths": torch.tensor([3, 1])}
     data["response_offsets"] = response_offsets(data["response_lengths"])
     ref = torch.tensor([-0.1, -0.2, -0.3, -0.4])
-    b = collate(data, [0, 1], pad_id=0, ref_flat=ref)
+    b = collate(data, [0, 1], pad_id=0, old_logps_flat=ref)
     assert b.labels.tolist() == [[-100, 7, 8, 9, -100], [2, -100, -100, -100, -100]]
     assert b.attention_mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
     assert torch.allclose(b.old_logps, torch.tensor([[0, -0.1, -0.2, -0.3, 0], [-0.4, 0, 0, 0, 0]]))

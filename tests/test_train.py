@@ -1,6 +1,7 @@
 """The trainer, run for real: torchrun + FSDP2 on gloo, a tiny Qwen2 model, a small training set."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -178,6 +179,9 @@ def test_on_policy_round_samples_the_exported_policy_with_vllm(tiny_model_dir, t
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert {r["round"] for r in rows} == {0, 1}
     assert (out / "round-1" / "model" / "config.json").exists() and (out / "export" / "config.json").exists()
+    assert (out / "round-1" / "round.json").exists()  # written last: the round is complete
+    # the round's old log-probs are the round model's (the sampling policy), cached next to its set
+    assert len(list((out / "round-1" / "trainset").glob("old_logps-*.safetensors"))) == 1
 
 
 def test_nan_steps_are_skipped_then_the_run_stops(tiny_model_dir, trainset, tmp_path):
@@ -186,7 +190,7 @@ def test_nan_steps_are_skipped_then_the_run_stops(tiny_model_dir, trainset, tmp_
     broken = tmp_path / "nan_set"
     broken.mkdir()
     for f in trainset.iterdir():
-        if f.is_file() and not f.name.startswith("ref_logps"):
+        if f.is_file() and not f.name.startswith("old_logps"):
             (broken / f.name).write_bytes(f.read_bytes())
     tensors = load_file(str(broken / "trainset.safetensors"))
     tensors["advantages"] = torch.full_like(tensors["advantages"], float("nan"))
@@ -196,3 +200,83 @@ def test_nan_steps_are_skipped_then_the_run_stops(tiny_model_dir, trainset, tmp_
         _run_inline("--model", str(tiny_model_dir), "--data", str(broken), "--out", str(out),
                     "--global-batch-size", "8", "--micro-batch-size", "4", "--max-bad-steps", "2", "--no-export")
     assert not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text().strip()
+
+
+def test_flags_are_checked_before_any_file_is_read():
+    from pruner.configs import TrainConfig
+
+    TrainConfig().validate()
+    for kwargs, flag in [({"micro_batch_size": 0}, "--micro-batch-size"), ({"temperature": 0.0}, "--temperature"),
+                         ({"warmup_ratio": 1.0}, "--warmup-ratio"), ({"lr": -1.0}, "--lr"), ({"rounds": 0}, "--rounds"),
+                         ({"global_batch_size": 6, "micro_batch_size": 4}, "--global-batch-size")]:
+        with pytest.raises(ValueError, match=flag):
+            TrainConfig(**kwargs).validate()
+
+
+def _copy_set(trainset: Path, dest: Path, sampling: dict) -> Path:
+    dest.mkdir()
+    for f in trainset.iterdir():
+        if f.is_file() and not f.name.startswith("old_logps"):
+            (dest / f.name).write_bytes(f.read_bytes())
+    meta = json.loads((trainset / "meta.json").read_text())
+    (dest / "meta.json").write_text(json.dumps({**meta, "sampling": sampling}))
+    return dest
+
+
+def test_log_probs_use_the_sets_sampling_temperature_unless_overridden(tiny_model_dir, trainset, tmp_path):
+    from pruner.configs import TrainConfig
+    from pruner.train import resolve_from_data
+
+    assert resolve_from_data(TrainConfig(temperature=0.7), {"sampling": {"temperature": 0.5}}).temperature == 0.7
+    unrecorded = resolve_from_data(TrainConfig(), {"kind": "sft", "sampling": {"k": 4}})
+    assert (unrecorded.temperature, unrecorded.loss) == (1.0, "sft")
+    # a real run: the model's log-probs, the cache and the run's config all take the set's 0.5
+    sampled = _copy_set(trainset, tmp_path / "t05", {"k": 4, "temperature": 0.5})
+    out = tmp_path / "run_t05"
+    _run_inline("--model", str(tiny_model_dir), "--data", str(sampled), "--out", str(out), "--global-batch-size", "8",
+                "--micro-batch-size", "4", "--max-steps", "1", "--no-export")
+    assert json.loads((out / "config.json").read_text())["temperature"] == 0.5
+    assert [p.name.split("-")[2] for p in sampled.glob("old_logps-*.safetensors")] == ["t0.5"]
+
+
+def test_a_round_on_disk_is_reused_only_when_this_run_built_it(trainset, tmp_path):
+    from pruner import distributed
+    from pruner.manifest import manifest_digest
+    from pruner.onpolicy import resample, round_configs, round_dir
+
+    with pytest.raises(ValueError, match="sampling lacks problems"):
+        round_configs(trainset, tmp_path / "r", 1)
+    sampling = {"problems": "embedded:train", "k": 4, "temperature": 0.5, "top_p": 0.8, "max_new_tokens": 64,
+                "seed": 3, "system_prompt": None, "suffix": "", "think": "auto"}
+    first = _copy_set(trainset, tmp_path / "first", sampling)
+    out = tmp_path / "run"
+    presample, dataset = round_configs(first, round_dir(out, 2), 2, samples_per_problem=6)
+    assert (presample.seed, presample.k, presample.temperature, presample.system_prompt) == (5, 6, 0.5, "")
+    assert presample.limit == json.loads((first / "meta.json").read_text())["num_problems"]
+    assert dataset.ref_stats == str(first / "problem_stats.jsonl") and dataset.samples == presample.out
+    # a round built by these configs: its folder holds the model, the set and round.json
+    folder = round_dir(out, 2)
+    (folder / "model").mkdir(parents=True)
+    (folder / "model" / "config.json").write_text("{}")
+    (folder / "trainset").mkdir()
+    (folder / "trainset" / "manifest.json").write_bytes((trainset / "manifest.json").read_bytes())
+    record = {"presample": dataclasses.asdict(presample), "dataset": dataclasses.asdict(dataset),
+              "trainset_manifest": manifest_digest(folder / "trainset" / "manifest.json")}
+    (folder / "round.json").write_text(json.dumps(record))
+    d = distributed.init("cpu")
+    args = (None, first, out, 2, "unused", d)
+    assert resample(*args, samples_per_problem=6, at_round_start=False) == (folder / "model", folder / "trainset")
+    # other settings (here: samples per problem), or no record: never trusted; past the round's start, an error
+    with pytest.raises(RuntimeError, match="other settings"):
+        resample(*args, samples_per_problem=4, at_round_start=False)
+    (folder / "round.json").unlink()
+    with pytest.raises(RuntimeError, match="incomplete"):
+        resample(*args, samples_per_problem=6, at_round_start=False)
+
+
+def test_rounds_need_the_sets_sampling_settings_before_any_work(tiny_model_dir, trainset, tmp_path):
+    # the fixture's samples record only k: --rounds 2 is refused before the first round trains
+    with pytest.raises(ValueError, match="sampling lacks problems"):
+        _run_inline("--model", str(tiny_model_dir), "--data", str(trainset), "--out", str(tmp_path / "o"),
+                    "--rounds", "2", "--global-batch-size", "8", "--micro-batch-size", "4")
+    assert not (tmp_path / "o").exists()

@@ -1,6 +1,6 @@
 """The trainer's run folder: fresh runs never land on another run's checkpoints, --resume only
 continues an identical configuration, metrics never mix runs, one writer at a time, and the
-reference log-prob cache is keyed by the exact tokens it was computed for (issue 12, cases 1-3)."""
+old log-prob cache is keyed by the exact tokens it was computed for (issue 12, cases 1-3)."""
 from __future__ import annotations
 
 import json
@@ -123,13 +123,13 @@ def test_second_writer_is_refused_while_the_first_holds_the_folder(tiny_model_di
     assert not (out / ".lock").exists()  # released on exit
 
 
-def test_reference_cache_is_keyed_by_the_exact_tokens(tiny_model_dir, tmp_path):
+def test_old_logps_cache_is_keyed_by_the_exact_tokens(tiny_model_dir, tmp_path):
     """case 3: the same samples in another problem order have the same token count; the old cache
     (keyed by that count only) was reused with every row misaligned."""
     from pruner import distributed
     from pruner.dataset import build_trainset, load_trainset
     from pruner.modeling import prepare_model
-    from pruner.reflogps import attach_response_offsets, content_key, reference_logprobs
+    from pruner.reflogps import attach_response_offsets, content_key, old_logprobs
 
     d = distributed.init("cpu")
     policy = prepare_model(str(tiny_model_dir), d, liger=False, mixed_precision=False)
@@ -139,18 +139,18 @@ def test_reference_cache_is_keyed_by_the_exact_tokens(tiny_model_dir, tmp_path):
         samples = _samples(tmp_path / f"s{seed}.jsonl", tiny_model_dir, order_seed=seed)
         build_trainset(samples, folder, tokenizer=str(tiny_model_dir), report=False, overwrite=True)
         data = attach_response_offsets(load_trainset(folder))
-        (folder / f"ref_logps-stale-{seed}.safetensors").touch()
-        flat, path, hit = reference_logprobs(policy, data, folder, str(tiny_model_dir), d, temperature=1.0,
+        (folder / f"old_logps-stale-{seed}.safetensors").touch()
+        flat, path, hit = old_logprobs(policy, data, folder, str(tiny_model_dir), d, temperature=1.0,
                                              micro_batch=4, pad_id=0)
         assert not hit and content_key(data) in path.name
-        again, _, hit = reference_logprobs(policy, data, folder, str(tiny_model_dir), d, temperature=1.0,
+        again, _, hit = old_logprobs(policy, data, folder, str(tiny_model_dir), d, temperature=1.0,
                                            micro_batch=4, pad_id=0)
         assert hit and torch.equal(again, flat)
         tables.append((data, flat))
     (a, flat_a), (b, flat_b) = tables
     assert flat_a.numel() == flat_b.numel() and not torch.equal(flat_a, flat_b)
     assert content_key(a) != content_key(b)
-    assert not (folder / "ref_logps-stale-None.safetensors").exists()  # --overwrite cleared the old set's cache
+    assert not (folder / "old_logps-stale-None.safetensors").exists()  # --overwrite cleared the old set's cache
 
 
 def test_an_out_folder_holding_the_training_set_is_refused(tiny_model_dir, trainset):
