@@ -35,7 +35,7 @@ def splits() -> dict[str, list[dict]]:
 
 @pytest.fixture(scope="module")
 def tok():
-    from pruner.embedded.tokenizer import build_tokenizer
+    from pruner.embedded.build import build_tokenizer
 
     return build_tokenizer()
 
@@ -154,7 +154,7 @@ def test_chat_template_inserts_the_system_prompt_when_missing(tok, tmp_path):
     from transformers import AutoTokenizer
 
     from pruner.embedded import SHIPPED_MODEL
-    from pruner.embedded.tokenizer import CHAT_TEMPLATE
+    from pruner.embedded.build import CHAT_TEMPLATE
     from pruner.prompting import DEFAULT_SYSTEM_PROMPT, build_prompt
 
     tok.save_pretrained(str(tmp_path))
@@ -242,6 +242,7 @@ _VLLM_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_vllm_samples_shipped_model(tmp_path):
     pytest.importorskip("vllm")
@@ -275,3 +276,17 @@ def test_redundancy_openers_mark_exactly_the_optional_text():
         text, _ = long_trace(start, ops, rng, no_slips)
         extra = text != shortest.strip()
         assert extra == any(f" {w} " in f" {text} " for w in task.REDUNDANCY_OPENERS), text
+
+
+def test_build_flags_are_the_configs_fields_and_out_is_required(capsys):
+    from dataclasses import asdict
+
+    from pruner.cli import parse_config, to_argv
+    from pruner.embedded.build import BuildCommand, BuildConfig, main
+
+    command = parse_config(BuildCommand, ["--out", "m", "--steps", "3", "--lr", "0.01"])
+    assert (command.steps, command.lr, str(command.out)) == (3, 0.01, "m")
+    assert parse_config(BuildCommand, to_argv(command)) == command
+    assert set(asdict(BuildConfig())) == set(asdict(command)) - {"out"}  # build_info's "config" keys stay
+    with pytest.raises(SystemExit, match="--out is required"):
+        main(["--steps", "3"])
