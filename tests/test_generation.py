@@ -70,29 +70,36 @@ def test_cpu_engine_runs_in_process_with_raised_limits_and_keeps_seeded_samples(
     assert separate["children"] >= 1 and separate["env"] == "1"
 
 
-def test_expected_vllm_warnings_go_to_the_log_only_and_others_wait_for_the_console(tmp_path, capsys):
+def test_expected_vllm_warnings_go_to_the_log_only_and_others_wait_for_the_console(tmp_path, capsys, monkeypatch):
     import logging
+
+    monkeypatch.delenv("VLLM_LOGGING_LEVEL", raising=False)  # importing trl sets it to ERROR
 
     from pruner.generation import _route_vllm_logging
 
+    def record(level: int, message: str) -> logging.LogRecord:
+        return logging.makeLogRecord({"name": "vllm.some.module", "levelno": level,
+                                      "levelname": logging.getLevelName(level), "msg": message})
+
     log = tmp_path / "vllm.log"
     console = _route_vllm_logging(log)
+    vllm = logging.getLogger("vllm")
     try:
-        vllm = logging.getLogger("vllm.some.module")
+        assert vllm.level == logging.INFO and not vllm.propagate and len(vllm.handlers) == 2
         console.held = []  # the engine is starting: stderr points at the log
-        vllm.warning("Attempted to load weight w with dtype torch.float32 into parameter with dtype torch.bfloat16")
-        vllm.warning("the model's context is shorter than max_model_len")
-        vllm.info("Resolved architecture: X")
+        for level, message in ((logging.WARNING, "Attempted to load weight w with dtype torch.float32 into bfloat16"),
+                               (logging.WARNING, "the model's context is shorter than max_model_len"),
+                               (logging.INFO, "Resolved architecture: X")):
+            vllm.handle(record(level, message))  # as a record from a vllm.* module reaches it
         assert capsys.readouterr().err == ""
         console.show_held()
-        vllm.error("Attempted to load weight: failed")  # errors always show
+        vllm.handle(record(logging.ERROR, "Attempted to load weight: failed"))  # errors always show
         err = capsys.readouterr().err
         assert "shorter than max_model_len" in err and "Attempted to load weight: failed" in err
         assert "bfloat16" not in err and "Resolved" not in err
         text = log.read_text()
         assert all(w in text for w in ("bfloat16", "shorter than", "Resolved architecture", "failed"))
     finally:
-        logger = logging.getLogger("vllm")
-        for handler in list(logger.handlers):
-            logger.removeHandler(handler)
+        for handler in list(vllm.handlers):
+            vllm.removeHandler(handler)
             handler.close()

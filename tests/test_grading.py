@@ -60,6 +60,7 @@ def test_truncated_is_wrong_even_with_right_box() -> None:
     assert grade(None, "3") is False
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not MATH500.exists(), reason="MATH-500 not present")
 def test_math500_reference_solutions_bar() -> None:
     rows = [json.loads(line) for line in MATH500.read_text().splitlines()]
@@ -122,6 +123,7 @@ def _timed_in_thread(fn, *args) -> tuple[object, float]:
     return result["value"], result["s"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("response", [
     "\\boxed{" * 20000,                                              # 105 s before (quadratic extraction)
     "\\boxed{" + "{" * 400 + "1" + "}" * 400 + "}",                   # deeply nested, under the size cap
@@ -136,6 +138,7 @@ def test_pathological_answers_return_within_5_s_in_a_worker_thread(response: str
     assert _timed_in_thread(grade, r"\boxed{\frac{1}{2}}", "0.5")[0] is True  # and grading still works after
 
 
+@pytest.mark.slow
 def test_without_a_worker_the_main_thread_grades_in_process(monkeypatch: pytest.MonkeyPatch) -> None:
     import pruner.grading as grading
 
