@@ -12,10 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from conftest import REPO_ROOT, run_script
 from pruner.embedded import task
 from pruner.embedded.task import PARAMS, TaskParams, long_trace, make_problems, min_trace, sample_spec
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def _recompute(problem: str) -> int:
@@ -206,7 +205,7 @@ def test_tiny_build_loads_and_is_deterministic(tmp_path):
 
 def test_import_is_light_and_shipped_model_is_complete():
     code = "import sys, pruner; print(sorted(m for m in ('torch', 'vllm', 'transformers') if m in sys.modules))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, check=True)
     assert out.stdout.strip() == "[]"
     from pruner.embedded import SHIPPED_MODEL, _complete, default_model_path
 
@@ -246,14 +245,7 @@ _VLLM_SCRIPT = textwrap.dedent("""
 @pytest.mark.timeout(300)
 def test_vllm_samples_shipped_model(tmp_path):
     pytest.importorskip("vllm")
-    script = tmp_path / "sample.py"
-    script.write_text(_VLLM_SCRIPT)
-    env = {"VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONPATH": str(ROOT)}
-    import os
-
-    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=ROOT,
-                         env={**os.environ, **env}, timeout=280)
-    assert out.returncode == 0, out.stderr[-3000:]
+    out = run_script(tmp_path, _VLLM_SCRIPT, env={"VLLM_CPU_KVCACHE_SPACE": "1"}, timeout=280)
     rows = json.loads(out.stdout.split("ROWS", 1)[1].splitlines()[0])
     assert len(rows) == 12
     for row in rows:

@@ -9,12 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from conftest import shared_data
 from pruner.grading import extract_answer, final_part, grade
 
-# the shared sets live next to the project root (../shared/data)
-MATH500 = Path(__file__).resolve().parents[2] / "shared" / "data" / "math500.jsonl"
-if not MATH500.exists():
-    MATH500 = Path("/work/shared/data/math500.jsonl")
+MATH500 = shared_data("math500.jsonl")
 
 
 @pytest.mark.parametrize(
