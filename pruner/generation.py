@@ -19,10 +19,9 @@ import logging
 import os
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -60,7 +59,6 @@ class Completion:
     token_ids: list[int]
     finish_reason: str | None  # "stop" (EOS / stop string), "length" (hit max_tokens), ...
     latency_s: float | None = None  # the request's end-to-end time when vLLM reports it
-    meta: dict[str, Any] = field(default_factory=dict)
 
 
 def _on_cpu() -> bool:
@@ -263,25 +261,9 @@ def generate(
         seed = None
     sampling = [params(s) for s in seed] if isinstance(seed, list) else params(seed)
     inputs: list[Any] = [{"prompt_token_ids": p} if isinstance(p, list) else p for p in prompts]
-    start = time.perf_counter()
     outputs = llm.generate(inputs, sampling, use_tqdm=use_tqdm)
-    batch_s = time.perf_counter() - start
-    results: list[list[Completion]] = []
-    for out in outputs:
-        latency = _latency(out)
-        results.append(
-            [
-                Completion(
-                    text=c.text,
-                    token_ids=list(c.token_ids),
-                    finish_reason=c.finish_reason,
-                    latency_s=latency,
-                    meta={"batch_s": batch_s},
-                )
-                for c in out.outputs
-            ]
-        )
-    return results
+    return [[Completion(text=c.text, token_ids=list(c.token_ids), finish_reason=c.finish_reason,
+                        latency_s=_latency(out)) for c in out.outputs] for out in outputs]
 
 
 def _latency(out: Any) -> float | None:
