@@ -135,7 +135,7 @@ def model_config(cfg: BuildConfig, vocab_size: int, tok):
         bos_token_id=tok.convert_tokens_to_ids("<|im_start|>"),
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
-        torch_dtype="float32",
+        dtype="float32",
     )
 
 
@@ -200,7 +200,7 @@ def as_llama(qwen):
         max_position_embeddings=q.max_position_embeddings, rms_norm_eps=q.rms_norm_eps,
         rope_parameters=dict(q.rope_parameters), attention_bias=True, mlp_bias=False,
         tie_word_embeddings=True, bos_token_id=q.bos_token_id, eos_token_id=q.eos_token_id,
-        pad_token_id=q.pad_token_id, torch_dtype="float32",
+        pad_token_id=q.pad_token_id, dtype="float32",
     )
     state = dict(qwen.state_dict())
     for i in range(q.num_hidden_layers):
