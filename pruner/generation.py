@@ -204,6 +204,15 @@ def _output_to(sink: IO[bytes]) -> Iterator[None]:
         os.close(saved[1])
 
 
+def _leave_logging_alone() -> dict[str, Any]:
+    """The engine argument that keeps vLLM from re-configuring its logger, where vLLM has one."""
+    try:
+        from vllm.config.logging import LoggingConfig
+    except ImportError:
+        return {}
+    return {"logging_config": LoggingConfig(configure_logging=False)}
+
+
 def _start_engine(kwargs: dict[str, Any], log_file: Path | None) -> Any:
     """`vllm.LLM(**kwargs)` with its start-up output in `log_file` (see the module docstring)."""
     if os.environ.get("VLLM_CONFIGURE_LOGGING", "1") == "0" or os.environ.get("VLLM_LOGGING_CONFIG_PATH"):
@@ -219,13 +228,15 @@ def _start_engine(kwargs: dict[str, Any], log_file: Path | None) -> Any:
         try:
             with _output_to(sink):
                 from vllm import LLM
-                from vllm.config.logging import LoggingConfig
 
                 console = _route_vllm_logging(log_file)  # after the import, which sets vLLM's own
                 console.held = []
-                # configure_logging=False: the engine keeps these handlers (worker processes started
-                # meanwhile log to their inherited stdout, i.e. the sink)
-                return LLM(**kwargs, logging_config=LoggingConfig(configure_logging=False))
+                # Worker processes started meanwhile log to their inherited stdout, i.e. the sink.
+                leave_logging = _leave_logging_alone()
+                llm = LLM(**kwargs, **leave_logging)
+                if not leave_logging:  # this vLLM configured its logger again while starting
+                    _route_vllm_logging(log_file)
+                return llm
         except BaseException:
             sink.seek(0)
             tail = sink.read().decode("utf-8", "replace").splitlines()[-30:]
