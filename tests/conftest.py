@@ -13,9 +13,40 @@ if not torch.cuda.is_available():
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+# --- Paths and subprocess runs shared by the test files ---
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def shared_data(name: str) -> Path:
+    """A file of the shared data sets: under $O1PRUNER_DATA, else in the nearest `shared/data` folder
+    above the checkout (`../shared/data`; a git worktree sits deeper). Tests skip when it is absent."""
+    if os.environ.get("O1PRUNER_DATA"):
+        return Path(os.environ["O1PRUNER_DATA"]) / name
+    for parent in REPO_ROOT.parents:
+        if (parent / "shared" / "data").is_dir():
+            return parent / "shared" / "data" / name
+    return REPO_ROOT.parent / "shared" / "data" / name
+
+
+def run_script(folder: Path, source: str, *args: str, env: dict[str, str] | None = None,
+               timeout: float = 600) -> subprocess.CompletedProcess:
+    """`source` as a script in a fresh Python (this checkout's `pruner` first); fails the test on a non-zero exit.
+
+    A fresh process because vLLM wants one per engine and a main-guarded entry point."""
+    script = folder / "script.py"
+    script.write_text(source)
+    out = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, cwd=REPO_ROOT,
+                         env={**os.environ, "PYTHONPATH": str(REPO_ROOT), **(env or {})}, timeout=timeout)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    return out
+
+
 # --- Tiny random-init Qwen2 model (data/pre-sampling tests; the trainer's tests reuse it) ---
 import json  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 

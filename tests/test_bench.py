@@ -63,6 +63,7 @@ def test_waste_removed_only_where_records_carry_min_tokens():
     assert "waste_removed" not in c and c["aes"] == pytest.approx(0.5 - 5 * 1.0)
 
 
+@pytest.mark.slow
 def test_speed_runs_vllm_on_each_model_and_compares_with_the_first(tmp_path):
     # The same model twice: greedy decoding must give identical lengths (token ratio exactly 1).
     out = tmp_path / "bench"
@@ -81,6 +82,7 @@ def test_speed_runs_vllm_on_each_model_and_compares_with_the_first(tmp_path):
     assert (out / "results.md").exists() and (out / "lengths_greedy.png").exists()
 
 
+@pytest.mark.slow
 def test_kernel_benchmark_writes_a_row_per_provider_and_shape(tmp_path):
     out = tmp_path / "k.csv"
     cmd = [sys.executable, "bench/kernel_ops.py", "--ops", "logprobs", "ratio_loss", "--n", "64", "96", "--v", "97",

@@ -12,10 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from conftest import REPO_ROOT, run_script
 from pruner.embedded import task
 from pruner.embedded.task import PARAMS, TaskParams, long_trace, make_problems, min_trace, sample_spec
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def _recompute(problem: str) -> int:
@@ -35,7 +34,7 @@ def splits() -> dict[str, list[dict]]:
 
 @pytest.fixture(scope="module")
 def tok():
-    from pruner.embedded.tokenizer import build_tokenizer
+    from pruner.embedded.build import build_tokenizer
 
     return build_tokenizer()
 
@@ -154,7 +153,7 @@ def test_chat_template_inserts_the_system_prompt_when_missing(tok, tmp_path):
     from transformers import AutoTokenizer
 
     from pruner.embedded import SHIPPED_MODEL
-    from pruner.embedded.tokenizer import CHAT_TEMPLATE
+    from pruner.embedded.build import CHAT_TEMPLATE
     from pruner.prompting import DEFAULT_SYSTEM_PROMPT, build_prompt
 
     tok.save_pretrained(str(tmp_path))
@@ -206,7 +205,7 @@ def test_tiny_build_loads_and_is_deterministic(tmp_path):
 
 def test_import_is_light_and_shipped_model_is_complete():
     code = "import sys, pruner; print(sorted(m for m in ('torch', 'vllm', 'transformers') if m in sys.modules))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, check=True)
     assert out.stdout.strip() == "[]"
     from pruner.embedded import SHIPPED_MODEL, _complete, default_model_path
 
@@ -242,17 +241,11 @@ _VLLM_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_vllm_samples_shipped_model(tmp_path):
     pytest.importorskip("vllm")
-    script = tmp_path / "sample.py"
-    script.write_text(_VLLM_SCRIPT)
-    env = {"VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONPATH": str(ROOT)}
-    import os
-
-    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=ROOT,
-                         env={**os.environ, **env}, timeout=280)
-    assert out.returncode == 0, out.stderr[-3000:]
+    out = run_script(tmp_path, _VLLM_SCRIPT, env={"VLLM_CPU_KVCACHE_SPACE": "1"}, timeout=280)
     rows = json.loads(out.stdout.split("ROWS", 1)[1].splitlines()[0])
     assert len(rows) == 12
     for row in rows:
@@ -275,3 +268,17 @@ def test_redundancy_openers_mark_exactly_the_optional_text():
         text, _ = long_trace(start, ops, rng, no_slips)
         extra = text != shortest.strip()
         assert extra == any(f" {w} " in f" {text} " for w in task.REDUNDANCY_OPENERS), text
+
+
+def test_build_flags_are_the_configs_fields_and_out_is_required(capsys):
+    from dataclasses import asdict
+
+    from pruner.cli import parse_config, to_argv
+    from pruner.embedded.build import BuildCommand, BuildConfig, main
+
+    command = parse_config(BuildCommand, ["--out", "m", "--steps", "3", "--lr", "0.01"])
+    assert (command.steps, command.lr, str(command.out)) == (3, 0.01, "m")
+    assert parse_config(BuildCommand, to_argv(command)) == command
+    assert set(asdict(BuildConfig())) == set(asdict(command)) - {"out"}  # build_info's "config" keys stay
+    with pytest.raises(SystemExit, match="--out is required"):
+        main(["--steps", "3"])

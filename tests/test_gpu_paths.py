@@ -20,6 +20,7 @@ def _python(code: str, env: dict | None = None) -> subprocess.CompletedProcess:
                           timeout=600)
 
 
+@pytest.mark.slow
 def test_trainer_import_path_has_no_vllm():
     code = ("import sys\n"
             "class Block:\n"
@@ -34,6 +35,7 @@ def test_trainer_import_path_has_no_vllm():
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_type", ["qwen2", "llama"])
 def test_liger_is_patched_before_the_model_is_built_and_the_log_says_what(tmp_path, model_type):
     wheel = next((ROOT / ".cache" / "gpu-wheels").glob("liger_kernel-*.whl"), None)
@@ -67,6 +69,7 @@ def test_liger_reports_unpatched_types_and_a_missing_install():
     assert "not installed" in message or ("no patch" in message and "gpt2" in message)
 
 
+@pytest.mark.slow
 def test_gpu_check_fixture_builds_a_model_and_a_trainset_the_trainer_accepts(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "trainer_fixture.py"), "--arch", "cpu-small",
                            "--response-tokens", "40", "--problems", "2", "--k", "4", "--device", "cpu",

@@ -9,12 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from conftest import shared_data
 from pruner.grading import extract_answer, final_part, grade
 
-# the shared sets live next to the project root (../shared/data)
-MATH500 = Path(__file__).resolve().parents[2] / "shared" / "data" / "math500.jsonl"
-if not MATH500.exists():
-    MATH500 = Path("/work/shared/data/math500.jsonl")
+MATH500 = shared_data("math500.jsonl")
 
 
 @pytest.mark.parametrize(
@@ -60,6 +58,7 @@ def test_truncated_is_wrong_even_with_right_box() -> None:
     assert grade(None, "3") is False
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not MATH500.exists(), reason="MATH-500 not present")
 def test_math500_reference_solutions_bar() -> None:
     rows = [json.loads(line) for line in MATH500.read_text().splitlines()]
@@ -122,6 +121,7 @@ def _timed_in_thread(fn, *args) -> tuple[object, float]:
     return result["value"], result["s"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("response", [
     "\\boxed{" * 20000,                                              # 105 s before (quadratic extraction)
     "\\boxed{" + "{" * 400 + "1" + "}" * 400 + "}",                   # deeply nested, under the size cap
@@ -136,6 +136,7 @@ def test_pathological_answers_return_within_5_s_in_a_worker_thread(response: str
     assert _timed_in_thread(grade, r"\boxed{\frac{1}{2}}", "0.5")[0] is True  # and grading still works after
 
 
+@pytest.mark.slow
 def test_without_a_worker_the_main_thread_grades_in_process(monkeypatch: pytest.MonkeyPatch) -> None:
     import pruner.grading as grading
 

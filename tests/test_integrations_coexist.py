@@ -53,6 +53,7 @@ def run_python(code: str, cwd: Path) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["repo_root", "elsewhere"])
 def test_hf_kernels_and_o1pruner_kernels_coexist(where, tmp_path):
     done = run_python(COEXIST, ROOT if where == "repo_root" else tmp_path)
@@ -60,6 +61,7 @@ def test_hf_kernels_and_o1pruner_kernels_coexist(where, tmp_path):
     assert done.stdout.startswith("ok")
 
 
+@pytest.mark.slow
 def test_kernels_and_integrations_import_no_trainer(tmp_path):
     done = run_python(NO_TRAINER_IMPORTS, tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -114,6 +114,7 @@ def test_grpo_step_same_logps_loss_and_gradients(trainers, monkeypatch):
         assert rel_err(grads[1][name], g) <= 1e-4, name
 
 
+@pytest.mark.slow
 def test_full_train_step_same_update(tmp_path):
     """TRL's own train() (generation, reward, loss, SGD step) moves the weights the same way."""
     updates = []

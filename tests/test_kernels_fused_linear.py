@@ -25,6 +25,7 @@ CASES = [  # (lead shape, D, V, temperature, hidden layout, weight layout, tunin
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("lead,D,V,temperature,h_layout,w_layout,tuning", CASES)
@@ -133,6 +134,7 @@ _MEM_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_torch_path_peak_memory_is_far_below_logits():
     # A fixed mmap threshold: glibc's adaptive one keeps freed chunk temporaries in the heap, so the
     # peak RSS wandered between 86 and 330+ MiB from run to run for the same allocations.

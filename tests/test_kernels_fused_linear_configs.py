@@ -27,6 +27,7 @@ CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind,dtype,tile,i64", CASES)
 def test_candidate_matches_float64_reference(kind, dtype, tile, i64, monkeypatch):
     if i64:  # the launcher picks 64-bit offsets only past 2^31 elements; force that path here

@@ -23,6 +23,7 @@ def _run(backend, x, y, temperature, g_logp, g_ent):
     return logp, ent, x.grad
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("lead,V,temperature,layout", CASES)

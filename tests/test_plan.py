@@ -69,6 +69,7 @@ def test_activation_formula_matches_autograds_saved_tensors(model_type, dtype, c
     assert formula == pytest.approx(measured, rel=0.1)
 
 
+@pytest.mark.slow
 def test_cli_json_is_one_object_with_the_contract_fields():
     env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'kernels'}"}
     proc = subprocess.run([sys.executable, "-m", "pruner.plan", "--arch", "qwen2.5-32b", "--gpus", "8",

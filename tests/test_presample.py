@@ -49,6 +49,7 @@ def vllm_run(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     return out
 
 
+@pytest.mark.slow
 def test_vllm_writes_k_records_per_problem(vllm_run: Path, tiny_model_dir: Path) -> None:
     records = read_samples(vllm_run)
     assert sorted(_keys(records)) == [(p["id"], i) for p in PROBLEMS for i in range(3)]

@@ -2,9 +2,11 @@
 import re
 from pathlib import Path
 
+import pytest
 import torch
 
 
+@pytest.mark.slow
 def test_readme_kernel_example_runs_and_its_results_hold():
     text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     block = re.search(r"```python\n(.*?)```", text, re.S).group(1)

@@ -68,6 +68,7 @@ def two_proc_run(tiny_model_dir, trainset, tmp_path_factory):
     return out, _torchrun(2, out, tiny_model_dir, trainset, "--max-steps", "4", "--ckpt-every", "2")
 
 
+@pytest.mark.slow
 def test_two_process_run_is_finite_and_matches_one_process(two_proc_run, tiny_model_dir, trainset, tmp_path):
     _, rows2 = two_proc_run
     assert [r["step"] for r in rows2] == [1, 2, 3, 4]
@@ -80,6 +81,7 @@ def test_two_process_run_is_finite_and_matches_one_process(two_proc_run, tiny_mo
         assert a["mean_ratio"] == pytest.approx(b["mean_ratio"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_resumed_run_reproduces_the_uninterrupted_curve(two_proc_run, tiny_model_dir, trainset, tmp_path):
     _, full = two_proc_run
     out = tmp_path / "interrupted"
@@ -93,6 +95,7 @@ def test_resumed_run_reproduces_the_uninterrupted_curve(two_proc_run, tiny_model
         assert a["lr"] == pytest.approx(b["lr"])
 
 
+@pytest.mark.slow
 def test_loss_goes_down_on_a_fixed_batch(tiny_model_dir, trainset, tmp_path):
     from pruner.dataset import load_trainset
 
@@ -106,6 +109,7 @@ def test_loss_goes_down_on_a_fixed_batch(tiny_model_dir, trainset, tmp_path):
     assert losses[-1] < losses[0] - 1e-3
 
 
+@pytest.mark.slow
 def test_export_loads_in_transformers_and_matches_the_trained_weights(tiny_model_dir, trainset, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -152,6 +156,7 @@ def test_clear_errors_before_any_work(tiny_model_dir, trainset, tmp_path):
         _run_inline("--model", str(tiny_model_dir), "--data", str(other), "--out", str(tmp_path / "o"))
 
 
+@pytest.mark.slow
 def test_on_policy_round_samples_the_exported_policy_with_vllm(tiny_model_dir, tmp_path):
     """--rounds 2: the round-1 policy is exported, loaded by vLLM through pre-sampling, rewarded
     against the first training set's statistics, and trained on with its own old log-probs."""
@@ -184,6 +189,7 @@ def test_on_policy_round_samples_the_exported_policy_with_vllm(tiny_model_dir, t
     assert len(list((out / "round-1" / "trainset").glob("old_logps-*.safetensors"))) == 1
 
 
+@pytest.mark.slow
 def test_nan_steps_are_skipped_then_the_run_stops(tiny_model_dir, trainset, tmp_path):
     from safetensors.torch import load_file, save_file
 

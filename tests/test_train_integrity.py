@@ -123,6 +123,7 @@ def test_second_writer_is_refused_while_the_first_holds_the_folder(tiny_model_di
     assert not (out / ".lock").exists()  # released on exit
 
 
+@pytest.mark.slow
 def test_old_logps_cache_is_keyed_by_the_exact_tokens(tiny_model_dir, tmp_path):
     """case 3: the same samples in another problem order have the same token count; the old cache
     (keyed by that count only) was reused with every row misaligned."""

@@ -4,42 +4,118 @@
 
 Plain next-token loss on the response tokens of freshly sampled long-thought traces (the
 prompt is the project's chat prompt, as every entry point builds it). Trained as Qwen2 and
-exported as the identical Llama network (see `as_llama` for why). Single process, fixed
-seeds and thread count, deterministic algorithms: the same command on the same software
-rebuilds the same weights bit for bit.
+exported as the identical Llama network (see `as_llama` for why), with a word-level tokenizer
+(`build_tokenizer`). Single process, fixed seeds and thread count, deterministic algorithms:
+the same command on the same software rebuilds the same weights bit for bit.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from pruner.embedded.task import PARAMS, long_trace, params_hash, problem_text, sample_spec, test_problem_texts
+from pruner.cli import parse_config
+from pruner.embedded.task import (PARAMS, long_trace, params_hash, problem_text, sample_spec, test_problem_texts,
+                                  words)
+from pruner.prompting import DEFAULT_SYSTEM_PROMPT, FAST_SOLVING_SUFFIX, build_prompt
 
 
 @dataclass
 class BuildConfig:
     """The model's shape and the training run; defaults are the shipped model's."""
 
-    seed: int = 0
-    steps: int = 2000  # optimizer steps
-    batch: int = 16  # traces per step
-    lr: float = 3e-3
-    warmup: int = 60
-    min_lr_ratio: float = 0.05
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
+    seed: int = field(default=0, metadata={"help": "seed of the weights' init and of the sampled traces"})
+    steps: int = field(default=2000, metadata={"help": "optimizer steps"})
+    batch: int = field(default=16, metadata={"help": "traces per step"})
+    lr: float = field(default=3e-3, metadata={"help": "peak learning rate (AdamW)"})
+    warmup: int = field(default=60, metadata={"help": "linear warm-up steps, then a cosine decay"})
+    min_lr_ratio: float = field(default=0.05, metadata={"help": "the cosine's floor, as a fraction of --lr"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay of the matrices"})
+    grad_clip: float = field(default=1.0, metadata={"help": "gradient norm clip"})
     # Part of the bit-for-bit contract (CPU kernels reduce per thread): rebuild with the same count.
-    threads: int = 2
-    hidden: int = 128
-    layers: int = 3
-    heads: int = 2  # head_dim 64: vLLM's CPU attention rejects smaller heads
-    intermediate: int = 256
-    max_len: int = 2048  # RoPE positions; the callers use max_model_len up to 2048
+    threads: int = field(default=2, metadata={"help": "torch threads (the same count rebuilds the same weights)"})
+    hidden: int = field(default=128, metadata={"help": "hidden size"})
+    layers: int = field(default=3, metadata={"help": "decoder layers"})
+    # head_dim = hidden / heads = 64: vLLM's CPU attention rejects smaller heads
+    heads: int = field(default=2, metadata={"help": "attention heads (and key/value heads)"})
+    intermediate: int = field(default=256, metadata={"help": "MLP intermediate size"})
+    max_len: int = field(default=2048, metadata={"help": "RoPE positions (callers use max_model_len up to 2048)"})
+
+
+@dataclass
+class BuildCommand(BuildConfig):
+    """Train the embedded default model from scratch into a Hugging Face folder (defaults: the shipped model's)."""
+
+    out: Path | None = field(default=None, metadata={"help": "folder to write the model into (required)"})
+
+
+# --- The word-level tokenizer, built with the `tokenizers` library ---
+# One token per whitespace-separated word: numbers 0..50 are single tokens, which is what makes
+# the task's arithmetic learnable by a tiny model. Decoding joins words with single spaces, so
+# a trace (written with single spaces) round-trips exactly; any other text round-trips up to
+# whitespace, and words outside the vocabulary (another system prompt, say) become <unk>.
+PAD, UNK, IM_START, IM_END = "<|endoftext|>", "<unk>", "<|im_start|>", "<|im_end|>"
+SPECIALS = [PAD, UNK, IM_START, IM_END]
+SPACE = "\u2581"
+
+
+def _jinja_literal(text: str) -> str:
+    """`text` as a single-quoted Jinja string literal (Jinja unescapes backslashes like Python)."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+# ChatML, as Qwen models use it; the generation prompt opens the assistant turn. Like Qwen's own
+# templates, a conversation without a system turn gets the model's system prompt (the project's,
+# which every training trace was prompted with): prompted "the ordinary way" with only a user
+# turn, the model sees exactly the prompt it was trained and profiled on.
+CHAT_TEMPLATE = (
+    "{% if not messages or messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\n' + " + _jinja_literal(DEFAULT_SYSTEM_PROMPT) + " + '<|im_end|>\n' }}"
+    "{% endif %}"
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def vocabulary() -> list[str]:
+    """Specials first (fixed ids), then chat roles, prompt words, and the task's words."""
+    vocab = list(SPECIALS) + ["system", "user", "assistant"]
+    # The project's own prompts (default and the fast-solving baseline) are known words.
+    for text in (DEFAULT_SYSTEM_PROMPT, FAST_SOLVING_SUFFIX):
+        vocab += text.split()
+    vocab += words()
+    return list(dict.fromkeys(vocab))
+
+
+def build_tokenizer():
+    """A transformers fast tokenizer wrapping the word-level `tokenizers` model."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    # Each word token carries its leading space as "\u2581" (SentencePiece style): token-by-token
+    # streaming decoders (vLLM's) then emit the spaces too, not only whole-sequence decoding.
+    vocab = {(w if w in SPECIALS else SPACE + w): i for i, w in enumerate(vocabulary())}
+    core = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
+    core.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.WhitespaceSplit(),  # newlines and runs of spaces separate words too
+        pre_tokenizers.Metaspace(replacement=SPACE, prepend_scheme="always", split=False),
+    ])
+    core.decoder = decoders.Metaspace(replacement=SPACE, prepend_scheme="always", split=False)
+    core.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIALS])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        unk_token=UNK,
+        pad_token=PAD,
+        eos_token=IM_END,
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=1024,
+        clean_up_tokenization_spaces=False,
+    )
 
 
 def model_config(cfg: BuildConfig, vocab_size: int, tok):
@@ -59,7 +135,7 @@ def model_config(cfg: BuildConfig, vocab_size: int, tok):
         bos_token_id=tok.convert_tokens_to_ids("<|im_start|>"),
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
-        torch_dtype="float32",
+        dtype="float32",
     )
 
 
@@ -70,11 +146,8 @@ class TraceStream:
     """
 
     def __init__(self, tok, seed: int):
-        from pruner.prompting import build_prompt
-
         self.tok, self.rng = tok, random.Random(seed)
         self.held_out = test_problem_texts()
-        self.build_prompt = build_prompt
         self.pending: list[list[tuple[list[int], list[int]]]] = []
 
     def example(self) -> tuple[list[int], list[int]]:
@@ -83,7 +156,7 @@ class TraceStream:
             problem = problem_text(start, ops)
             if problem not in self.held_out:
                 break
-        prompt = self.tok.encode(self.build_prompt(self.tok, problem), add_special_tokens=False)
+        prompt = self.tok.encode(build_prompt(self.tok, problem), add_special_tokens=False)
         text, _ = long_trace(start, ops, self.rng)
         response = self.tok.encode(text, add_special_tokens=False) + [self.tok.eos_token_id]
         return prompt, response
@@ -127,7 +200,7 @@ def as_llama(qwen):
         max_position_embeddings=q.max_position_embeddings, rms_norm_eps=q.rms_norm_eps,
         rope_parameters=dict(q.rope_parameters), attention_bias=True, mlp_bias=False,
         tie_word_embeddings=True, bos_token_id=q.bos_token_id, eos_token_id=q.eos_token_id,
-        pad_token_id=q.pad_token_id, torch_dtype="float32",
+        pad_token_id=q.pad_token_id, dtype="float32",
     )
     state = dict(qwen.state_dict())
     for i in range(q.num_hidden_layers):
@@ -150,10 +223,7 @@ def lr_at(step: int, cfg: BuildConfig) -> float:
 def build(out: Path, cfg: BuildConfig | None = None, log_every: int = 50) -> dict:
     """Train the model and write config, safetensors, tokenizer and build_info.json to `out`."""
     import torch
-    import torch.nn.functional as F
-    from transformers import GenerationConfig, Qwen2ForCausalLM
-
-    from pruner.embedded.tokenizer import build_tokenizer
+    from transformers import Qwen2ForCausalLM
 
     cfg = cfg or BuildConfig()
     t0 = time.time()
@@ -164,6 +234,30 @@ def build(out: Path, cfg: BuildConfig | None = None, log_every: int = 50) -> dic
     # Round the vocabulary up so the embedding rows are a friendly multiple.
     vocab_size = (len(tok) + 63) // 64 * 64
     model = Qwen2ForCausalLM(model_config(cfg, vocab_size, tok))
+    losses = _train(model, tok, cfg, log_every, t0)
+    _export(model, tok, out)
+    tail = losses[-min(100, len(losses)):]
+    info = {
+        "seed": cfg.seed,
+        "steps": cfg.steps,
+        "build_seconds": round(time.time() - t0, 1),
+        "final_loss": round(sum(tail) / len(tail), 5),
+        "task_params_hash": params_hash(),
+        "task_params": asdict(PARAMS),
+        "config": asdict(cfg),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "torch": torch.__version__,
+        "command": f"python -m pruner.embedded.build --out {out}",
+    }
+    (out / "build_info.json").write_text(json.dumps(info, indent=2) + "\n")
+    return info
+
+
+def _train(model, tok, cfg: BuildConfig, log_every: int, t0: float) -> list[float]:
+    """AdamW (no decay on vectors) on the response tokens of `cfg.steps` batches; returns the losses."""
+    import torch
+    import torch.nn.functional as F
+
     model.train()
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
@@ -190,6 +284,12 @@ def build(out: Path, cfg: BuildConfig | None = None, log_every: int = 50) -> dic
             recent = losses[-log_every:]
             print(f"step {step:5d}  loss {sum(recent) / len(recent):.4f}  lr {lr_at(step, cfg):.2e}  "
                   f"{time.time() - t0:6.1f}s", flush=True)
+    return losses
+
+
+def _export(model, tok, out: Path) -> None:
+    """The Llama export, the tokenizer and a generation config holding only the token ids."""
+    from transformers import GenerationConfig
 
     out.mkdir(parents=True, exist_ok=True)
     export = as_llama(model.eval())
@@ -198,32 +298,14 @@ def build(out: Path, cfg: BuildConfig | None = None, log_every: int = 50) -> dic
     # Only the ids: sampling settings belong to the caller (vLLM would adopt them otherwise).
     GenerationConfig(bos_token_id=export.config.bos_token_id, eos_token_id=tok.eos_token_id,
                      pad_token_id=tok.pad_token_id).save_pretrained(str(out))
-    tail = losses[-min(100, len(losses)):]
-    info = {
-        "seed": cfg.seed,
-        "steps": cfg.steps,
-        "build_seconds": round(time.time() - t0, 1),
-        "final_loss": round(sum(tail) / len(tail), 5),
-        "task_params_hash": params_hash(),
-        "task_params": asdict(PARAMS),
-        "config": asdict(cfg),
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "torch": torch.__version__,
-        "command": f"python -m pruner.embedded.build --out {out}",
-    }
-    (out / "build_info.json").write_text(json.dumps(info, indent=2) + "\n")
-    return info
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, required=True, help="folder to write the model into")
-    for field, default in asdict(BuildConfig()).items():
-        parser.add_argument(f"--{field.replace('_', '-')}", type=type(default), default=default,
-                            help=f"default {default}")
-    args = vars(parser.parse_args(argv))
-    out = args.pop("out")
-    info = build(out, BuildConfig(**args))
+    command = parse_config(BuildCommand, argv, prog="python -m pruner.embedded.build")
+    if command.out is None:
+        raise SystemExit("python -m pruner.embedded.build: --out is required (the folder to write the model into)")
+    cfg = BuildConfig(**{f.name: getattr(command, f.name) for f in fields(BuildConfig)})
+    info = build(Path(command.out), cfg)
     print(json.dumps({k: info[k] for k in ("steps", "build_seconds", "final_loss", "parameters")}))
 
 

@@ -14,9 +14,9 @@ them "( 3 ) times 2": a two-token match that its 3-layer network learned fragile
 failures made every wrong answer.)
 
 The long-thought trace is the shortest correct trace (one line per operation, then the boxed
-answer; its length is a record's min_tokens) plus redundancy whose amount is drawn per trace, independent of the difficulty. Every
-piece of redundancy starts at a visible decision point right after a step, so fine-tuning can
-move each decision separately:
+answer; its length is a record's min_tokens) plus redundancy whose amount is drawn per trace,
+independent of the difficulty. Every piece of redundancy starts at a visible decision point
+right after a step, so fine-tuning can move each decision separately:
   - "wait , let me check : ..." after a correct step: pure waste;
   - the same check after a slip (a wrong result written with probability SLIP): necessary,
     it repairs the value ("..., not 16 . so x = 15 ."), so not every extra token is waste;
@@ -220,22 +220,21 @@ def _split_specs(p: TaskParams) -> dict[str, list[tuple[int, list[tuple[str, int
     return {"test": specs[: p.n_test], "train": specs[p.n_test:]}
 
 
-def make_problems(split: str, p: TaskParams = PARAMS, count_tokens=None) -> list[dict]:
+def make_problems(split: str, p: TaskParams = PARAMS) -> list[dict]:
     """Records {"id", "problem", "answer", "min_tokens", "difficulty"} of a split.
 
-    `count_tokens(text) -> int` measures the shortest correct trace; the default counts the
-    embedded tokenizer's tokens (one per word) plus the end-of-turn token the model emits.
+    `min_tokens`: the shortest correct trace in the embedded tokenizer's tokens (one per word)
+    plus the end-of-turn token the model emits.
     """
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', not {split!r}")
-    count = count_tokens or (lambda text: len(text.split()) + 1)
     records = []
     for n, (start, ops) in enumerate(_split_specs(p)[split]):
         records.append({
             "id": f"embedded-{split}-{n:05d}",
             "problem": problem_text(start, ops),
             "answer": str(solve(start, ops)[-1]),
-            "min_tokens": count(min_trace(start, ops)),
+            "min_tokens": len(min_trace(start, ops).split()) + 1,
             "difficulty": len(ops) - p.min_steps + 1,
         })
     return records
