@@ -40,10 +40,10 @@ from pruner.configs import DatasetConfig  # noqa: E402
 from pruner.manifest import Output, build_manifest, claim_output, file_digest, manifest_digest  # noqa: E402
 from pruner.model_files import eos_token_ids, load_tokenizer, tokenizer_fingerprint  # noqa: E402
 from pruner.samples import meta_path, read_meta, read_samples, samples_per_problem, short_problems  # noqa: E402
+from pruner.trainset import TRAINSET_FORMAT, load_trainset, stats_file, write_files  # noqa: E402,F401 (load_trainset: the API)
 
 log = logging.getLogger(__name__)
 
-TRAINSET_FORMAT = "o1-pruner-trainset/1"
 # fields the training set reads from every sample record; a missing one names file:line
 SAMPLE_FIELDS = ("problem_id", "sample_index", "prompt", "prompt_token_ids", "response_token_ids", "correct")
 EOS_POLICY = "appended to stopped responses lacking an EOS; truncated ones left unterminated"
@@ -232,7 +232,7 @@ def _manifest(inputs: _Samples, ref_stats: str | Path | None, config: dict[str, 
     digests: dict[str, Any] = {"tokenizer": inputs.fingerprint, "samples": [file_digest(p) for p in inputs.paths],
                                "samples_manifests": [manifest_digest(meta_path(p)) for p in inputs.paths]}
     if ref_stats is not None:
-        digests["ref_stats"] = file_digest(reward.ref_stats_file(ref_stats))
+        digests["ref_stats"] = file_digest(stats_file(ref_stats))
     return build_manifest("dataset", config, digests)
 
 
@@ -282,35 +282,14 @@ def build_trainset(
 def _write_trainset(out: Path, manifest: dict, tensors: dict, meta: dict, stats: list[dict],
                     report_records: list[dict] | None, overwrite: bool, inputs: list[Path]) -> Path:
     """Claim the folder (lock + manifest), then write the set; nothing is written on a refusal."""
-    from safetensors.torch import save_file
-
     with claim_output(Output.folder(out), manifest, what=f"training set folder {out}", resume=not overwrite,
                       overwrite=overwrite, inputs=inputs):
-        save_file(tensors, str(out / "trainset.safetensors"))
-        (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-        with (out / "problem_stats.jsonl").open("w", encoding="utf-8") as fh:
-            for row in stats:
-                fh.write(json.dumps(row) + "\n")
+        write_files(out, tensors, meta, stats)
         if report_records is not None:
             from pruner.report import write_report
 
             write_report(report_records, out / "report")
     return out
-
-
-def load_trainset(path: str | Path) -> dict[str, Any]:
-    """A training-set folder as one flat dict: every tensor by name, plus "meta" (meta.json) and
-    "stats" (problem_stats.jsonl rows, indexed by the `problem_index` tensor)."""
-    from safetensors.torch import load_file
-
-    p = Path(path)
-    meta = json.loads((p / "meta.json").read_text())
-    if meta.get("format") != TRAINSET_FORMAT:
-        raise ValueError(f"{p}: format {meta.get('format')!r}, expected {TRAINSET_FORMAT!r}")
-    stats = [json.loads(line) for line in (p / "problem_stats.jsonl").read_text().splitlines() if line.strip()]
-    return {**load_file(str(p / "trainset.safetensors")), "meta": meta, "stats": stats}
-
-
 
 
 def main(argv: list[str] | None = None) -> Path:

@@ -26,6 +26,7 @@ from pruner.cli import run_stage
 from pruner.configs import DatasetConfig, PresampleConfig
 from pruner.distributed import Dist, barrier, broadcast_object
 from pruner.manifest import manifest_digest
+from pruner.trainset import META, read_meta, stats_file
 
 
 # What a round needs from the first set's meta["sampling"] (pre-sampling records them all).
@@ -41,8 +42,8 @@ def round_configs(first_trainset: Path, folder: Path, round_index: int,
                   samples_per_problem: int = 0) -> tuple[PresampleConfig, DatasetConfig]:
     """What round `round_index` runs: the first set's sampling settings on the round's policy
     (a seed of its own per round), rewarded against the first set's reference statistics."""
-    meta_path = first_trainset / "meta.json"
-    meta = json.loads(meta_path.read_text())
+    meta_path = first_trainset / META
+    meta = read_meta(first_trainset)
     sampling = meta.get("sampling") or {}
     missing = [k for k in SAMPLING_FIELDS if k not in sampling]
     if missing:
@@ -57,7 +58,7 @@ def round_configs(first_trainset: Path, folder: Path, round_index: int,
         limit=meta["num_problems"])
     dataset = DatasetConfig(samples=presample.out, out=str(folder / "trainset"), kind=meta.get("kind", "lh"),
                             lam=meta["lam"], keep_per_problem=meta.get("keep_per_problem"),
-                            seed=meta.get("seed", 0), ref_stats=str(first_trainset / "problem_stats.jsonl"))
+                            seed=meta.get("seed", 0), ref_stats=str(stats_file(first_trainset)))
     return presample, dataset
 
 

@@ -22,13 +22,13 @@ The formula is the kernel library's `length_harmonizing_reward`; the policy arou
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from o1pruner_kernels.sequence import length_harmonizing_reward
+from pruner.trainset import read_stats
 
 CLIP = (-2.0, 4.0)
 KINDS = ("lh", "sft", "dpo")
@@ -59,15 +59,9 @@ def own_stats(samples: list[dict], lengths: list[int]) -> tuple[float, float]:
     return float(np.mean([max(n, 1) for n in lengths])), float(np.mean([is_correct(r) for r in samples]))
 
 
-def ref_stats_file(path: str | Path) -> Path:
-    """The problem_stats.jsonl that `--ref-stats` names (directly, or the training-set folder holding it)."""
-    p = Path(path)
-    return p / "problem_stats.jsonl" if p.is_dir() else p
-
-
 def load_ref_stats(path: str | Path) -> dict[str, dict]:
     """problem id -> stats row (`ref_mean_length`, `ref_mean_accuracy`, ...), every id of a merged problem."""
-    rows = [json.loads(line) for line in ref_stats_file(path).read_text().splitlines() if line.strip()]
+    rows = read_stats(path)
     return {str(pid): row for row in rows for pid in row.get("ids", [row["id"]])}
 
 

@@ -28,18 +28,18 @@ from pruner.batching import check_batch_sizes, plan_epoch
 from pruner.checkpoint import export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
 from pruner.cli import parse_config
 from pruner.configs import TrainConfig
-from pruner.dataset import load_trainset
 from pruner.distributed import Dist, broadcast_object, print0
+from pruner.embedded import default_model_path
 from pruner.manifest import (Output, OutputLock, RunStateError, build_manifest, claim_output, file_digest,
                              manifest_digest, model_inputs, release_all)
 from pruner.metrics import MetricsLogger, peak_memory_gib, plot_metrics
-from pruner.embedded import default_model_path
 from pruner.model_files import load_tokenizer, tokenizer_fingerprint
 from pruner.modeling import prepare_model
 from pruner.onpolicy import resample, round_configs
 from pruner.plan import check_memory_plan
 from pruner.reflogps import attach_response_offsets, old_logprobs
 from pruner.step import LossSpec, StepResult, train_step
+from pruner.trainset import TENSORS, load_trainset
 
 PAPER_LR = 2e-7          # the paper's code for 7B models
 EMBEDDED_LR = 2e-5       # the embedded default: a 1M-parameter model trained from scratch moves far faster
@@ -265,9 +265,6 @@ def resolve_from_data(cfg: TrainConfig, meta: dict) -> TrainConfig:
 def load_training_data(cfg: TrainConfig) -> tuple[dict, Any]:
     """The training set as tensors (plus meta/stats) and the model's tokenizer, cross-checked."""
     path = Path(cfg.data)
-    if not (path / "meta.json").exists():
-        raise FileNotFoundError(f"training set {path} not found (no {path / 'meta.json'}): build it with "
-                                "`python pruner/presample.py` then `python pruner/dataset.py`, or pass --data")
     data = attach_response_offsets(load_trainset(path))
     tokenizer = load_tokenizer(cfg.model)
     expected, actual = data["meta"].get("tokenizer_fingerprint"), tokenizer_fingerprint(tokenizer)
@@ -308,7 +305,7 @@ def check_inputs(cfg: TrainConfig, data: dict, world_size: int, source: str = ""
 def run_manifest(cfg: TrainConfig, tokenizer: Any) -> dict[str, Any]:
     """The trainer's manifest: resolved flags, the model and tokenizer, the training set's content."""
     data = Path(cfg.data)
-    inputs = {**model_inputs(cfg.model, tokenizer), "data": file_digest(data / "trainset.safetensors"),
+    inputs = {**model_inputs(cfg.model, tokenizer), "data": file_digest(data / TENSORS),
               "data_manifest": manifest_digest(data / "manifest.json")}
     return build_manifest("train", asdict(cfg), inputs, volatile=VOLATILE)
 
