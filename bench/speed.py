@@ -134,10 +134,11 @@ def main(argv: list[str] | None = None) -> None:
     models = parse_models(cfg.models)
     check_config(cfg, models)
     with claim_out(cfg, models):
-        _benchmark(cfg, models)
+        benchmark(cfg, models)
 
 
-def _benchmark(cfg: SpeedConfig, models: list[tuple[str, str]]) -> None:
+def benchmark(cfg: SpeedConfig, models: list[tuple[str, str]]) -> None:
+    """One worker process per model (fresh vLLM engine each), then the report in --out."""
     from bench.speed_report import summarize, write_report
 
     out = Path(cfg.out)

@@ -160,7 +160,7 @@ def test_speed_worker_is_the_benchmark_narrowed_to_one_model(tmp_path, monkeypat
     monkeypatch.setattr(speed, "run_stage", fake_run_stage)
     cfg = speed.SpeedConfig(models=["base=/m/a", "fast=/m/b"], fast_prompt=["fast"], limit=2, modes=["greedy"],
                             out=str(tmp_path), overwrite=True)
-    speed._benchmark(cfg, speed.parse_models(cfg.models))
+    speed.benchmark(cfg, speed.parse_models(cfg.models))
     assert [m for m, _ in calls] == ["bench.speed", "bench.speed"]
     base, fast = (c for _, c in calls)
     assert (base.models, base.fast_prompt, fast.models, fast.fast_prompt) == (["base=/m/a"], [], ["fast=/m/b"], ["fast"])
