@@ -80,6 +80,7 @@ def test_speed_runs_vllm_on_each_model_and_compares_with_the_first(tmp_path):
     (c,) = results["comparisons"]
     assert c["token_ratio"] == 1.0 and c["accuracy_delta"] == 0.0 and c["waste_removed"] == 0.0
     assert (out / "results.md").exists() and (out / "lengths_greedy.png").exists()
+    assert all((out / f"vllm-{name}.log").stat().st_size > 0 for name in ("base", "twin"))  # not on the console
 
 
 @pytest.mark.slow
