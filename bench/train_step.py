@@ -2,8 +2,8 @@
 
 ours : the trainer's own step (pruner.step.train_step, as pruner/train.py calls it) on the trainer's
        FSDP2 policy: one model; the old log-probs (here the reference model's) precomputed once
-       (the sampled data is fixed, so they never change); token log-probs from the fused kernel (no [N, V] logits); the fused
-       clipped-ratio loss.
+       (the sampled data is fixed, so they never change); token log-probs from the fused kernel
+       (no [N, V] logits); the fused clipped-ratio loss.
 paper: the policy AND a second reference model forwarded every step; full fp32 logits,
        log_softmax + gather; the same loss in plain PyTorch.
 
