@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 
 from pruner.demo import timing_table
+from pruner.samples import summary_path
 
 
 def _json(path: Path) -> dict:
@@ -21,7 +22,7 @@ def demo(folder: Path) -> str:
     run = folder / "run"
     timing = _json(run / "demo_timing.json")
     lines = []
-    summary = run / "samples.summary.json"
+    summary = summary_path(run / "samples.jsonl")  # the demo's pre-sampling output
     if summary.is_file():
         s = _json(summary)
         rate = s.get("generation_samples_per_s")

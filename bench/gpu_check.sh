@@ -6,8 +6,8 @@
 #      on 1 GPU, against the paper code's recipe (second reference model, full fp32 logits),
 #   4. the REAL trainer, `torchrun --nproc_per_node 1 pruner/train.py` (NCCL on a GPU), on a
 #      Qwen2.5-1.5B-shaped random-weight model with 4k-token responses (bench/trainer_fixture.py):
-#      reference log-probs once, bf16 MixedPrecisionPolicy, Liger patched, fused head, a DCP
-#      checkpoint, --resume, the HF export loaded back by transformers; then the same at
+#      old log-probs once (the reference model's, first round), bf16 MixedPrecisionPolicy, Liger patched,
+#      fused head, a DCP checkpoint, --resume, the HF export loaded back by transformers; then the same at
 #      --activation-checkpointing. Peak memory, tokens/s and the memory planner's estimate go to the summary,
 #   5. the summary table, printed last.
 # Nothing from this project is installed there: it runs from the tree (PYTHONPATH below), without vLLM.

@@ -92,7 +92,7 @@ def run_vllm(args: PresampleVsHfConfig, prompt_ids: list[list[int]]) -> dict:
             engine[key] = getattr(args, key)
     t0 = time.perf_counter()
     llm = open_llm(args.model, max_model_len=max(map(len, prompt_ids)) + args.max_new_tokens, seed=args.seed,
-                   **engine)
+                   log_file=Path(args.out).parent / "vllm.log", **engine)
     load_s = time.perf_counter() - t0
     t0, cpu0 = time.perf_counter(), _cpu_seconds()
     outs = generate(llm, prompt_ids, n=args.k, temperature=args.temperature, top_p=args.top_p,
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> None:
               f"{r['samples_per_s']:10.2f} {r['tokens_per_s']:10.1f}")
     if "hf" in results:
         print(f"vLLM / HF samples/s: {report['speedup_samples_per_s']:.2f}x")
-    print(f"-> {args.out}")
+    print(f"-> {args.out} (vLLM log: {Path(args.out).parent / 'vllm.log'})")
 
 
 if __name__ == "__main__":

@@ -187,7 +187,8 @@ def main(argv: list[str] | None = None) -> None:
     problems = default_problems(args.split)
     problems = problems[: args.limit] if args.limit is not None else problems
     start = time.perf_counter()
-    llm = open_llm(model, dtype=args.dtype, max_model_len=2048, seed=args.seed)
+    llm = open_llm(model, dtype=args.dtype, max_model_len=2048, seed=args.seed,
+                   log_file=Path(args.out).parent / "vllm.log")
     outs = generate_all(llm, problems, args)
     result = summarise(problems, outs["greedy"], outs["sampled"], grade, outs["concise"], outs["plain_chat"])
     result["wall_s"] = time.perf_counter() - start
@@ -205,6 +206,7 @@ def main(argv: list[str] | None = None) -> None:
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     out.with_suffix(".md").write_text(markdown(result))
     print(markdown(result))
+    print(f"-> {out.with_suffix('.json')}, {out.with_suffix('.md')} (vLLM log: {out.parent / 'vllm.log'})")
 
 
 if __name__ == "__main__":

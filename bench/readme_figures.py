@@ -1,7 +1,7 @@
 """Regenerate every figure the README quotes, from one command, stamped with the date and commit.
 
     python bench/readme_figures.py                           # every figure but paper -> runs/figures/<date>-<commit>/
-    python bench/readme_figures.py --only profile,kernels    # some of them
+    python bench/readme_figures.py --only profile kernels    # some of them
     python bench/readme_figures.py --only demo --demo-run runs/demo   # tables of a `make demo` already run
     python bench/readme_figures.py --into docs/results       # also update the curated copy
     python bench/readme_figures.py --readme README.md        # also rewrite README's marked regions
@@ -79,7 +79,7 @@ FIGURES: dict[str, Figure] = {
 class FiguresConfig:
     """Regenerate every figure the README quotes, from one command, stamped with the date and commit."""
 
-    only: str = field(default="", metadata={"help": "comma list of figures: " + ", ".join(FIGURES) + " (default: all but paper; with --render, those the folder has)"})
+    only: list[str] = field(default_factory=list, metadata={"help": "figures, space-separated: " + " ".join(FIGURES) + " (default: all but paper; with --render, those the folder has)"})
     out: str = field(default="", metadata={"help": "results folder (default runs/figures/<date>-<commit>)"})
     demo_run: str = field(default="", metadata={"help": "a finished demo run folder to take the demo's tables from"})
     paper_run: str = field(default="", metadata={"help": "a finished bench/paper_comparisons.py run folder to take the paper table from"})
@@ -209,13 +209,14 @@ def merge_markdown(md: Path, bodies: dict[str, str]) -> None:
 def parse(argv: list[str] | None) -> tuple[FiguresConfig, list[str]]:
     """The configuration and the figures it names, every flag checked before any work."""
     cfg = parse_config(FiguresConfig, argv, prog="bench/readme_figures.py")
-    only = cfg.only
+    # Space-separated like every list flag; a comma-joined value (this flag's older form) still works.
+    only = [n for value in cfg.only for n in value.split(",") if n]
     if cfg.render:
         if not (Path(cfg.render) / "figures.json").is_file():
             raise SystemExit(f"--render {cfg.render}: no figures.json there (a results folder of this script has one)")
         made = json.loads((Path(cfg.render) / "figures.json").read_text())["figures"]
-        only = only or ",".join(n for n in made if made[n]["returncode"] == 0)
-    names = [n for n in (only or ",".join(n for n, f in FIGURES.items() if not f.slow)).split(",") if n]
+        only = only or [n for n in made if made[n]["returncode"] == 0]
+    names = only or [n for n, f in FIGURES.items() if not f.slow]
     unknown = sorted(set(names) - set(FIGURES))
     if unknown or not names:
         raise SystemExit(f"--only: unknown figure(s) {unknown}; choose from {', '.join(FIGURES)}")

@@ -107,7 +107,8 @@ def run_worker(cfg: SpeedConfig) -> None:
     suffix = FAST_SOLVING_SUFFIX if name in cfg.fast_prompt else ""
     prompts = [build_prompt(tokenizer, p["problem"], suffix=suffix) for p in problems]
     longest = max(len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts)
-    llm = open_llm(path, max_model_len=longest + cfg.max_new_tokens, seed=cfg.seed, disable_log_stats=False)
+    llm = open_llm(path, max_model_len=longest + cfg.max_new_tokens, seed=cfg.seed, disable_log_stats=False,
+                   log_file=Path(cfg.out) / f"vllm-{name}.log")
     generate(llm, prompts[: cfg.warmup], max_tokens=cfg.max_new_tokens)  # warm-up, not timed
     runs = []
     for mode in cfg.modes:
@@ -133,10 +134,11 @@ def main(argv: list[str] | None = None) -> None:
     models = parse_models(cfg.models)
     check_config(cfg, models)
     with claim_out(cfg, models):
-        _benchmark(cfg, models)
+        benchmark(cfg, models)
 
 
-def _benchmark(cfg: SpeedConfig, models: list[tuple[str, str]]) -> None:
+def benchmark(cfg: SpeedConfig, models: list[tuple[str, str]]) -> None:
+    """One worker process per model (fresh vLLM engine each), then the report in --out."""
     from bench.speed_report import summarize, write_report
 
     out = Path(cfg.out)
@@ -152,7 +154,7 @@ def _benchmark(cfg: SpeedConfig, models: list[tuple[str, str]]) -> None:
     results = summarize(runs)
     table = write_report(results, runs, out)
     print(table)
-    print(f"\nwrote {out / 'results.json'}, {out / 'results.md'} and plots in {out}")
+    print(f"\nwrote {out / 'results.json'}, {out / 'results.md'} and plots in {out} (vLLM logs: {out}/vllm-*.log)")
 
 
 if __name__ == "__main__":

@@ -2,8 +2,8 @@
 
 ours : the trainer's own step (pruner.step.train_step, as pruner/train.py calls it) on the trainer's
        FSDP2 policy: one model; the old log-probs (here the reference model's) precomputed once
-       (DESIGN §1.4); token log-probs from the fused kernel (no [N, V] logits); the fused
-       clipped-ratio loss.
+       (the sampled data is fixed, so they never change); token log-probs from the fused kernel
+       (no [N, V] logits); the fused clipped-ratio loss.
 paper: the policy AND a second reference model forwarded every step; full fp32 logits,
        log_softmax + gather; the same loss in plain PyTorch.
 
@@ -97,8 +97,8 @@ def ours_step(args, d) -> tuple[callable, int]:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     policy = shard_policy(TokenLogprobs(lm), d, mixed_precision=True)
     data = make_data(lm.config.vocab_size, args.batch * d.world_size, args.seq)
-    # The old log-probs: precomputed once before training (DESIGN §1.4) by the trainer's own function,
-    # not part of a step.
+    # The old log-probs: precomputed once before training (the sampled data is fixed, so they never change)
+    # by the trainer's own function, not part of a step.
     old = compute_response_logprobs(policy, data, d, micro_batch=args.batch, pad_id=0, show_progress=False)
     opt = torch.optim.AdamW(policy.parameters(), lr=1e-6)
     step_plan = [[list(range(r * args.batch, (r + 1) * args.batch))] for r in range(d.world_size)]

@@ -93,7 +93,8 @@ def export_hf(model: nn.Module, out: Path, source: str, d: Dist, *, prefix: str 
         barrier()
         return None
     config = AutoConfig.from_pretrained(source)
-    dtype = getattr(config, "torch_dtype", None) or getattr(config, "dtype", None) or torch.float32
+    # `dtype` where transformers has it (reading `torch_dtype` there warns that it is deprecated).
+    dtype = (config.dtype if hasattr(config, "dtype") else getattr(config, "torch_dtype", None)) or torch.float32
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     state = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in full.items()}
     if getattr(config, "tie_word_embeddings", False):

@@ -17,7 +17,7 @@ selections) is `pruner/reward.py`; the samples file format is `pruner/samples.py
   log-probs use), problem_stats.jsonl (`ref_mean_length`, `ref_mean_accuracy` per problem, the
   next round's `--ref-stats`), report/. It gets a run manifest (settings + content hashes of the
   inputs) and a lock: a folder holding a set built from other samples or settings is refused
-  unless `--overwrite`, which deletes it first (the reference log-prob caches included).
+  unless `--overwrite`, which deletes it first (the old log-prob caches included).
 """
 from __future__ import annotations
 
@@ -254,7 +254,7 @@ def build_trainset(
     `tokenizer`: a tokenizer object, a folder/id to load one from, or None for the model named
     in the samples' `.meta.json`. The folder gets a run manifest (settings + content hashes of the
     samples): a folder holding a set built from other samples or settings is refused unless
-    `overwrite` (which deletes it first, reference log-prob caches included).
+    `overwrite` (which deletes it first, old log-prob caches included).
     """
     reward.check_selection(kind, keep_per_problem)
     inputs = _load_samples(samples_path, tokenizer)

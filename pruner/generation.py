@@ -137,7 +137,7 @@ def _cpu_settings(kv_cache_sized: bool) -> dict[str, Any]:
     return settings
 
 
-class _WarningsThatMatter(logging.Handler):
+class WarningsThatMatter(logging.Handler):
     """vLLM's warnings and errors, less the expected ones, on the current stderr.
 
     While the engine starts, stderr itself points at the log: the lines wait in `held` until it is back.
@@ -165,13 +165,13 @@ class _WarningsThatMatter(logging.Handler):
             print(line, file=sys.stderr, flush=True)
 
 
-def _route_vllm_logging(log_file: Path | None) -> _WarningsThatMatter:
+def route_vllm_logging(log_file: Path | None) -> WarningsThatMatter:
     """The `vllm` logger's handlers: the log file (at VLLM_LOGGING_LEVEL, INFO by default) and the console."""
     logger = logging.getLogger("vllm")
     for handler in list(logger.handlers):
         logger.removeHandler(handler)
         handler.close()
-    console = _WarningsThatMatter()
+    console = WarningsThatMatter()
     logger.addHandler(console)
     level: int | str = logging.WARNING
     if log_file is not None:
@@ -229,13 +229,13 @@ def _start_engine(kwargs: dict[str, Any], log_file: Path | None) -> Any:
             with _output_to(sink):
                 from vllm import LLM
 
-                console = _route_vllm_logging(log_file)  # after the import, which sets vLLM's own
+                console = route_vllm_logging(log_file)  # after the import, which sets vLLM's own
                 console.held = []
                 # Worker processes started meanwhile log to their inherited stdout, i.e. the sink.
                 leave_logging = _leave_logging_alone()
                 llm = LLM(**kwargs, **leave_logging)
                 if not leave_logging:  # this vLLM configured its logger again while starting
-                    _route_vllm_logging(log_file)
+                    route_vllm_logging(log_file)
                 return llm
         except BaseException:
             sink.seek(0)

@@ -7,6 +7,8 @@ memory. `prepare_model` loads the model, patches Liger's body kernels on CUDA, a
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -94,7 +96,23 @@ def load_model(path: str, d: Dist, *, meta_init: bool, dtype: torch.dtype = torc
         config = AutoConfig.from_pretrained(path)
         with torch.device("meta"):
             return AutoModelForCausalLM.from_config(config, dtype=dtype)
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    with _no_progress_bars():
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+
+
+@contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """transformers' progress bars off for a while: its "Loading weights" bar would break into the
+    trainer's console (its own progress bar and metrics lines) at every load."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def prepare_model(path: str | Path, d: Dist, *, temperature: float = 1.0, liger: bool = True,

@@ -57,6 +57,12 @@ def output_path(cfg: PresampleConfig) -> Path:
     return out if count == 1 else out.with_name(f"{out.stem}.shard{index}of{count}{out.suffix}")
 
 
+def vllm_log_path(cfg: PresampleConfig) -> Path:
+    """vLLM's log, next to the samples file (one per shard: shards may run at once)."""
+    index, count = parse_shard(cfg.shard)
+    return Path(cfg.out).parent / ("vllm.log" if count == 1 else f"vllm.shard{index}of{count}.log")
+
+
 def _record(problem: dict, index: int, prompt: str, prompt_ids: list[int], completion: Any) -> dict:
     from pruner.grading import extract_answer, grade
 
@@ -147,6 +153,8 @@ def run(cfg: PresampleConfig, *, llm: Any = None) -> dict[str, Any]:
         summary = summarize(final, wall_s=time.perf_counter() - t_start, new_samples=new)
         summary.update(generation_s=round(gen_s, 2), generation_samples_per_s=round(new / gen_s, 3) if gen_s else None,
                        out=str(out), model=model_id)
+        if vllm_log_path(cfg).exists():
+            summary["vllm_log"] = str(vllm_log_path(cfg))
         summary_path(out).write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
     return summary
@@ -174,7 +182,8 @@ def _sample_pending(cfg: PresampleConfig, out: Path, problems: list[dict], promp
     if pending:
         max_len = cfg.max_model_len or max(len(ids) for ids in prompt_ids) + cfg.max_new_tokens
         llm = llm or open_llm(cfg.model, dtype=cfg.dtype, max_model_len=max_len, seed=cfg.seed,
-                       tensor_parallel_size=cfg.tensor_parallel_size, data_parallel_size=cfg.data_parallel_size)
+                              tensor_parallel_size=cfg.tensor_parallel_size,
+                              data_parallel_size=cfg.data_parallel_size, log_file=vllm_log_path(cfg))
         out.parent.mkdir(parents=True, exist_ok=True)
         bar = tqdm(total=len(pending) * cfg.k, unit="sample", desc="presample", dynamic_ncols=True)
         with out.open("a", encoding="utf-8") as fh:

@@ -6,7 +6,7 @@ ratio's denominator). In the first round the sampling policy IS the reference mo
 on-policy round (`--rounds`) it is the policy exported at the round's start. Either way the data
 is fixed and the sampling policy is the trained policy's state before the set's first update, so
 log pi_old(y_t | x, y_<t) is computed once, before that update, and cached next to the training
-set as `old_logps-<model>-t<temperature>-<data>.safetensors` (DESIGN §1.4): no second model is
+set as `old_logps-<model>-t<temperature>-<data>.safetensors`: no second model is
 ever held in memory and no step pays for an extra forward.
 """
 from __future__ import annotations

@@ -110,7 +110,7 @@ def start_run(cfg: TrainConfig, d: Dist, data: dict, pad_id: int) -> tuple[Run, 
                            activation_checkpointing=cfg.activation_checkpointing,
                            mixed_precision=cfg.mixed_precision, meta_init=cfg.meta_init)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
-    # Before the first update: in the first round the sampling policy is the reference model (DESIGN §1.4).
+    # Before the first update: the policy is still the one that sampled the set, so its log-probs ARE the old ones.
     old_logps = _old_logprobs(policy, data, Path(cfg.data), cfg.model, cfg, d, pad_id)
     plan_args = dict(global_batch=cfg.global_batch_size, micro_batch=cfg.micro_batch_size,
                      world_size=d.world_size, seed=cfg.seed)

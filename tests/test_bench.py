@@ -80,6 +80,7 @@ def test_speed_runs_vllm_on_each_model_and_compares_with_the_first(tmp_path):
     (c,) = results["comparisons"]
     assert c["token_ratio"] == 1.0 and c["accuracy_delta"] == 0.0 and c["waste_removed"] == 0.0
     assert (out / "results.md").exists() and (out / "lengths_greedy.png").exists()
+    assert all((out / f"vllm-{name}.log").stat().st_size > 0 for name in ("base", "twin"))  # not on the console
 
 
 @pytest.mark.slow
@@ -160,7 +161,7 @@ def test_speed_worker_is_the_benchmark_narrowed_to_one_model(tmp_path, monkeypat
     monkeypatch.setattr(speed, "run_stage", fake_run_stage)
     cfg = speed.SpeedConfig(models=["base=/m/a", "fast=/m/b"], fast_prompt=["fast"], limit=2, modes=["greedy"],
                             out=str(tmp_path), overwrite=True)
-    speed._benchmark(cfg, speed.parse_models(cfg.models))
+    speed.benchmark(cfg, speed.parse_models(cfg.models))
     assert [m for m, _ in calls] == ["bench.speed", "bench.speed"]
     base, fast = (c for _, c in calls)
     assert (base.models, base.fast_prompt, fast.models, fast.fast_prompt) == (["base=/m/a"], [], ["fast=/m/b"], ["fast"])

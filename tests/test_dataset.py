@@ -245,11 +245,11 @@ def test_invalid_utf8_and_missing_fields_name_file_line_and_field(tmp_path: Path
 
 
 def test_rebuild_into_a_folder_of_another_set_is_refused_unless_overwrite(tmp_path: Path, tok) -> None:
-    """case 3's cause: the folder (and its reference log-prob cache) belonged to another build."""
+    """case 3's cause: the folder (and its old log-prob cache) belonged to another build."""
     eos = tok.eos_token_id
     samples = [_sample(p, i, 3 + i, i == 0, eos) for p in "AB" for i in range(2)]
     out = build_trainset(_write(tmp_path, samples, tok), tmp_path / "ts", tokenizer=tok, report=False)
-    (out / "ref_logps-model-t1-key.safetensors").write_bytes(b"stale")
+    (out / "old_logps-model-t1-key.safetensors").write_bytes(b"stale")
     # identical inputs and settings: rebuilt in place (the result is the same set)
     build_trainset(_write(tmp_path, samples, tok), out, tokenizer=tok, report=False)
     reordered = samples[2:] + samples[:2]  # the same samples, other problem order, same token count
@@ -257,8 +257,8 @@ def test_rebuild_into_a_folder_of_another_set_is_refused_unless_overwrite(tmp_pa
         build_trainset(_write(tmp_path, reordered, tok), out, tokenizer=tok, report=False)
     with pytest.raises(RuntimeError, match=r"config\.lam: was 2\.0, now 5\.0"):
         build_trainset(_write(tmp_path, samples, tok), out, tokenizer=tok, report=False, lam=5.0)
-    assert (out / "ref_logps-model-t1-key.safetensors").exists()  # refusals delete nothing
+    assert (out / "old_logps-model-t1-key.safetensors").exists()  # refusals delete nothing
     ts = load_trainset(build_trainset(_write(tmp_path, reordered, tok), out, tokenizer=tok, report=False,
                                       overwrite=True))
-    assert not (out / "ref_logps-model-t1-key.safetensors").exists()
+    assert not (out / "old_logps-model-t1-key.safetensors").exists()
     assert [s["id"] for s in ts["stats"]] == ["B", "A"]

@@ -207,9 +207,9 @@ def test_import_is_light_and_shipped_model_is_complete():
     code = "import sys, pruner; print(sorted(m for m in ('torch', 'vllm', 'transformers') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, check=True)
     assert out.stdout.strip() == "[]"
-    from pruner.embedded import SHIPPED_MODEL, _complete, default_model_path
+    from pruner.embedded import SHIPPED_MODEL, default_model_path, is_complete_model
 
-    assert _complete(SHIPPED_MODEL), "run: python -m pruner.embedded.build --out pruner/assets/default_model"
+    assert is_complete_model(SHIPPED_MODEL), "run: python -m pruner.embedded.build --out pruner/assets/default_model"
     assert default_model_path() == SHIPPED_MODEL
     assert (SHIPPED_MODEL / "model.safetensors").stat().st_size < 10 * 2**20
     info = json.loads((SHIPPED_MODEL / "build_info.json").read_text())

@@ -69,14 +69,14 @@ def test_expected_vllm_warnings_go_to_the_log_only_and_others_wait_for_the_conso
 
     monkeypatch.delenv("VLLM_LOGGING_LEVEL", raising=False)  # importing trl sets it to ERROR
 
-    from pruner.generation import _route_vllm_logging
+    from pruner.generation import route_vllm_logging
 
     def record(level: int, message: str) -> logging.LogRecord:
         return logging.makeLogRecord({"name": "vllm.some.module", "levelno": level,
                                       "levelname": logging.getLevelName(level), "msg": message})
 
     log = tmp_path / "vllm.log"
-    console = _route_vllm_logging(log)
+    console = route_vllm_logging(log)
     vllm = logging.getLogger("vllm")
     try:
         assert vllm.level == logging.INFO and not vllm.propagate and len(vllm.handlers) == 2

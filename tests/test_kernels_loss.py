@@ -116,13 +116,13 @@ def test_sequence_logprobs():
 def test_length_harmonizing_reward():
     lengths = torch.tensor([100, 50, 400, 1, 1000])
     correct = torch.tensor([True, False, True, True, False])
-    lbar = torch.tensor([200.0, 200.0, 200.0, 200.0, 200.0])
-    abar = torch.tensor([0.5, 0.5, 0.25, 0.5, 1.0])
-    r = length_harmonizing_reward(lengths, correct, lbar, abar, lam=2.0)
+    ref_mean_length = torch.tensor([200.0, 200.0, 200.0, 200.0, 200.0])
+    ref_mean_accuracy = torch.tensor([0.5, 0.5, 0.25, 0.5, 1.0])
+    r = length_harmonizing_reward(lengths, correct, ref_mean_length, ref_mean_accuracy, lam=2.0)
     raw = [200 / 100 - 1 + 2 * 0.5, 200 / 50 - 1 - 2 * 0.5, 200 / 400 - 1 + 2 * 0.75, 200 - 1 + 1.0, 0.2 - 1 - 2.0]
     torch.testing.assert_close(r, torch.tensor([min(max(v, -2.0), 4.0) for v in raw]))
     assert r.dtype == torch.float32 and r[3] == 4.0 and r[4] == -2.0
-    unclipped = length_harmonizing_reward(lengths, correct, 200.0, abar, lam=2.0, clip=None)
+    unclipped = length_harmonizing_reward(lengths, correct, 200.0, ref_mean_accuracy, lam=2.0, clip=None)
     torch.testing.assert_close(unclipped, torch.tensor(raw))
     with pytest.raises(ValueError, match="length"):
         length_harmonizing_reward(torch.tensor([3, 0]), torch.tensor([1, 1]), 5.0, 0.5, lam=1.0)

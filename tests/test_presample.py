@@ -64,6 +64,8 @@ def test_vllm_writes_k_records_per_problem(vllm_run: Path, tiny_model_dir: Path)
     assert meta["model"] == str(tiny_model_dir.resolve()) and meta["tokenizer_fingerprint"].startswith("sha256:")
     summary = json.loads(vllm_run.with_name("samples.summary.json").read_text())
     assert summary["samples"] == 9 and summary["problems"] == 3 and summary["samples_per_s"] > 0
+    log = vllm_run.with_name("vllm.log")  # vLLM's start-up output went here, not to the console
+    assert summary["vllm_log"] == str(log) and "vllm" in log.read_text().lower()
 
 
 class FakeLLM:

@@ -6,12 +6,11 @@ import logging
 from pathlib import Path
 
 import pytest
+from conftest import shared_data
 
 from pruner.problems import ProblemFormatError, load_problems
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-if not DATA.exists():
-    DATA = Path("/work/shared/data")
+DATA = shared_data("")  # the shared data folder ($O1PRUNER_DATA or the nearest shared/data above the checkout)
 needs_data = pytest.mark.skipif(not DATA.exists(), reason="shared data sets not present")
 
 # file -> (problems kept, first id, first answer)

@@ -39,10 +39,13 @@ def test_flags_are_checked_before_any_work(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text("<!-- figures:demo -->\n<!-- /figures:demo -->\n")
     with pytest.raises(ValueError, match="figures:profile"):
-        readme_figures.parse(["--only", "demo,profile", "--readme", str(readme)])
+        readme_figures.parse(["--only", "demo", "profile", "--readme", str(readme)])
     with pytest.raises(SystemExit):
-        readme_figures.parse(["--only", "demo,nonsense"])
+        readme_figures.parse(["--only", "demo", "nonsense"])
     assert readme_figures.parse(["--only", "demo", "--readme", str(readme)])[1] == ["demo"]
+    # Space-separated like every list flag; the older comma-joined value still names the same figures.
+    assert readme_figures.parse(["--only", "kernels", "profile"])[1] == ["kernels", "profile"]
+    assert readme_figures.parse(["--only", "kernels,profile"])[1] == ["kernels", "profile"]
     assert "paper" not in readme_figures.parse([])[1]  # an hour's run: only when named
 
 

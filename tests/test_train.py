@@ -120,6 +120,8 @@ def test_export_loads_in_transformers_and_matches_the_trained_weights(tiny_model
                            "--micro-batch-size", "4", "--max-steps", "2", "--lr", "1e-2"],
                           capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    # A quiet console: no weight-loading bar between the trainer's lines, no `torch_dtype` deprecation.
+    assert "Loading weights" not in proc.stderr and "torch_dtype" not in proc.stderr, proc.stderr[-4000:]
     base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
     tuned = AutoModelForCausalLM.from_pretrained(str(out / "export"))
     assert type(base) is type(tuned)

@@ -26,7 +26,8 @@ def default_problems(split: str) -> list[dict]:
     return [dict(r) for r in _problems(split)]
 
 
-def _complete(folder: Path) -> bool:
+def is_complete_model(folder: Path) -> bool:
+    """Whether `folder` holds every file the default model is loaded from (config, weights, tokenizer)."""
     return all((folder / name).is_file() for name in _MODEL_FILES)
 
 
@@ -36,7 +37,7 @@ def default_model_path() -> Path:
     Where the package folder is read-only, the model is built under
     $O1_PRUNER_CACHE (default ~/.cache/o1-pruner) instead.
     """
-    if _complete(SHIPPED_MODEL):
+    if is_complete_model(SHIPPED_MODEL):
         return SHIPPED_MODEL
     from pruner.embedded.build import build
 
@@ -44,7 +45,7 @@ def default_model_path() -> Path:
     if not os.access(target.parent if target.parent.exists() else target.parent.parent, os.W_OK):
         cache = Path(os.environ.get("O1_PRUNER_CACHE", Path.home() / ".cache" / "o1-pruner"))
         target = cache / "default_model"
-        if _complete(target):
+        if is_complete_model(target):
             return target
     print(f"building the embedded default model into {target} (one time, 10-15 minutes on 2 cores)")
     build(target)
