@@ -68,7 +68,7 @@ def build_model(preset: str, device: torch.device):
 
 def make_data(vocab: int, sequences: int, seq: int) -> dict:
     """An in-memory training set in pruner/dataset.py's tensor layout: a quarter prompt, the rest response."""
-    from pruner.reflogps import attach_response_offsets
+    from pruner.old_logps import attach_response_offsets
 
     g = torch.Generator().manual_seed(1)
     prompt = seq // 4
@@ -88,7 +88,7 @@ def _peak(device: torch.device) -> float:
 def ours_step(args, d) -> tuple[callable, int]:
     """The trainer's own step (pruner.step.train_step) on the trainer's own FSDP2 policy."""
     from pruner.modeling import TokenLogprobs, shard_policy
-    from pruner.reflogps import compute_response_logprobs
+    from pruner.old_logps import compute_response_logprobs
     from pruner.step import LossSpec, train_step
 
     lm = build_model(args.preset, d.device)

@@ -69,7 +69,7 @@ def train_step(policy: torch.nn.Module, optimizer: torch.optim.Optimizer, data: 
                old_logps_flat: torch.Tensor | None, max_grad_norm: float) -> StepResult:
     """Forward/backward this rank's share of one global step (`step_plan`: ranks -> micro-batches ->
     sample indices), clip, and update unless any rank saw a non-finite loss or gradient norm.
-    `old_logps_flat`: the sampling policy's log-prob of every response token (pruner/reflogps.py)."""
+    `old_logps_flat`: the sampling policy's log-prob of every response token (pruner/old_logps.py)."""
     everyone = [i for rank in step_plan for micro in rank for i in micro]
     lengths = data["offsets"][1:] - data["offsets"][:-1]
     # The loss is a sum over the step's units divided by their count over ALL ranks and

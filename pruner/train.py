@@ -37,7 +37,7 @@ from pruner.model_files import load_tokenizer, tokenizer_fingerprint
 from pruner.modeling import prepare_model
 from pruner.onpolicy import resample, round_configs
 from pruner.plan import check_memory_plan
-from pruner.reflogps import attach_response_offsets, old_logprobs
+from pruner.old_logps import attach_response_offsets, old_logprobs
 from pruner.step import LossSpec, StepResult, train_step
 from pruner.trainset import TENSORS, load_trainset
 

@@ -27,7 +27,7 @@ def test_trainer_import_path_has_no_vllm():
             "    def find_spec(self, name, path=None, target=None):\n"
             "        if name == 'vllm' or name.startswith('vllm.'): raise ImportError('no vLLM on the GPU machine')\n"
             "sys.meta_path.insert(0, Block())\n"
-            "import pruner.train, pruner.plan, pruner.step, pruner.modeling, pruner.checkpoint, pruner.reflogps\n"
+            "import pruner.train, pruner.plan, pruner.step, pruner.modeling, pruner.checkpoint, pruner.old_logps\n"
             "from pruner.cli import build_parser\n"
             "build_parser(pruner.train.TrainConfig).format_help()\n"
             "assert not [m for m in sys.modules if m.startswith('vllm')]\n")

@@ -130,7 +130,7 @@ def test_old_logps_cache_is_keyed_by_the_exact_tokens(tiny_model_dir, tmp_path):
     from pruner import distributed
     from pruner.dataset import build_trainset, load_trainset
     from pruner.modeling import prepare_model
-    from pruner.reflogps import attach_response_offsets, content_key, old_logprobs
+    from pruner.old_logps import attach_response_offsets, content_key, old_logprobs
 
     d = distributed.init("cpu")
     policy = prepare_model(str(tiny_model_dir), d, liger=False, mixed_precision=False)
