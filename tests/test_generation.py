@@ -34,6 +34,7 @@ _SCRIPT = textwrap.dedent("""
 def _open(tmp_path: Path, extra: dict, monkeypatch: pytest.MonkeyPatch, env: dict | None = None,
           console: list | None = None) -> dict:
     monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)  # open_llm's default decides
+    monkeypatch.delenv("VLLM_LOGGING_LEVEL", raising=False)  # an earlier test's `import trl` sets it to ERROR
     out = run_script(tmp_path, _SCRIPT, json.dumps(extra), env=env, timeout=400)
     if console is not None:
         console.extend((out.stdout + out.stderr).splitlines())
