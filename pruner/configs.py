@@ -145,6 +145,7 @@ class TrainConfig:
             raise ValueError(f"--global-batch-size {self.global_batch_size} is not divisible by "
                              f"--micro-batch-size {self.micro_batch_size}")
 
+
 # bench/speed.py's flags: here, not in that script, because the demo and bench/paper_comparisons.py build it
 # (and `bench/` is not installed; `pruner.demo` runs it as `python -m bench.speed` from a checkout).
 @dataclass

@@ -8,7 +8,6 @@ import statistics
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 
@@ -165,7 +164,7 @@ def test_chat_template_inserts_the_system_prompt_when_missing(tok, tmp_path):
         assert build_prompt(t, problem, system_prompt=None) == explicit
         user_only = t.apply_chat_template([{"role": "user", "content": problem}], tokenize=False,
                                           add_generation_prompt=True)
-        assert user_only == explicit and f"within \\boxed{{}}.<|im_end|>" in explicit
+        assert user_only == explicit and "within \\boxed{}.<|im_end|>" in explicit
         other = build_prompt(t, problem, system_prompt="be brief .")
         assert other.startswith("<|im_start|>system\nbe brief .<|im_end|>\n") and DEFAULT_SYSTEM_PROMPT not in other
         # a multi-turn chat gets the system turn once, at the start

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_kernels_common import DEVICE, INTERPRETED, assert_close_to_ref, labels_with_ignored, noncontiguous
+from test_kernels_common import DEVICE, assert_close_to_ref, labels_with_ignored, noncontiguous
 
 from o1pruner_kernels import _flp_configs as fc
 from o1pruner_kernels import _fused_linear_triton as flt
