@@ -126,9 +126,10 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def write_samples_meta(samples: Path, tokenizer, *, model: Path | str | None = None, k: int | None = None) -> Path:
     """The `.meta.json` pre-sampling writes next to a samples file (the fields the dataset reads)."""
     from pruner.model_files import tokenizer_fingerprint
+    from pruner.samples import meta_path
 
     meta = {"model": str(model) if model is not None else None, "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
             "sampling": {"k": k}}
-    path = samples.with_name(samples.name + ".meta.json")
+    path = meta_path(samples)
     path.write_text(json.dumps(meta))
     return path
