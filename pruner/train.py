@@ -62,6 +62,7 @@ class Run:
     logger: MetricsLogger
     pad_id: int
     plan_args: dict          # batch sizes, world size and seed of plan_epoch
+    spec: LossSpec           # the objective, from the flags: the same every step
     steps_per_round: int
     total_steps: int
     step: int = 0            # optimizer steps taken (skipped non-finite ones included)
@@ -123,8 +124,8 @@ def start_run(cfg: TrainConfig, d: Dist, data: dict, pad_id: int) -> tuple[Run, 
         print0(f"resumed from {ckpt} at step {step}")
     logger = MetricsLogger(Path(cfg.out) / "metrics.jsonl", enabled=d.is_main, total_steps=total_steps,
                            start_step=step, tensorboard=cfg.tensorboard)
-    return Run(cfg, d, policy, optimizer, scheduler, logger, pad_id, plan_args, steps_per_round, total_steps,
-               step), old_logps
+    return Run(cfg, d, policy, optimizer, scheduler, logger, pad_id, plan_args, LossSpec.from_config(cfg),
+               steps_per_round, total_steps, step), old_logps
 
 
 def round_data(run: Run, round_index: int) -> tuple[dict, torch.Tensor]:
@@ -158,7 +159,7 @@ def train_round(run: Run, data: dict, old_logps: torch.Tensor, round_index: int)
 def _step(run: Run, data: dict, old_logps: torch.Tensor, step_plan: list, round_index: int, epoch: int) -> bool:
     """One optimizer step, its metrics row and checkpoint. False: stop here (--stop-after)."""
     cfg, t_step = run.cfg, time.perf_counter()
-    result = train_step(run.policy, run.optimizer, data, step_plan, spec=LossSpec.from_config(cfg), d=run.d,
+    result = train_step(run.policy, run.optimizer, data, step_plan, spec=run.spec, d=run.d,
                         pad_id=run.pad_id, old_logps_flat=old_logps, max_grad_norm=cfg.max_grad_norm)
     run.step += 1
     lr = _advance_schedule(run.scheduler)
