@@ -24,7 +24,7 @@ import torch
 from transformers import AutoConfig
 
 from pruner import distributed
-from pruner.batching import check_batch_sizes, plan_epoch
+from pruner.batching import check_batch_sizes, plan_epoch, steps_per_epoch
 from pruner.checkpoint import export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
 from pruner.cli import parse_config
 from pruner.configs import TrainConfig
@@ -227,7 +227,7 @@ def _lengths(data: dict) -> list[int]:
 
 
 def _steps_per_epoch(data: dict, plan_args: dict) -> int:
-    return len(plan_epoch(_lengths(data), epoch=0, pairs=data.get("pairs"), **plan_args))
+    return steps_per_epoch(len(data["prompt_lengths"]), global_batch=plan_args["global_batch"], pairs=data.get("pairs"))
 
 
 def _old_logprobs(policy: torch.nn.Module, data: dict, trainset: Path, model: str, cfg: TrainConfig, d: Dist,
