@@ -81,6 +81,8 @@ def train(cfg: TrainConfig) -> Path | None:
     data, tokenizer = load_training_data(cfg)          # clear errors before any work
     cfg = resolve_from_data(cfg, data["meta"])
     check_inputs(cfg, data, d.world_size)
+    if cfg.rounds > 1:  # the rounds re-sample with the first set's recorded settings: are they all there?
+        round_configs(Path(cfg.data), Path(cfg.out), 1, cfg.round_samples)
     run_lock = claim_run_folder(cfg, tokenizer, d)  # noqa: F841 - held (rank 0) until train() returns
     if d.is_main:
         Path(cfg.out).mkdir(parents=True, exist_ok=True)
@@ -281,9 +283,9 @@ def load_training_data(cfg: TrainConfig) -> tuple[dict, Any]:
 
 
 def check_inputs(cfg: TrainConfig, data: dict, world_size: int, source: str = "") -> None:
-    """What the flags alone cannot say: the model is a causal LM whose vocabulary holds the set's
-    tokens, a DPO run has pairs, the set fills one global batch, the batch divides over the ranks,
-    on-policy rounds find the first set's sampling settings."""
+    """What the flags alone cannot say about a training set (the first, or a round's): the model is a
+    causal LM whose vocabulary holds the set's tokens, a DPO run has pairs, the set fills one global
+    batch, the batch divides over the ranks."""
     source = source or cfg.data
     check_batch_sizes(cfg.global_batch_size, cfg.micro_batch_size, world_size, 2 if cfg.loss == "dpo" else 1)
     if cfg.loss == "dpo" and "pairs" not in data:
@@ -299,8 +301,6 @@ def check_inputs(cfg: TrainConfig, data: dict, world_size: int, source: str = ""
     if len(data["prompt_lengths"]) < cfg.global_batch_size:
         raise ValueError(f"{source}: {len(data['prompt_lengths'])} samples are fewer than one global batch "
                          f"of {cfg.global_batch_size}; lower --global-batch-size")
-    if cfg.rounds > 1:  # the rounds re-sample with the first set's recorded settings: are they all there?
-        round_configs(Path(cfg.data), Path(cfg.out), 1, cfg.round_samples)
 
 
 def run_manifest(cfg: TrainConfig, tokenizer: Any) -> dict[str, Any]:
