@@ -87,6 +87,11 @@ class MicroBatch:
                           move(self.mask), move(self.old_logps))
 
 
+def sequence_lengths(data: dict) -> torch.Tensor:
+    """Tokens (prompt + response) of every sample of a training set, from its offsets."""
+    return data["offsets"][1:] - data["offsets"][:-1]
+
+
 def response_offsets(response_lengths: torch.Tensor) -> torch.Tensor:
     """Start of each sample's response log-probs in a flat per-response-token table."""
     out = torch.zeros(len(response_lengths) + 1, dtype=torch.long)

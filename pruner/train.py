@@ -24,7 +24,7 @@ import torch
 from transformers import AutoConfig
 
 from pruner import distributed
-from pruner.batching import check_batch_sizes, plan_epoch, steps_per_epoch
+from pruner.batching import check_batch_sizes, plan_epoch, sequence_lengths, steps_per_epoch
 from pruner.checkpoint import export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
 from pruner.cli import parse_config
 from pruner.configs import TrainConfig
@@ -150,7 +150,8 @@ def train_round(run: Run, data: dict, old_logps: torch.Tensor, round_index: int)
     per_epoch = _steps_per_epoch(data, run.plan_args)
     for epoch in range((run.step - first) // per_epoch, math.ceil((last - first) / per_epoch)):
         # an epoch's order is a function of (seed, round, epoch): a resumed run rebuilds it
-        plan = plan_epoch(_lengths(data), epoch=epoch + 1000 * round_index, pairs=data.get("pairs"), **run.plan_args)
+        plan = plan_epoch(sequence_lengths(data).tolist(), epoch=epoch + 1000 * round_index, pairs=data.get("pairs"),
+                          **run.plan_args)
         epoch_start = first + epoch * per_epoch
         for step_plan in plan[run.step - epoch_start:last - epoch_start]:
             if not _step(run, data, old_logps, step_plan, round_index, epoch):
@@ -222,10 +223,6 @@ def _step_row(result: StepResult, data: dict, step_plan: list, *, step: int, rou
             "mean_response_tokens": float(data["response_lengths"][indices].float().mean()),
             "tokens_per_s": result.tokens / elapsed, "step_time_s": elapsed,
             "peak_memory_gib": peak_memory_gib(device), **result.stats}
-
-
-def _lengths(data: dict) -> list[int]:
-    return (data["offsets"][1:] - data["offsets"][:-1]).tolist()
 
 
 def _steps_per_epoch(data: dict, plan_args: dict) -> int:
