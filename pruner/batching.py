@@ -31,6 +31,14 @@ def check_batch_sizes(global_batch: int, micro_batch: int, world_size: int, unit
     return global_batch // (micro_batch * world_size)
 
 
+def steps_per_epoch(num_samples: int, *, global_batch: int, pairs: list[list[int]] | None = None) -> int:
+    """How many global steps `plan_epoch` makes of an epoch (every epoch the same): whole steps only,
+    since a ragged last step would change the loss scale."""
+    units = len(pairs) if pairs is not None else num_samples
+    unit = len(pairs[0]) if pairs else 1
+    return units // (global_batch // unit)
+
+
 def plan_epoch(lengths: list[int], *, global_batch: int, micro_batch: int, world_size: int,
                seed: int, epoch: int, pairs: list[list[int]] | None = None, bucket_steps: int = 16) -> Plan:
     """Group samples (or preference pairs, kept together) into global steps of similar length."""
@@ -41,7 +49,7 @@ def plan_epoch(lengths: list[int], *, global_batch: int, micro_batch: int, world
     order = list(range(len(units)))
     rng.shuffle(order)
     per_step = global_batch // unit
-    usable = len(order) - len(order) % per_step  # a ragged last step would change the loss scale
+    usable = per_step * steps_per_epoch(len(lengths), global_batch=global_batch, pairs=pairs)
     order = order[:usable]
     steps: list[list[int]] = []
     bucket = per_step * bucket_steps
@@ -77,6 +85,11 @@ class MicroBatch:
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         return MicroBatch(self.indices, move(self.input_ids), move(self.attention_mask), move(self.labels),
                           move(self.mask), move(self.old_logps))
+
+
+def sequence_lengths(data: dict) -> torch.Tensor:
+    """Tokens (prompt + response) of every sample of a training set, from its offsets."""
+    return data["offsets"][1:] - data["offsets"][:-1]
 
 
 def response_offsets(response_lengths: torch.Tensor) -> torch.Tensor:

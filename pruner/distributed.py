@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -86,35 +87,29 @@ def _on_group(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.detach().to(target, copy=True)
 
 
-def _back(result: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return result.to(like.device, like.dtype)
+def _collective(tensor: torch.Tensor, run: Callable[[torch.Tensor], object]) -> torch.Tensor:
+    """`run` (an in-place collective) on a private copy of `tensor` on the group's device; the result
+    as a new tensor on the caller's device and dtype (a copy in a world of one)."""
+    if not initialized():
+        return tensor.clone()
+    work = _on_group(tensor)
+    run(work)
+    return work.to(tensor.device, tensor.dtype)
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum over ranks, as a new tensor on the caller's device and dtype (a copy in a world of one)."""
-    if not initialized():
-        return tensor.clone()
-    work = _on_group(tensor)
-    dist.all_reduce(work, op=dist.ReduceOp.SUM)
-    return _back(work, tensor)
+    return _collective(tensor, lambda work: dist.all_reduce(work, op=dist.ReduceOp.SUM))
 
 
 def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
     """Element-wise max over ranks, as a new tensor on the caller's device and dtype."""
-    if not initialized():
-        return tensor.clone()
-    work = _on_group(tensor)
-    dist.all_reduce(work, op=dist.ReduceOp.MAX)
-    return _back(work, tensor)
+    return _collective(tensor, lambda work: dist.all_reduce(work, op=dist.ReduceOp.MAX))
 
 
 def broadcast(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
     """Rank `src`'s values, as a new tensor on the caller's device and dtype."""
-    if not initialized():
-        return tensor.clone()
-    work = _on_group(tensor)
-    dist.broadcast(work, src=src)
-    return _back(work, tensor)
+    return _collective(tensor, lambda work: dist.broadcast(work, src=src))
 
 
 def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> int:

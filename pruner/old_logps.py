@@ -20,7 +20,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from pruner.batching import collate, response_offsets
+from pruner.batching import collate, response_offsets, sequence_lengths
 from pruner.distributed import Dist, all_reduce_sum, barrier
 from pruner.model_files import model_fingerprint
 
@@ -47,7 +47,7 @@ def compute_response_logprobs(policy: torch.nn.Module, data: dict, d: Dist, *, m
                               pad_id: int, show_progress: bool = True) -> torch.Tensor:
     """Flat fp32 tensor of `policy`'s log-probs of every response token, in sample order (see
     response_offsets)."""
-    lengths = (data["offsets"][1:] - data["offsets"][:-1]).tolist()
+    lengths = sequence_lengths(data).tolist()
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     batches = [order[i:i + micro_batch] for i in range(0, len(order), micro_batch)]
     offsets = data["response_offsets"]

@@ -42,6 +42,7 @@ if __package__ in (None, ""):  # `python pruner/plan.py`: make the project impor
 
 import torch
 
+from pruner.batching import sequence_lengths
 from pruner.cli import parse_config
 from pruner.distributed import decoder_blocks, print0
 from pruner.presets import ARCHITECTURES, config_for
@@ -275,8 +276,7 @@ def check_memory_plan(cfg, d, data: dict) -> MemoryPlan:
     import os
     import resource
 
-    lengths = data["offsets"][1:] - data["offsets"][:-1]
-    tokens = cfg.micro_batch_size * int(lengths.max())
+    tokens = cfg.micro_batch_size * int(sequence_lengths(data).max())
     cuda = d.device.type == "cuda"
     memory = (torch.cuda.get_device_properties(d.device).total_memory if cuda
               else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")) / GIB

@@ -71,7 +71,6 @@ def train_step(policy: torch.nn.Module, optimizer: torch.optim.Optimizer, data: 
     sample indices), clip, and update unless any rank saw a non-finite loss or gradient norm.
     `old_logps_flat`: the sampling policy's log-prob of every response token (pruner/old_logps.py)."""
     everyone = [i for rank in step_plan for micro in rank for i in micro]
-    lengths = data["offsets"][1:] - data["offsets"][:-1]
     # The loss is a sum over the step's units divided by their count over ALL ranks and
     # micro-batches; every rank knows the plan, so no collective is needed for it.
     normalizer = count_units(normalizer_units(spec.loss, spec.ratio_level),
@@ -86,5 +85,7 @@ def train_step(policy: torch.nn.Module, optimizer: torch.optim.Optimizer, data: 
     if finite:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return StepResult(finite=finite, loss=host[0], grad_norm=host[-1], tokens=int(lengths[everyone].sum()),
+    samples = torch.tensor(everyone)  # the step's lengths only, not the whole set's every step
+    tokens = int((data["offsets"][samples + 1] - data["offsets"][samples]).sum())
+    return StepResult(finite=finite, loss=host[0], grad_norm=host[-1], tokens=tokens,
                       sequences=len(everyone), stats={k: v / d.world_size for k, v in zip(names, host[2:-1])})

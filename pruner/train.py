@@ -24,7 +24,7 @@ import torch
 from transformers import AutoConfig
 
 from pruner import distributed
-from pruner.batching import check_batch_sizes, plan_epoch
+from pruner.batching import check_batch_sizes, plan_epoch, sequence_lengths, steps_per_epoch
 from pruner.checkpoint import export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
 from pruner.cli import parse_config
 from pruner.configs import TrainConfig
@@ -62,6 +62,7 @@ class Run:
     logger: MetricsLogger
     pad_id: int
     plan_args: dict          # batch sizes, world size and seed of plan_epoch
+    spec: LossSpec           # the objective, from the flags: the same every step
     steps_per_round: int
     total_steps: int
     step: int = 0            # optimizer steps taken (skipped non-finite ones included)
@@ -80,6 +81,8 @@ def train(cfg: TrainConfig) -> Path | None:
     data, tokenizer = load_training_data(cfg)          # clear errors before any work
     cfg = resolve_from_data(cfg, data["meta"])
     check_inputs(cfg, data, d.world_size)
+    if cfg.rounds > 1:  # the rounds re-sample with the first set's recorded settings: are they all there?
+        round_configs(Path(cfg.data), Path(cfg.out), 1, cfg.round_samples)
     run_lock = claim_run_folder(cfg, tokenizer, d)  # noqa: F841 - held (rank 0) until train() returns
     if d.is_main:
         Path(cfg.out).mkdir(parents=True, exist_ok=True)
@@ -123,8 +126,8 @@ def start_run(cfg: TrainConfig, d: Dist, data: dict, pad_id: int) -> tuple[Run, 
         print0(f"resumed from {ckpt} at step {step}")
     logger = MetricsLogger(Path(cfg.out) / "metrics.jsonl", enabled=d.is_main, total_steps=total_steps,
                            start_step=step, tensorboard=cfg.tensorboard)
-    return Run(cfg, d, policy, optimizer, scheduler, logger, pad_id, plan_args, steps_per_round, total_steps,
-               step), old_logps
+    return Run(cfg, d, policy, optimizer, scheduler, logger, pad_id, plan_args, LossSpec.from_config(cfg),
+               steps_per_round, total_steps, step), old_logps
 
 
 def round_data(run: Run, round_index: int) -> tuple[dict, torch.Tensor]:
@@ -147,7 +150,8 @@ def train_round(run: Run, data: dict, old_logps: torch.Tensor, round_index: int)
     per_epoch = _steps_per_epoch(data, run.plan_args)
     for epoch in range((run.step - first) // per_epoch, math.ceil((last - first) / per_epoch)):
         # an epoch's order is a function of (seed, round, epoch): a resumed run rebuilds it
-        plan = plan_epoch(_lengths(data), epoch=epoch + 1000 * round_index, pairs=data.get("pairs"), **run.plan_args)
+        plan = plan_epoch(sequence_lengths(data).tolist(), epoch=epoch + 1000 * round_index, pairs=data.get("pairs"),
+                          **run.plan_args)
         epoch_start = first + epoch * per_epoch
         for step_plan in plan[run.step - epoch_start:last - epoch_start]:
             if not _step(run, data, old_logps, step_plan, round_index, epoch):
@@ -158,7 +162,7 @@ def train_round(run: Run, data: dict, old_logps: torch.Tensor, round_index: int)
 def _step(run: Run, data: dict, old_logps: torch.Tensor, step_plan: list, round_index: int, epoch: int) -> bool:
     """One optimizer step, its metrics row and checkpoint. False: stop here (--stop-after)."""
     cfg, t_step = run.cfg, time.perf_counter()
-    result = train_step(run.policy, run.optimizer, data, step_plan, spec=LossSpec.from_config(cfg), d=run.d,
+    result = train_step(run.policy, run.optimizer, data, step_plan, spec=run.spec, d=run.d,
                         pad_id=run.pad_id, old_logps_flat=old_logps, max_grad_norm=cfg.max_grad_norm)
     run.step += 1
     lr = _advance_schedule(run.scheduler)
@@ -221,12 +225,8 @@ def _step_row(result: StepResult, data: dict, step_plan: list, *, step: int, rou
             "peak_memory_gib": peak_memory_gib(device), **result.stats}
 
 
-def _lengths(data: dict) -> list[int]:
-    return (data["offsets"][1:] - data["offsets"][:-1]).tolist()
-
-
 def _steps_per_epoch(data: dict, plan_args: dict) -> int:
-    return len(plan_epoch(_lengths(data), epoch=0, pairs=data.get("pairs"), **plan_args))
+    return steps_per_epoch(len(data["prompt_lengths"]), global_batch=plan_args["global_batch"], pairs=data.get("pairs"))
 
 
 def _old_logprobs(policy: torch.nn.Module, data: dict, trainset: Path, model: str, cfg: TrainConfig, d: Dist,
@@ -280,9 +280,9 @@ def load_training_data(cfg: TrainConfig) -> tuple[dict, Any]:
 
 
 def check_inputs(cfg: TrainConfig, data: dict, world_size: int, source: str = "") -> None:
-    """What the flags alone cannot say: the model is a causal LM whose vocabulary holds the set's
-    tokens, a DPO run has pairs, the set fills one global batch, the batch divides over the ranks,
-    on-policy rounds find the first set's sampling settings."""
+    """What the flags alone cannot say about a training set (the first, or a round's): the model is a
+    causal LM whose vocabulary holds the set's tokens, a DPO run has pairs, the set fills one global
+    batch, the batch divides over the ranks."""
     source = source or cfg.data
     check_batch_sizes(cfg.global_batch_size, cfg.micro_batch_size, world_size, 2 if cfg.loss == "dpo" else 1)
     if cfg.loss == "dpo" and "pairs" not in data:
@@ -298,8 +298,6 @@ def check_inputs(cfg: TrainConfig, data: dict, world_size: int, source: str = ""
     if len(data["prompt_lengths"]) < cfg.global_batch_size:
         raise ValueError(f"{source}: {len(data['prompt_lengths'])} samples are fewer than one global batch "
                          f"of {cfg.global_batch_size}; lower --global-batch-size")
-    if cfg.rounds > 1:  # the rounds re-sample with the first set's recorded settings: are they all there?
-        round_configs(Path(cfg.data), Path(cfg.out), 1, cfg.round_samples)
 
 
 def run_manifest(cfg: TrainConfig, tokenizer: Any) -> dict[str, Any]:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pruner.aes import accuracy_efficiency_score, waste_removed
-from pruner.batching import check_batch_sizes, collate, plan_epoch, response_offsets
+from pruner.batching import check_batch_sizes, collate, plan_epoch, response_offsets, steps_per_epoch
 from pruner.losses import compute_loss, count_units
 
 
@@ -49,6 +49,17 @@ def test_plan_keeps_preference_pairs_together():
         for rank in step:
             for micro in rank:
                 assert len(micro) == 4 and all(micro[k] // 2 == micro[k + 1] // 2 for k in (0, 2))
+
+
+@pytest.mark.parametrize("samples,global_batch,paired", [(203, 16, False), (48, 16, False), (15, 16, False),
+                                                          (42, 8, True), (40, 8, True)])
+def test_steps_per_epoch_counts_the_plan_without_building_it(samples, global_batch, paired):
+    lengths = _lengths(samples)
+    pairs = [[2 * i, 2 * i + 1] for i in range(samples // 2)] if paired else None
+    for epoch in (0, 1):
+        plan = plan_epoch(lengths, global_batch=global_batch, micro_batch=4, world_size=2, seed=1, epoch=epoch,
+                          pairs=pairs)
+        assert steps_per_epoch(samples, global_batch=global_batch, pairs=pairs) == len(plan)
 
 
 def test_batch_size_errors_name_the_flags():
