@@ -43,6 +43,15 @@ def _chunk_logits(h: torch.Tensor, w32: torch.Tensor, inv_t: float) -> torch.Ten
     return z.mul_(inv_t) if inv_t != 1.0 else z
 
 
+def _masked_upstream(g_logp, g_ent, valid, lse):
+    """fp32 upstream gradients, zero at ignored tokens; a missing g_logp becomes zeros, a missing
+    g_ent stays None (the backward then skips the entropy term)."""
+    zero = torch.zeros((), device=lse.device)
+    g_logp = torch.zeros_like(lse) if g_logp is None else torch.where(valid, g_logp.float(), zero).contiguous()
+    g_ent = None if g_ent is None else torch.where(valid, g_ent.float(), zero).contiguous()
+    return g_logp, g_ent
+
+
 class TorchFusedLinearLogprobs(torch.autograd.Function):
     """Chunked PyTorch implementation; outputs (logp, entropy) [N] fp32, both differentiable."""
 
@@ -79,9 +88,7 @@ class TorchFusedLinearLogprobs(torch.autograd.Function):
         inv_t, chunk = ctx.args
         if g_logp is None and g_ent is None:
             return (None,) * 7
-        zero = torch.zeros((), device=h.device)
-        g_logp = torch.zeros_like(lse) if g_logp is None else torch.where(valid, g_logp.float(), zero)
-        g_ent = None if g_ent is None else torch.where(valid, g_ent.float(), zero)
+        g_logp, g_ent = _masked_upstream(g_logp, g_ent, valid, lse)
         w32 = w.float()
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         dh = torch.empty(h.shape, dtype=torch.float32, device=h.device) if need_h else None
@@ -134,9 +141,7 @@ class TritonFusedLinearLogprobs(torch.autograd.Function):
         inv_t, cfg = ctx.args
         if g_logp is None and g_ent is None:
             return (None,) * 7
-        zero = torch.zeros((), device=h.device)
-        g_logp = torch.zeros_like(lse) if g_logp is None else torch.where(valid, g_logp.float(), zero).contiguous()
-        g_ent = None if g_ent is None else torch.where(valid, g_ent.float(), zero).contiguous()
+        g_logp, g_ent = _masked_upstream(g_logp, g_ent, valid, lse)
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         dh, dw = flt.flp_backward(h, w, y, lse, ent, g_logp, g_ent, inv_t, cfg, need_h, need_w)
         return (
