@@ -43,6 +43,13 @@ def _chunk_logits(h: torch.Tensor, w32: torch.Tensor, inv_t: float) -> torch.Ten
     return z.mul_(inv_t) if inv_t != 1.0 else z
 
 
+def _zero_ignored(logp, ent, valid):
+    """Both backends' outputs: 0 at ignored tokens, and log-probs never positive (rounding can push
+    z_y - lse a hair above 0) with NaN kept (`where`, not max)."""
+    zero = torch.zeros((), device=logp.device)
+    return torch.where(valid, torch.where(logp > 0, zero, logp), zero), torch.where(valid, ent, zero)
+
+
 def _masked_upstream(g_logp, g_ent, valid, lse):
     """fp32 upstream gradients, zero at ignored tokens; a missing g_logp becomes zeros, a missing
     g_ent stays None (the backward then skips the entropy term)."""
@@ -63,7 +70,7 @@ class TorchFusedLinearLogprobs(torch.autograd.Function):
         w32 = w.float()
         logp = torch.empty(N, dtype=torch.float32, device=h.device)
         lse = torch.empty_like(logp)
-        ent = torch.empty_like(logp)
+        ent = torch.empty_like(logp) if with_entropy else torch.zeros_like(logp)
         for a in range(0, N, chunk):
             b = min(a + chunk, N)
             z = _chunk_logits(h[a:b], w32, inv_t)
@@ -74,9 +81,7 @@ class TorchFusedLinearLogprobs(torch.autograd.Function):
                 # vecdot avoids a third chunk-sized temporary for p * log p.
                 ent[a:b] = -torch.linalg.vecdot(torch.exp(z), z)
             del z
-        zero = torch.zeros((), device=h.device)
-        logp = torch.where(valid, logp.clamp(max=0.0), zero)
-        ent = torch.where(valid, ent, zero) if with_entropy else torch.zeros_like(logp)
+        logp, ent = _zero_ignored(logp, ent, valid)
         ctx.save_for_backward(h, w, safe_y, valid, lse, ent)
         ctx.args = (inv_t, chunk)
         ctx.set_materialize_grads(False)
@@ -127,9 +132,7 @@ class TritonFusedLinearLogprobs(torch.autograd.Function):
         valid = valid_label_mask(y, ignore_index)
         # Without entropy the kernel skips its tile-sized entropy term (entropy is then 0).
         logp, lse, ent = flt.flp_forward(h, w, y, inv_t, cfg, with_entropy)
-        zero = torch.zeros((), device=h.device)
-        logp = torch.where(valid, torch.where(logp > 0, zero, logp), zero)  # NaN-preserving clamp
-        ent = torch.where(valid, ent, zero)
+        logp, ent = _zero_ignored(logp, ent, valid)
         ctx.save_for_backward(h, w, y, valid, lse, ent)
         ctx.args = (inv_t, cfg)
         ctx.set_materialize_grads(False)
