@@ -59,6 +59,12 @@ def _masked_upstream(g_logp, g_ent, valid, lse):
     return g_logp, g_ent
 
 
+def _input_grads(dh, dw, h, w) -> tuple:
+    """Both backwards' results: d_hidden and d_weight in the inputs' dtypes (None when not needed),
+    None for the labels and the four options."""
+    return (None if dh is None else dh.to(h.dtype), None if dw is None else dw.to(w.dtype)) + (None,) * 5
+
+
 class TorchFusedLinearLogprobs(torch.autograd.Function):
     """Chunked PyTorch implementation; outputs (logp, entropy) [N] fp32, both differentiable."""
 
@@ -117,11 +123,7 @@ class TorchFusedLinearLogprobs(torch.autograd.Function):
             if need_w:
                 dw.addmm_(dz.T, h[a:b].float())
             del dz
-        return (
-            None if dh is None else dh.to(h.dtype),
-            None if dw is None else dw.to(w.dtype),
-            None, None, None, None, None,
-        )
+        return _input_grads(dh, dw, h, w)
 
 
 class TritonFusedLinearLogprobs(torch.autograd.Function):
@@ -147,11 +149,7 @@ class TritonFusedLinearLogprobs(torch.autograd.Function):
         g_logp, g_ent = _masked_upstream(g_logp, g_ent, valid, lse)
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         dh, dw = flt.flp_backward(h, w, y, lse, ent, g_logp, g_ent, inv_t, cfg, need_h, need_w)
-        return (
-            None if dh is None else dh.to(h.dtype),
-            None if dw is None else dw.to(w.dtype),
-            None, None, None, None, None,
-        )
+        return _input_grads(dh, dw, h, w)
 
 
 def fused_linear_logprobs(
