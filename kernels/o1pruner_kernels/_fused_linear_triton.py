@@ -334,9 +334,7 @@ def _add_mm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
 
 
 def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b with an fp32 result (fp32 accumulation) for low-precision operands."""
-    if a.dtype == torch.float32:
-        return a @ b
+    """a @ b with an fp32 result (fp32 accumulation) for low-precision operands (fp32 ones never get here)."""
     if a.is_cuda:
         try:  # torch >= 2.8 on CUDA: no upcast copies
             return torch.mm(a, b, out_dtype=torch.float32)

@@ -43,6 +43,28 @@ def _chunk_logits(h: torch.Tensor, w32: torch.Tensor, inv_t: float) -> torch.Ten
     return z.mul_(inv_t) if inv_t != 1.0 else z
 
 
+def _zero_ignored(logp, ent, valid):
+    """Both backends' outputs: 0 at ignored tokens, and log-probs never positive (rounding can push
+    z_y - lse a hair above 0) with NaN kept (`where`, not max)."""
+    zero = torch.zeros((), device=logp.device)
+    return torch.where(valid, torch.where(logp > 0, zero, logp), zero), torch.where(valid, ent, zero)
+
+
+def _masked_upstream(g_logp, g_ent, valid, lse):
+    """fp32 upstream gradients, zero at ignored tokens; a missing g_logp becomes zeros, a missing
+    g_ent stays None (the backward then skips the entropy term)."""
+    zero = torch.zeros((), device=lse.device)
+    g_logp = torch.zeros_like(lse) if g_logp is None else torch.where(valid, g_logp.float(), zero).contiguous()
+    g_ent = None if g_ent is None else torch.where(valid, g_ent.float(), zero).contiguous()
+    return g_logp, g_ent
+
+
+def _input_grads(dh, dw, h, w) -> tuple:
+    """Both backwards' results: d_hidden and d_weight in the inputs' dtypes (None when not needed),
+    None for the labels and the four options."""
+    return (None if dh is None else dh.to(h.dtype), None if dw is None else dw.to(w.dtype)) + (None,) * 5
+
+
 class TorchFusedLinearLogprobs(torch.autograd.Function):
     """Chunked PyTorch implementation; outputs (logp, entropy) [N] fp32, both differentiable."""
 
@@ -54,7 +76,7 @@ class TorchFusedLinearLogprobs(torch.autograd.Function):
         w32 = w.float()
         logp = torch.empty(N, dtype=torch.float32, device=h.device)
         lse = torch.empty_like(logp)
-        ent = torch.empty_like(logp)
+        ent = torch.empty_like(logp) if with_entropy else torch.zeros_like(logp)
         for a in range(0, N, chunk):
             b = min(a + chunk, N)
             z = _chunk_logits(h[a:b], w32, inv_t)
@@ -65,9 +87,7 @@ class TorchFusedLinearLogprobs(torch.autograd.Function):
                 # vecdot avoids a third chunk-sized temporary for p * log p.
                 ent[a:b] = -torch.linalg.vecdot(torch.exp(z), z)
             del z
-        zero = torch.zeros((), device=h.device)
-        logp = torch.where(valid, logp.clamp(max=0.0), zero)
-        ent = torch.where(valid, ent, zero) if with_entropy else torch.zeros_like(logp)
+        logp, ent = _zero_ignored(logp, ent, valid)
         ctx.save_for_backward(h, w, safe_y, valid, lse, ent)
         ctx.args = (inv_t, chunk)
         ctx.set_materialize_grads(False)
@@ -79,9 +99,7 @@ class TorchFusedLinearLogprobs(torch.autograd.Function):
         inv_t, chunk = ctx.args
         if g_logp is None and g_ent is None:
             return (None,) * 7
-        zero = torch.zeros((), device=h.device)
-        g_logp = torch.zeros_like(lse) if g_logp is None else torch.where(valid, g_logp.float(), zero)
-        g_ent = None if g_ent is None else torch.where(valid, g_ent.float(), zero)
+        g_logp, g_ent = _masked_upstream(g_logp, g_ent, valid, lse)
         w32 = w.float()
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         dh = torch.empty(h.shape, dtype=torch.float32, device=h.device) if need_h else None
@@ -105,11 +123,7 @@ class TorchFusedLinearLogprobs(torch.autograd.Function):
             if need_w:
                 dw.addmm_(dz.T, h[a:b].float())
             del dz
-        return (
-            None if dh is None else dh.to(h.dtype),
-            None if dw is None else dw.to(w.dtype),
-            None, None, None, None, None,
-        )
+        return _input_grads(dh, dw, h, w)
 
 
 class TritonFusedLinearLogprobs(torch.autograd.Function):
@@ -120,9 +134,7 @@ class TritonFusedLinearLogprobs(torch.autograd.Function):
         valid = valid_label_mask(y, ignore_index)
         # Without entropy the kernel skips its tile-sized entropy term (entropy is then 0).
         logp, lse, ent = flt.flp_forward(h, w, y, inv_t, cfg, with_entropy)
-        zero = torch.zeros((), device=h.device)
-        logp = torch.where(valid, torch.where(logp > 0, zero, logp), zero)  # NaN-preserving clamp
-        ent = torch.where(valid, ent, zero)
+        logp, ent = _zero_ignored(logp, ent, valid)
         ctx.save_for_backward(h, w, y, valid, lse, ent)
         ctx.args = (inv_t, cfg)
         ctx.set_materialize_grads(False)
@@ -134,16 +146,10 @@ class TritonFusedLinearLogprobs(torch.autograd.Function):
         inv_t, cfg = ctx.args
         if g_logp is None and g_ent is None:
             return (None,) * 7
-        zero = torch.zeros((), device=h.device)
-        g_logp = torch.zeros_like(lse) if g_logp is None else torch.where(valid, g_logp.float(), zero).contiguous()
-        g_ent = None if g_ent is None else torch.where(valid, g_ent.float(), zero).contiguous()
+        g_logp, g_ent = _masked_upstream(g_logp, g_ent, valid, lse)
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         dh, dw = flt.flp_backward(h, w, y, lse, ent, g_logp, g_ent, inv_t, cfg, need_h, need_w)
-        return (
-            None if dh is None else dh.to(h.dtype),
-            None if dw is None else dw.to(w.dtype),
-            None, None, None, None, None,
-        )
+        return _input_grads(dh, dw, h, w)
 
 
 def fused_linear_logprobs(

@@ -30,6 +30,16 @@ def _clip_term(r, a, lo, hi):
 
 
 @triton.jit
+def _log_ratio_tile(lp_ptr, s_lb, s_lt, old_ptr, s_ob, s_ot, m_ptr, s_mb, s_mt, b, ts, T):
+    """Row b's tile at positions ts: (in range, valid token, logps - old_logps or 0 where invalid)."""
+    ok = ts < T
+    mk = tl.load(m_ptr + b * s_mb + ts * s_mt, mask=ok, other=0) != 0
+    lp = tl.load(lp_ptr + b * s_lb + ts * s_lt, mask=mk, other=0.0).to(tl.float32)
+    old = tl.load(old_ptr + b * s_ob + ts * s_ot, mask=mk, other=0.0).to(tl.float32)
+    return ok, mk, tl.where(mk, lp - old, 0.0)
+
+
+@triton.jit
 def _seq_fwd_kernel(
     lp_ptr, s_lb, s_lt, old_ptr, s_ob, s_ot, m_ptr, s_mb, s_mt, adv_ptr, out_ptr,
     T, lo, hi, BLOCK_T: tl.constexpr,
@@ -39,11 +49,8 @@ def _seq_fwd_kernel(
     cnt = 0.0
     for t0 in range(0, T, BLOCK_T):
         ts = t0 + tl.arange(0, BLOCK_T)
-        ok = ts < T
-        mk = tl.load(m_ptr + b * s_mb + ts * s_mt, mask=ok, other=0) != 0
-        lp = tl.load(lp_ptr + b * s_lb + ts * s_lt, mask=mk, other=0.0).to(tl.float32)
-        old = tl.load(old_ptr + b * s_ob + ts * s_ot, mask=mk, other=0.0).to(tl.float32)
-        acc += tl.sum(tl.where(mk, lp - old, 0.0), 0)
+        _ok, mk, log_r = _log_ratio_tile(lp_ptr, s_lb, s_lt, old_ptr, s_ob, s_ot, m_ptr, s_mb, s_mt, b, ts, T)
+        acc += tl.sum(log_r, 0)
         cnt += tl.sum(mk.to(tl.float32), 0)
     a = tl.load(adv_ptr + b).to(tl.float32)
     valid = cnt > 0
@@ -81,11 +88,7 @@ def _tok_kernel(
     cnt = 0.0
     for t0 in range(0, T, BLOCK_T):
         ts = t0 + tl.arange(0, BLOCK_T)
-        ok = ts < T
-        mk = tl.load(m_ptr + b * s_mb + ts * s_mt, mask=ok, other=0) != 0
-        lp = tl.load(lp_ptr + b * s_lb + ts * s_lt, mask=mk, other=0.0).to(tl.float32)
-        old = tl.load(old_ptr + b * s_ob + ts * s_ot, mask=mk, other=0.0).to(tl.float32)
-        log_r = tl.where(mk, lp - old, 0.0)
+        ok, mk, log_r = _log_ratio_tile(lp_ptr, s_lb, s_lt, old_ptr, s_ob, s_ot, m_ptr, s_mb, s_mt, b, ts, T)
         r = tl.exp(log_r)
         term, clipped = _clip_term(r, a, lo, hi)
         if BACKWARD:
