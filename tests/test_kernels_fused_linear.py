@@ -147,3 +147,11 @@ def test_torch_path_peak_memory_is_far_below_logits():
     assert res["finite"]
     assert res["growth"] < logits_bytes / 3, f"peak grew by {res['growth'] / 2**20:.0f} MiB"
     print(f"fused torch path peak growth {res['growth'] / 2**20:.1f} MiB vs logits {logits_bytes / 2**20:.0f} MiB")
+
+
+def test_unknown_tuning_options_are_named_alone_and_the_other_backends_pass():
+    h, w, y = torch.randn(4, 8), torch.randn(16, 8), torch.randint(0, 16, (4,))
+    # one set of options serves both backends: the Triton ones are accepted by the torch path
+    assert fused_linear_logprobs(h, w, y, backend="torch", chunk_size=2, block_n=16).shape == (4,)
+    with pytest.raises(TypeError, match=r"unknown tuning options \['foo'\]$"):
+        fused_linear_logprobs(h, w, y, backend="torch", chunk_size=8, block_n=3, foo=1)

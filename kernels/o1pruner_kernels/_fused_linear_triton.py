@@ -179,6 +179,13 @@ _bwd_atomic_tuned = triton.autotune(
 )(_flp_bwd_kernel)
 
 
+def check_tuning_keys(tuning: dict) -> None:
+    """Either backend's options are accepted (callers pass one set); anything else is a TypeError naming it."""
+    unknown = set(tuning) - set(TUNING_KEYS) - {"chunk_size", "chunk_bytes"}
+    if unknown:
+        raise TypeError(f"unknown tuning options {sorted(unknown)}")
+
+
 def _config(tuning: dict, dtype: torch.dtype) -> dict:
     small = interpreting()
     cfg = {
@@ -191,9 +198,7 @@ def _config(tuning: dict, dtype: torch.dtype) -> dict:
         "bwd_chunk_bytes": 1 << 30,
         "bwd_chunk": None,
     }
-    unknown = set(tuning) - set(cfg) - {"chunk_size", "chunk_bytes"}
-    if unknown:
-        raise TypeError(f"unknown tuning options {sorted(unknown)}")
+    check_tuning_keys(tuning)
     cfg.update({k: v for k, v in tuning.items() if k in cfg and v is not None})
     if cfg["bwd"] not in ("matmul", "atomic"):
         raise ValueError(f"bwd must be 'matmul' or 'atomic', got {cfg['bwd']!r}")

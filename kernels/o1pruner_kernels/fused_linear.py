@@ -190,9 +190,7 @@ def fused_linear_logprobs(
     y = labels.reshape(-1).to(torch.int64)
     V = w.shape[0]
     if resolve_backend(backend, hidden, weight, labels) == "torch":
-        bad = set(tuning) - {"chunk_size", "chunk_bytes"}
-        if bad - set(flt.TUNING_KEYS):
-            raise TypeError(f"unknown tuning options {sorted(bad)}")
+        flt.check_tuning_keys(tuning)
         chunk = _chunk_rows(h.shape[0], V, tuning.get("chunk_size"), tuning.get("chunk_bytes"))
         check_label_range(y, valid_label_mask(y, ignore_index), V)
         logp, ent = TorchFusedLinearLogprobs.apply(h, w, y, 1.0 / temperature, ignore_index, chunk, return_entropy)
