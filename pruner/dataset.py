@@ -41,6 +41,7 @@ from pruner.manifest import Output, build_manifest, claim_output, file_digest, m
 from pruner.model_files import eos_token_ids, load_tokenizer, tokenizer_fingerprint  # noqa: E402
 from pruner.samples import meta_path, read_meta, read_samples, samples_per_problem, short_problems  # noqa: E402
 from pruner.trainset import TRAINSET_FORMAT, load_trainset, stats_file, write_files  # noqa: E402,F401 (load_trainset: the API)
+from pruner.trainset import read_meta as read_trainset_meta  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -300,7 +301,7 @@ def main(argv: list[str] | None = None) -> Path:
     out = build_trainset(cfg.samples, cfg.out, kind=cfg.kind, lam=cfg.lam, keep_per_problem=cfg.keep_per_problem,
                          ref_stats=cfg.ref_stats, seed=cfg.seed, tokenizer=tok, report=cfg.report,
                          overwrite=cfg.overwrite)
-    meta = json.loads((out / "meta.json").read_text())
+    meta = read_trainset_meta(out)
     print(json.dumps({k: meta[k] for k in ("kind", "num_samples", "num_problems", "reward_mean", "reward_std")}, indent=2))
     print(f"wrote {out}")
     return out
