@@ -39,7 +39,8 @@ import pruner.reward as reward  # noqa: E402
 from pruner.configs import DatasetConfig  # noqa: E402
 from pruner.manifest import Output, build_manifest, claim_output, file_digest, manifest_digest  # noqa: E402
 from pruner.model_files import eos_token_ids, load_tokenizer, tokenizer_fingerprint  # noqa: E402
-from pruner.samples import meta_path, read_meta, read_samples_digest, samples_per_problem, short_problems  # noqa: E402
+from pruner.samples import (meta_path, read_meta, read_samples_digest, samples_per_problem,  # noqa: E402
+                            short_problems)
 from pruner.trainset import TRAINSET_FORMAT, load_trainset, stats_file, write_files  # noqa: E402,F401 (load_trainset: the API)
 from pruner.trainset import read_meta as read_trainset_meta  # noqa: E402
 
