@@ -148,7 +148,8 @@ def summarize(records: list[dict], *, wall_s: float | None = None, new_samples: 
         "accuracy": statistics.fmean(r["correct"] for r in records) if records else 0.0,
         "mean_length": statistics.fmean(lengths) if lengths else 0.0,
         "median_length": statistics.median(lengths) if lengths else 0.0,
-        "truncated_fraction": statistics.fmean(r["finish_reason"] == "length" for r in records) if records else 0.0,
+        "truncated_fraction": (statistics.fmean(r.get("finish_reason") == "length" for r in records)
+                               if records else 0.0),
         "new_samples_this_run": new_samples,
     }
     if wall_s is not None:
