@@ -39,8 +39,10 @@ import pruner.reward as reward  # noqa: E402
 from pruner.configs import DatasetConfig  # noqa: E402
 from pruner.manifest import Output, build_manifest, claim_output, file_digest, manifest_digest  # noqa: E402
 from pruner.model_files import eos_token_ids, load_tokenizer, tokenizer_fingerprint  # noqa: E402
-from pruner.samples import meta_path, read_meta, read_samples, samples_per_problem, short_problems  # noqa: E402
+from pruner.samples import (meta_path, read_meta, read_samples_digest, samples_per_problem,  # noqa: E402
+                            short_problems)
 from pruner.trainset import TRAINSET_FORMAT, load_trainset, stats_file, write_files  # noqa: E402,F401 (load_trainset: the API)
+from pruner.trainset import read_meta as read_trainset_meta  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,7 @@ class _Samples:
     """The checked inputs: records, their meta, and the tokenizer facts the rows are checked against."""
 
     paths: list[Path]
+    digests: list[str]  # of the samples files, taken from the bytes the records were parsed from
     records: list[dict]
     meta: dict[str, Any]
     model: str | None
@@ -62,15 +65,19 @@ class _Samples:
     vocab_size: int
 
 
-def _read_records(paths: list[Path]) -> list[dict]:
+def _read_records(paths: list[Path]) -> tuple[list[dict], list[str]]:
+    """(every file's records, each file's content hash)."""
     records: list[dict] = []
+    digests: list[str] = []
     for path in paths:
         if not path.exists():
             raise FileNotFoundError(f"samples file {path} does not exist (run pruner/presample.py first)")
-        records.extend(read_samples(path, required=SAMPLE_FIELDS))
+        file_records, digest = read_samples_digest(path, required=SAMPLE_FIELDS)
+        records.extend(file_records)
+        digests.append(digest)
     if not records:
         raise ValueError(f"no samples in {', '.join(map(str, paths))}")
-    return records
+    return records, digests
 
 
 def _check_complete(records: list[dict], k: int | None, paths: list[Path]) -> None:
@@ -108,7 +115,7 @@ def _resolve_tokenizer(tokenizer: Any, model: str | None, source: Path) -> tuple
 
 def _load_samples(samples_path: str | Path | list[str | Path], tokenizer: Any) -> _Samples:
     paths = [Path(p) for p in (samples_path if isinstance(samples_path, list) else [samples_path])]
-    records = _read_records(paths)
+    records, digests = _read_records(paths)
     meta = read_meta(paths)
     _check_complete(records, samples_per_problem(meta), paths)
     tokenizer, model = _resolve_tokenizer(tokenizer, meta.get("model"), paths[0])
@@ -121,7 +128,7 @@ def _load_samples(samples_path: str | Path | list[str | Path], tokenizer: Any) -
     # A model may sample ids past the tokenizer's end (embedding rows padded to a round size): they
     # are the model's own outputs and train fine, so the bound is the model's vocabulary when known.
     vocab_size = max(len(tokenizer), _model_vocab_size(model))
-    return _Samples(paths, records, meta, model, fingerprint, eos_ids, vocab_size)
+    return _Samples(paths, digests, records, meta, model, fingerprint, eos_ids, vocab_size)
 
 
 def _group_problems(records: list[dict]) -> "OrderedDict[str, dict]":
@@ -229,7 +236,7 @@ def _warn_if_all_wrong(records: list[dict], paths: list[Path]) -> None:
 
 
 def _manifest(inputs: _Samples, ref_stats: str | Path | None, config: dict[str, Any]) -> dict[str, Any]:
-    digests: dict[str, Any] = {"tokenizer": inputs.fingerprint, "samples": [file_digest(p) for p in inputs.paths],
+    digests: dict[str, Any] = {"tokenizer": inputs.fingerprint, "samples": inputs.digests,
                                "samples_manifests": [manifest_digest(meta_path(p)) for p in inputs.paths]}
     if ref_stats is not None:
         digests["ref_stats"] = file_digest(stats_file(ref_stats))
@@ -300,7 +307,7 @@ def main(argv: list[str] | None = None) -> Path:
     out = build_trainset(cfg.samples, cfg.out, kind=cfg.kind, lam=cfg.lam, keep_per_problem=cfg.keep_per_problem,
                          ref_stats=cfg.ref_stats, seed=cfg.seed, tokenizer=tok, report=cfg.report,
                          overwrite=cfg.overwrite)
-    meta = json.loads((out / "meta.json").read_text())
+    meta = read_trainset_meta(out)
     print(json.dumps({k: meta[k] for k in ("kind", "num_samples", "num_problems", "reward_mean", "reward_std")}, indent=2))
     print(f"wrote {out}")
     return out

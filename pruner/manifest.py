@@ -47,6 +47,11 @@ def file_digest(path: str | os.PathLike, *, chunk: int = 1 << 20) -> str:
     return "sha256:" + digest.hexdigest()
 
 
+def bytes_digest(data: bytes) -> str:
+    """sha256 of content already in memory, in `file_digest`'s form (the file read once, not twice)."""
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
 def json_digest(obj: Any) -> str:
     """sha256 of a JSON value in canonical form (sorted keys)."""
     return "sha256:" + hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()

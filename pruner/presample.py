@@ -173,6 +173,7 @@ def _sample_pending(cfg: PresampleConfig, out: Path, problems: list[dict], promp
         kept = [rec for samples in done.values() for rec in samples]
         print(f"resume: dropping {len(records) - len(kept)} sample(s) of incomplete problems", file=sys.stderr)
         rewrite_samples(out, kept)
+        records = kept
     todo = [i for i, p in enumerate(problems) if str(p["id"]) not in done]
     if done:
         print(f"resume: {len(done)} problem(s) already complete in {out}, {len(todo)} to go", file=sys.stderr)
@@ -199,11 +200,13 @@ def _sample_pending(cfg: PresampleConfig, out: Path, problems: list[dict], promp
                                                                          prompt_ids[chunk], outputs)
                            for index, completion in enumerate(completions)]
                 added = append_records(fh, chunk_records)
+                records += chunk_records
                 new += added
                 bar.update(added)
         bar.close()
+    # `records` is the file as it now stands (what was kept, then every chunk appended): no re-read
     kept_ids = {str(p["id"]) for p in problems}
-    final = [r for r in read_samples(out) if str(r["problem_id"]) in kept_ids]
+    final = [r for r in records if str(r["problem_id"]) in kept_ids]
     return final, new, gen_s
 
 

@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from pruner.samples import summarize
+
 
 def quartile_accuracy(records: list[dict]) -> dict[str, Any]:
     """Mean accuracy and length per within-problem length quartile (Q1 = shortest)."""
@@ -64,19 +66,22 @@ def bucket_accuracy(records: list[dict], buckets: int = 10) -> list[dict[str, An
 
 
 def summarize_samples(records: list[dict]) -> dict[str, Any]:
+    """The samples file's own summary (`samples.summarize`: accuracy, mean/median length, truncation)
+    plus length percentiles, per-problem extremes and the length/accuracy tables."""
     lengths = np.array([r["response_tokens"] for r in records], dtype=np.float64)
     per_problem: dict[str, list[dict]] = defaultdict(list)
     for rec in records:
         per_problem[str(rec["problem_id"])].append(rec)
     problem_acc = [statistics.fmean(float(r["correct"]) for r in s) for s in per_problem.values()]
+    base = summarize(records)
     return {
-        "samples": len(records),
+        "samples": base["samples"],
         "problems": len(per_problem),
-        "accuracy": float(np.mean([float(r["correct"]) for r in records])),
-        "mean_length": float(lengths.mean()),
-        "median_length": float(np.median(lengths)),
+        "accuracy": float(base["accuracy"]),
+        "mean_length": float(base["mean_length"]),
+        "median_length": float(base["median_length"]),
         "length_percentiles": {str(p): float(np.percentile(lengths, p)) for p in (10, 25, 75, 90, 99)},
-        "truncated_fraction": float(np.mean([r.get("finish_reason") == "length" for r in records])),
+        "truncated_fraction": float(base["truncated_fraction"]),
         "problems_all_correct": sum(a == 1.0 for a in problem_acc),
         "problems_all_wrong": sum(a == 0.0 for a in problem_acc),
         "no_answer_fraction": float(np.mean([r.get("extracted_answer") is None for r in records])),

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from pruner.configs import PresampleConfig
-from pruner.manifest import Output, build_manifest, file_digest, model_inputs
+from pruner.manifest import Output, build_manifest, bytes_digest, file_digest, model_inputs
 
 SAMPLES_FORMAT = "o1-pruner-samples/1"
 MERGE_COMMAND = "python pruner/presample.py --merge OUT SHARD..."
@@ -80,6 +80,19 @@ def read_samples(path: Path, *, repair: bool = False, required: tuple[str, ...] 
     object, a `required` field missing) is an error naming file:line and the field."""
     if not path.exists():
         return []
+    return _read(path, repair, required)[0]
+
+
+def read_samples_digest(path: Path, *, required: tuple[str, ...] = ("problem_id", "sample_index")
+                        ) -> tuple[list[dict], str]:
+    """`read_samples` of an existing file (never repaired) and the content hash (`file_digest`'s form)
+    of the very bytes the records were parsed from: a run manifest fingerprints its input in the same read."""
+    records, data = _read(path, False, required)
+    return records, bytes_digest(data)
+
+
+def _read(path: Path, repair: bool, required: tuple[str, ...]) -> tuple[list[dict], bytes]:
+    """(the records, the file's bytes as read)."""
     data = path.read_bytes()
     # JSON escapes newlines inside strings, so "\n" only ever ends a record: an unterminated
     # tail is exactly a write that did not finish.
@@ -90,7 +103,7 @@ def read_samples(path: Path, *, repair: bool = False, required: tuple[str, ...] 
             fh.flush()
             os.fsync(fh.fileno())
     lines = data[:cut].split(b"\n")[:-1]
-    return [_parse_line(path, lineno, raw, required) for lineno, raw in enumerate(lines, 1) if raw.strip()]
+    return [_parse_line(path, lineno, raw, required) for lineno, raw in enumerate(lines, 1) if raw.strip()], data
 
 
 def _parse_line(path: Path, lineno: int, raw: bytes, required: tuple[str, ...]) -> dict:
@@ -135,7 +148,8 @@ def summarize(records: list[dict], *, wall_s: float | None = None, new_samples: 
         "accuracy": statistics.fmean(r["correct"] for r in records) if records else 0.0,
         "mean_length": statistics.fmean(lengths) if lengths else 0.0,
         "median_length": statistics.median(lengths) if lengths else 0.0,
-        "truncated_fraction": statistics.fmean(r["finish_reason"] == "length" for r in records) if records else 0.0,
+        "truncated_fraction": (statistics.fmean(r.get("finish_reason") == "length" for r in records)
+                               if records else 0.0),
         "new_samples_this_run": new_samples,
     }
     if wall_s is not None:

@@ -18,9 +18,9 @@ from typing import Any
 
 from pruner.cli import parse_config
 from pruner.configs import parse_shard
-from pruner.manifest import claim_output, diff_manifests, file_digest
-from pruner.samples import (complete_problems, meta_path, read_samples, rewrite_samples, samples_output, summarize,
-                            summary_path)
+from pruner.manifest import claim_output, diff_manifests
+from pruner.samples import (complete_problems, meta_path, read_samples_digest, rewrite_samples, samples_output,
+                            summarize, summary_path)
 
 
 @dataclass
@@ -42,7 +42,8 @@ def _unsharded(manifest: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def _read_shard(path: Path) -> tuple[dict[str, Any], list[dict], tuple[int, int]]:
+def _read_shard(path: Path) -> tuple[dict[str, Any], list[dict], tuple[int, int], str]:
+    """(meta, records, (index, count), content hash of the bytes the records came from)."""
     if not path.exists():
         raise FileNotFoundError(f"shard {path} does not exist")
     if not meta_path(path).exists():
@@ -52,14 +53,14 @@ def _read_shard(path: Path) -> tuple[dict[str, Any], list[dict], tuple[int, int]
     if "config" not in meta:
         raise ValueError(f"{meta_path(path)}: not a run manifest (written by an older version); re-sample the shard")
     shard = parse_shard(meta["config"].get("shard", "0/1"))
-    records = read_samples(path)
+    records, digest = read_samples_digest(path)
     k = int(meta["config"]["k"])
     done, extra = complete_problems(records, k)
     if extra:
         partial = sorted({str(r["problem_id"]) for r in records} - set(done))
         raise ValueError(f"shard {path}: problem(s) {', '.join(partial[:10])} have fewer than k={k} samples "
                          "(an interrupted run): resume that shard first")
-    return meta, records, shard
+    return meta, records, shard, digest
 
 
 def merge_shards(out: str | Path, shards: list[str | Path], *, overwrite: bool = False) -> dict[str, Any]:
@@ -69,23 +70,24 @@ def merge_shards(out: str | Path, shards: list[str | Path], *, overwrite: bool =
         raise ValueError("--merge needs an output file and at least one shard file")
     loaded = [_read_shard(p) for p in paths]
     base = _unsharded(loaded[0][0])
-    counts = {shard[1] for _, _, shard in loaded}
-    for path, (meta, _, _) in zip(paths[1:], loaded[1:]):
+    counts = {shard[1] for _, _, shard, _ in loaded}
+    for path, (meta, _, _, _) in zip(paths[1:], loaded[1:]):
         diffs = diff_manifests(base, _unsharded(meta))
         if diffs:
             raise ValueError(f"shard {path} was sampled with other settings than {paths[0]}: " + "; ".join(diffs))
-    indices = sorted(shard[0] for _, _, shard in loaded)
+    indices = sorted(shard[0] for _, _, shard, _ in loaded)
     if len(counts) != 1 or indices != list(range(next(iter(counts)))):
-        raise ValueError(f"shards {[f'{i}/{n}' for _, _, (i, n) in loaded]} are not exactly the shards 0..n-1 "
+        raise ValueError(f"shards {[f'{i}/{n}' for _, _, (i, n), _ in loaded]} are not exactly the shards 0..n-1 "
                          "of one run (missing or repeated)")
     owner: dict[str, Path] = {}
-    for path, (_, records, _) in zip(paths, loaded):
+    for path, (_, records, _, _) in zip(paths, loaded):
         for pid in {str(r["problem_id"]) for r in records}:
             if pid in owner:
                 raise ValueError(f"problem {pid} is in both {owner[pid]} and {path}: overlapping shards")
             owner[pid] = path
-    merged = [r for _, records, _ in loaded for r in records]
-    manifest = {**base, "merged_from": [{"file": str(p.resolve()), "content": file_digest(p)} for p in paths]}
+    merged = [r for _, records, _, _ in loaded for r in records]
+    manifest = {**base, "merged_from": [{"file": str(p.resolve()), "content": digest}
+                                        for p, (_, _, _, digest) in zip(paths, loaded)]}
     with claim_output(samples_output(out), manifest, what=f"samples file {out}", resume=False, overwrite=overwrite,
                       inputs=paths):
         rewrite_samples(out, merged)
