@@ -1,4 +1,4 @@
-"""Regenerate every figure the README quotes, from one command, stamped with the date and commit.
+"""Regenerate every figure the README and docs/ pages quote, from one command, stamped with the date and commit.
 
     python bench/readme_figures.py                           # every figure but paper -> runs/figures/<date>-<commit>/
     python bench/readme_figures.py --only profile kernels    # some of them
@@ -78,7 +78,7 @@ FIGURES: dict[str, Figure] = {
 
 @dataclass
 class FiguresConfig:
-    """Regenerate every figure the README quotes, from one command, stamped with the date and commit."""
+    """Regenerate every figure the README and docs/ pages quote, from one command, stamped with the date and commit."""
 
     only: list[str] = field(default_factory=list, metadata={"help": "figures, space-separated: " + " ".join(FIGURES) + " (default: all but paper; with --render, those the folder has)"})
     out: str = field(default="", metadata={"help": "results folder (default runs/figures/<date>-<commit>)"})
