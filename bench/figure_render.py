@@ -148,7 +148,7 @@ def _fmt3(value: float | None) -> str:
     return "—" if value is None else f"{value:.3f}"
 
 
-def _marker(name: str, closing: bool = False) -> str:
+def marker(name: str, closing: bool = False) -> str:
     return f"<!-- {'/' if closing else ''}figures:{name} -->"
 
 
@@ -156,7 +156,7 @@ def replace_regions(text: str, bodies: dict[str, str], *, append_missing: bool =
     """Put each body between its figure's markers. A marker missing, repeated or out of order is an
     error naming `source` and the line, unless `append_missing` adds the whole region at the end."""
     for name, body in bodies.items():
-        opening, closing = _marker(name), _marker(name, closing=True)
+        opening, closing = marker(name), marker(name, closing=True)
         starts, ends = [m.start() for m in re.finditer(re.escape(opening), text)], \
             [m.start() for m in re.finditer(re.escape(closing), text)]
         region = f"{opening}\n{body.strip()}\n{closing}" if body.strip() else f"{opening}\n{closing}"

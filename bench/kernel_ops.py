@@ -10,7 +10,7 @@ memory (torch.cuda.max_memory_allocated above the inputs). On the CPU only the P
 run, at small shapes, followed by the N=8192/D=512/V=32000 peak-RSS comparison (each side in its
 own fresh subprocess, ru_maxrss growth over one forward+backward). One CSV row per
 (op, provider, shape, dtype, device, commit) is appended to runs/kernels/kernels_<device>.csv
-(--out). The README's curated CPU table is `bench/readme_figures.py --only kernels`'s copy in
+(--out). The curated CPU table of docs/benchmarks.md is `bench/readme_figures.py --only kernels`'s copy in
 docs/results/kernels/.
 """
 from __future__ import annotations

@@ -13,7 +13,7 @@ from the per-SM budgets below.
 `--json` prints a list of objects: kernel, config (block sizes, warps, stages), variant (the
 other constexprs), dtype, arch, registers, spill_bytes, shared_bytes, blocks_per_sm, occupancy,
 fits, default (the launcher's config at N = 16,384, D = 3,584, V = 152,064, bf16, sm_90). Output goes
-to stdout only (the README's table is a curated excerpt).
+to stdout only (docs/kernels.md's table is a curated excerpt).
 """
 from __future__ import annotations
 

@@ -1,11 +1,11 @@
-"""Regenerate every figure the README quotes, from one command, stamped with the date and commit.
+"""Regenerate every figure the README and docs/ pages quote, from one command, stamped with the date and commit.
 
     python bench/readme_figures.py                           # every figure but paper -> runs/figures/<date>-<commit>/
     python bench/readme_figures.py --only profile kernels    # some of them
     python bench/readme_figures.py --only demo --demo-run runs/demo   # tables of a `make demo` already run
     python bench/readme_figures.py --into docs/results       # also update the curated copy
-    python bench/readme_figures.py --readme README.md        # also rewrite README's marked regions
-    python bench/readme_figures.py --render runs/figures/X --readme README.md   # re-render, measure nothing
+    python bench/readme_figures.py --readme README.md docs/*.md   # also rewrite the pages' marked regions
+    python bench/readme_figures.py --render runs/figures/X --readme README.md docs/*.md   # re-render, measure nothing
     python bench/readme_figures.py --only paper --paper-run runs/paper --into docs/results   # adopt the hour-long run
 
 Figures (each the script that measures it, run as its own process):
@@ -20,7 +20,8 @@ The results folder holds each figure's raw output in a subfolder, `figures.md` (
 region per figure between `<!-- figures:NAME -->` and `<!-- /figures:NAME -->`) and
 `figures.json` (date, commit, machine, load, command and wall time of each figure; `--into` merges it,
 so the curated copy keeps each figure's own date and commit). `--readme`
-replaces the same regions in a Markdown file; regions of figures not regenerated stay as they are.
+replaces the same regions in Markdown files (the README holds the demo's, docs/ pages the others; each region
+must be in exactly one of the files named); regions of figures not regenerated stay as they are.
 A figure whose command fails leaves nothing behind, and then neither `--into` nor `--readme` is touched.
 """
 from __future__ import annotations
@@ -77,14 +78,14 @@ FIGURES: dict[str, Figure] = {
 
 @dataclass
 class FiguresConfig:
-    """Regenerate every figure the README quotes, from one command, stamped with the date and commit."""
+    """Regenerate every figure the README and docs/ pages quote, from one command, stamped with the date and commit."""
 
     only: list[str] = field(default_factory=list, metadata={"help": "figures, space-separated: " + " ".join(FIGURES) + " (default: all but paper; with --render, those the folder has)"})
     out: str = field(default="", metadata={"help": "results folder (default runs/figures/<date>-<commit>)"})
     demo_run: str = field(default="", metadata={"help": "a finished demo run folder to take the demo's tables from"})
     paper_run: str = field(default="", metadata={"help": "a finished bench/paper_comparisons.py run folder to take the paper table from"})
     into: str = field(default="", metadata={"help": "also copy the kept files and merge figures.md/json here (e.g. docs/results)"})
-    readme: str = field(default="", metadata={"help": "also rewrite this Markdown file's figure regions"})
+    readme: list[str] = field(default_factory=list, metadata={"help": "also rewrite the figure regions of these Markdown files (e.g. README.md docs/*.md); each figure's region must be in exactly one of them"})
     render: str = field(default="", metadata={"help": "measure nothing: render the figures of this results folder"})
 
     def adopted(self, name: str) -> Path | None:
@@ -221,9 +222,23 @@ def parse(argv: list[str] | None) -> tuple[FiguresConfig, list[str]]:
     if unknown or not names:
         raise SystemExit(f"--only: unknown figure(s) {unknown}; choose from {', '.join(FIGURES)}")
     if cfg.readme:
-        # Checked before any heavy work: every region must already be there, once.
-        render.replace_regions(Path(cfg.readme).read_text(), {n: "" for n in names}, source=cfg.readme)
+        region_files(cfg.readme, names)  # checked before any heavy work: every region already there, once
     return cfg, names
+
+
+def region_files(files: list[str], names: list[str]) -> dict[str, list[str]]:
+    """Which figures' regions each Markdown file holds; each named figure must be in exactly one file, once."""
+    texts = {f: Path(f).read_text() for f in files}
+    held: dict[str, list[str]] = {f: [] for f in files}
+    for name in names:
+        opening, closing = render.marker(name), render.marker(name, closing=True)
+        found = [f for f, text in texts.items() if opening in text or closing in text]
+        if len(found) != 1:
+            raise ValueError(f"{opening}: need its region in exactly one of {', '.join(files)}; "
+                             f"found in {', '.join(found) or 'none'}")
+        render.replace_regions(texts[found[0]], {name: ""}, source=found[0])  # once, in order
+        held[found[0]].append(name)
+    return held
 
 
 def measure_all(cfg: FiguresConfig, names: list[str]) -> tuple[Path, dict]:
@@ -257,10 +272,10 @@ def main(argv: list[str] | None = None) -> int:
         Path(cfg.into).mkdir(parents=True, exist_ok=True)
         update_curated(folder, Path(cfg.into), done, bodies, meta)
         print(f"updated {cfg.into}")
-    if cfg.readme:
-        readme = Path(cfg.readme)
-        readme.write_text(render.replace_regions(readme.read_text(), bodies, source=cfg.readme))
-        print(f"rewrote the regions {', '.join(done)} of {readme}")
+    for page, held in (region_files(cfg.readme, done) if cfg.readme else {}).items():
+        if held:
+            Path(page).write_text(render.replace_regions(Path(page).read_text(), {n: bodies[n] for n in held}, source=page))
+            print(f"rewrote the regions {', '.join(held)} of {page}")
     return 0
 
 

@@ -174,6 +174,9 @@ def load_problems(
         problems = _embedded_problems(source_str.split(":", 1)[1])
         return problems[:limit] if limit is not None else problems
     path = Path(source_str).expanduser()
+    if not path.exists() and path.suffix.lower() in (".json", ".jsonl", ".parquet"):
+        # A missing file is not a hub id: say so here, not through `datasets` trying the hub with the path.
+        raise FileNotFoundError(f"problems file {source_str} does not exist (looked at {path.resolve()})")
     records = _iter_file(path) if path.exists() else _records_from_hub(source_str)
     stem = path.stem if path.exists() else source_str.replace("/", "_")
     problems: list[dict] = []

@@ -94,6 +94,14 @@ def test_unknown_source_is_a_clear_error(tmp_path: Path) -> None:
             load_problems("no-such-org/no-such-dataset")
 
 
+def test_a_missing_problems_file_is_named_not_looked_up_on_the_hub(tmp_path: Path, monkeypatch) -> None:
+    # A fresh clone without ../shared/data: the README's command must say the file is missing, not
+    # hand the path to `datasets` as a hub id (which failed deep in datasets' loader, or tried the network).
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"problems file ../shared/data/o1pruner/math_train_hard.json does not exist"):
+        load_problems("../shared/data/o1pruner/math_train_hard.json")
+
+
 def test_embedded_task_when_present() -> None:
     pruner = pytest.importorskip("pruner")
     if not hasattr(pruner, "default_problems"):

@@ -49,6 +49,46 @@ def test_flags_are_checked_before_any_work(tmp_path):
     assert "paper" not in readme_figures.parse([])[1]  # an hour's run: only when named
 
 
+def test_regions_spread_over_several_pages_are_each_rewritten_in_their_own_file(tmp_path):
+    # The README holds the demo's region, a docs page the others: one --readme run rewrites both, once each.
+    run, out = tmp_path / "demo_run", tmp_path / "figs"
+    _demo_run(run)
+    assert readme_figures.main(["--only", "demo", "--demo-run", str(run), "--out", str(out)]) == 0
+    (out / "figures.json").write_text(json.dumps({**json.loads((out / "figures.json").read_text()), "figures": {
+        **json.loads((out / "figures.json").read_text())["figures"], "kernels": {"returncode": 0}}}))
+    (out / "kernels").mkdir()
+    (out / "kernels" / "kernels_cpu.csv").write_text(
+        "op,provider,N,D,V,device,total_ms,peak_mem_mib,status\nlogprobs,eager,1024,,8192,cpu,60.5,nan,ok\n")
+    readme, page = tmp_path / "README.md", tmp_path / "bench.md"
+    readme.write_text("top\n<!-- figures:demo -->\nold demo\n<!-- /figures:demo -->\n")
+    page.write_text("page\n<!-- figures:kernels -->\nold kernels\n<!-- /figures:kernels -->\nend\n")
+    assert readme_figures.main(["--render", str(out), "--readme", str(readme), str(page)]) == 0
+    assert "| base | greedy | 0.990 |" in readme.read_text() and "old demo" not in readme.read_text()
+    assert "| logprobs (N=1024, V=8192) | 60.50 |" in page.read_text() and "old kernels" not in page.read_text()
+    assert "figures:kernels" not in readme.read_text() and "figures:demo" not in page.read_text()
+
+
+def test_a_region_in_two_pages_or_in_none_is_refused_before_any_work(tmp_path):
+    one, two = tmp_path / "one.md", tmp_path / "two.md"
+    one.write_text("<!-- figures:demo -->\n<!-- /figures:demo -->\n")
+    two.write_text("<!-- figures:demo -->\n<!-- /figures:demo -->\n")
+    with pytest.raises(ValueError, match=r"figures:demo -->: need its region in exactly one of .*found in .*one.md, .*two.md"):
+        readme_figures.parse(["--only", "demo", "--readme", str(one), str(two)])
+    with pytest.raises(ValueError, match=r"figures:kernels -->: .*found in none"):
+        readme_figures.parse(["--only", "kernels", "--readme", str(one)])
+    two.write_text("<!-- /figures:kernels -->\n<!-- figures:kernels -->\n")  # in one file, but out of order
+    with pytest.raises(ValueError, match=r"two.md: need exactly one <!-- figures:kernels -->"):
+        readme_figures.parse(["--only", "kernels", "--readme", str(one), str(two)])
+
+
+def test_the_repository_pages_hold_every_figure_region_once():
+    # What `python bench/readme_figures.py --readme README.md docs/*.md` (docs/benchmarks.md) needs of the real pages.
+    pages = [str(ROOT / "README.md"), *map(str, sorted((ROOT / "docs").glob("*.md")))]
+    held = readme_figures.region_files(pages, list(readme_figures.FIGURES))
+    assert held[str(ROOT / "README.md")] == ["demo"]
+    assert sorted(n for names in held.values() for n in names) == sorted(readme_figures.FIGURES)
+
+
 def _demo_run(run: Path) -> None:
     (run / "bench").mkdir(parents=True)
     (run / "bench" / "results.md").write_text("| model | mode | accuracy |\n|---|---|---|\n| base | greedy | 0.990 |\n")
