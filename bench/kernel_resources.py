@@ -19,8 +19,12 @@ from __future__ import annotations
 
 import os
 
-os.environ.pop("TRITON_INTERPRET", None)  # compiled kernels, not interpreter objects
-os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+if __name__ == "__main__":
+    # Compiled kernels, not interpreter objects: this must hold before o1pruner_kernels defines them. Only as a
+    # script: imported (a docs or CLI check in the test process) it must not switch the interpreter off for
+    # everything else that process runs.
+    os.environ.pop("TRITON_INTERPRET", None)
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 import itertools  # noqa: E402
 import json  # noqa: E402
@@ -213,6 +217,9 @@ def table(rows: list[dict]) -> str:
 
 def main(argv=None) -> int:
     cfg = parse_config(KernelResourcesConfig, argv, prog="bench/kernel_resources.py")
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        raise SystemExit("bench/kernel_resources.py compiles real kernels: run it as a script of its own, "
+                         "without TRITON_INTERPRET=1")
     rows = []
     if not cfg.json:
         print("\n".join(table([]).splitlines()[:2]))

@@ -133,3 +133,33 @@ def write_samples_meta(samples: Path, tokenizer, *, model: Path | str | None = N
     path = meta_path(samples)
     path.write_text(json.dumps(meta))
     return path
+
+
+# --- The interpreter stays on for the whole suite ---
+# A module that drops TRITON_INTERPRET when imported in the test process (bench/kernel_resources.py once did, and
+# tests/test_docs.py imports the scripts its pages name) turned every later Triton test into "needs CUDA
+# tensors". Name the test that did it instead.
+_TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET")
+
+
+def _interpret_changed() -> str | None:
+    now = os.environ.get("TRITON_INTERPRET")
+    if now == _TRITON_INTERPRET:
+        return None
+    if _TRITON_INTERPRET is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = _TRITON_INTERPRET
+    return f"TRITON_INTERPRET changed from {_TRITON_INTERPRET!r} to {now!r} in this process"
+
+
+def pytest_collection_finish(session):
+    if message := _interpret_changed():
+        raise pytest.UsageError(f"{message} while test modules were imported")
+
+
+@pytest.fixture(autouse=True)
+def _triton_interpret_unchanged():
+    yield
+    if message := _interpret_changed():
+        pytest.fail(f"{message} by this test: every later Triton test would run without the interpreter")
