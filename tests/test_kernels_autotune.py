@@ -116,3 +116,22 @@ def test_interpreter_autotunes_only_when_asked(monkeypatch):
     assert fc.autotune_enabled() is True
     monkeypatch.setenv("O1PRUNER_AUTOTUNE", "0")
     assert fc.autotune_enabled() is False
+
+
+def test_gpu_tuners_keep_their_winners_on_disk():
+    """Outside the interpreter (the GPU build of the same module, imported without a GPU) every tuner
+    caches its winners across processes where the installed Triton can (`cache_results`)."""
+    import inspect
+    import os
+    import subprocess
+    import sys
+
+    import triton
+
+    code = ("import o1pruner_kernels._fused_linear_triton as f; "
+            "print(sorted({getattr(t, \"cache_results\", False) for t in (f._fwd_tuned, f._bwd_dz_tuned, f._bwd_atomic_tuned)}))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    supported = "cache_results" in inspect.signature(triton.autotune).parameters
+    assert out.stdout.strip() == ("[True]" if supported else "[False]")
