@@ -5,6 +5,7 @@ CPU path needs no GPU, but it does need `triton` installed: the kernels are defi
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -68,3 +69,23 @@ def as_rows(x: torch.Tensor) -> torch.Tensor:
 
 def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def device_guard(device: torch.device) -> contextlib.AbstractContextManager:
+    """`torch.cuda.device(device)` for a CUDA device, else a no-op.
+
+    Triton launches on the *current* CUDA device and its current stream, not on the device of the
+    tensors it is given: a model on cuda:1 while cuda:0 is current would be an illegal access."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def launch(kernel, grid, *args, **kwargs) -> None:
+    """`kernel[grid](*args, **kwargs)` on the device of its tensor arguments: every Triton launch
+    of the package goes through here (tests/test_kernels_devices.py checks that).
+
+    The tensors must share one device (a clear error instead of an illegal memory access)."""
+    devices = {a.device for a in args if isinstance(a, torch.Tensor)}
+    if len(devices) != 1:
+        raise ValueError(f"a kernel's tensors must be on one device, got {sorted(map(str, devices))}")
+    with device_guard(devices.pop()):
+        kernel[grid](*args, **kwargs)

@@ -12,9 +12,13 @@ fp32 dot runs on FMA units with its operands in registers, so they get smaller t
 """
 from __future__ import annotations
 
+import inspect
 import os
+import time
 
 import triton
+
+from ._backend import interpreting
 
 # (block_n, block_v, block_d, num_warps, num_stages)
 _FWD = {
@@ -33,6 +37,9 @@ CANDIDATES = {"fwd": _FWD, "bwd_dz": _BWD_DZ, "bwd_atomic": _BWD_ATOMIC}
 
 # The CPU interpreter: small blocks keep the tests fast; masks at tile edges are still exercised.
 INTERPRETER = (16, 32, 16, 4, None)
+# Autotuning in the interpreter (O1PRUNER_AUTOTUNE=1): the multiprocessor count the forward's split
+# rule assumes there. Small, so that at test shapes the candidates get different split counts.
+INTERPRETER_SMS = 2
 
 
 def as_dict(cfg: tuple) -> dict:
@@ -72,5 +79,34 @@ def prune_for_dtype(kind: str):
 
 
 def autotune_enabled() -> bool:
-    """GPU launches autotune over the candidates unless O1PRUNER_AUTOTUNE=0 (then: the defaults)."""
-    return os.environ.get("O1PRUNER_AUTOTUNE", "1") != "0"
+    """Whether launches without tile options autotune: on GPUs unless O1PRUNER_AUTOTUNE=0; in the
+    CPU interpreter only with O1PRUNER_AUTOTUNE=1 (slow: every candidate runs, interpreted)."""
+    flag = os.environ.get("O1PRUNER_AUTOTUNE", "")
+    return flag == "1" if interpreting() else flag != "0"
+
+
+def host_clock_bench(kernel_call, quantiles=None, **_) -> float | list[float]:
+    """Triton's benchmark, timed with the host clock: `triton.testing.do_bench` needs CUDA events,
+    which the interpreter does not have. One warm-up run and one timed run per candidate are
+    enough there: the point is to run every candidate on the real buffers, as a GPU tuner does."""
+    kernel_call()
+    start = time.perf_counter()
+    kernel_call()
+    ms = (time.perf_counter() - start) * 1e3
+    return [ms] * len(quantiles) if quantiles else ms
+
+
+# Triton >= 3.3 can keep each key's winner on disk (under TRITON_CACHE_DIR, keyed on the Triton
+# version, the GPU target, the kernel source, the key and the candidates): later processes skip
+# the benchmark. Older Tritons re-tune in every process.
+_CACHE_RESULTS = "cache_results" in inspect.signature(triton.autotune).parameters
+
+
+def autotune(kernel, kind: str, key: list[str], reset_to_zero: list[str] | None = None):
+    """`triton.autotune` of one fused LM-head kernel over its candidates (pruned to the operand size),
+    with winners cached on disk where Triton supports it and the host-clock timer in the interpreter."""
+    extra = {"cache_results": True} if _CACHE_RESULTS else {}
+    if interpreting():
+        extra["do_bench"] = host_clock_bench
+    return triton.autotune(configs=triton_configs(kind), key=key, reset_to_zero=reset_to_zero,
+                           prune_configs_by={"early_config_prune": prune_for_dtype(kind)}, **extra)(kernel)

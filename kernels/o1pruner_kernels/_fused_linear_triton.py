@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from . import _flp_configs as fc
-from ._backend import interpreting, next_pow2
+from ._backend import interpreting, launch, next_pow2
 from ._tl import dlogits, index_range, online_lse_update
 
 
@@ -109,6 +109,18 @@ def _flp_fwd_kernel(
     tl.store(s_ptr + out, s, mask=row_ok)
     tl.store(t_ptr + out, t, mask=row_ok)
     tl.store(zy_ptr + out, zy, mask=row_ok)
+    # The buffer has n_out columns, the most splits any candidate uses; this launch uses fewer when
+    # its tile is larger. The columns it does not own get neutral partials here, in the kernel, so
+    # that the buffer is exact whatever ran on it before: while autotuning, candidates with more
+    # splits wrote real partials into those columns (a host-side fill before the launch would not
+    # survive the benchmark runs, and merging those partials counted the LSE and label logit twice).
+    if split == 0:
+        for c in range(tl.num_programs(1), n_out):
+            extra = rows * n_out + c
+            tl.store(m_ptr + extra, tl.full((BLOCK_N,), -1.0e30, tl.float32), mask=row_ok)
+            tl.store(s_ptr + extra, tl.zeros((BLOCK_N,), dtype=tl.float32), mask=row_ok)
+            tl.store(t_ptr + extra, tl.zeros((BLOCK_N,), dtype=tl.float32), mask=row_ok)
+            tl.store(zy_ptr + extra, tl.zeros((BLOCK_N,), dtype=tl.float32), mask=row_ok)
 
 
 @triton.jit
@@ -163,20 +175,21 @@ def _flp_bwd_kernel(
 TUNING_KEYS = ("block_n", "block_v", "block_d", "num_warps", "num_stages", "splits", "bwd", "bwd_chunk_bytes", "bwd_chunk")
 _TILE_KEYS = ("block_n", "block_v", "block_d", "num_warps", "num_stages")
 
-# GPU launches without explicit tile options: triton.autotune over the statically budgeted
-# candidates (_flp_configs), keyed on the token-count bucket and the model's V and D.
-_fwd_tuned = triton.autotune(
-    configs=fc.triton_configs("fwd"), key=["n_bucket", "V", "D", "WITH_ENT", "I64"],
-    prune_configs_by={"early_config_prune": fc.prune_for_dtype("fwd")},
-)(_flp_fwd_kernel)
-_bwd_dz_tuned = triton.autotune(
-    configs=fc.triton_configs("bwd_dz"), key=["n_bucket", "V", "D", "HAS_ENT_GRAD", "I64"],
-    prune_configs_by={"early_config_prune": fc.prune_for_dtype("bwd_dz")},
-)(_flp_bwd_kernel)
-_bwd_atomic_tuned = triton.autotune(
-    configs=fc.triton_configs("bwd_atomic"), key=["n_bucket", "V", "D", "HAS_ENT_GRAD", "NEED_DH", "NEED_DW", "I64"],
-    prune_configs_by={"early_config_prune": fc.prune_for_dtype("bwd_atomic")}, reset_to_zero=["dh_ptr", "dw_ptr"],
-)(_flp_bwd_kernel)
+# Launches without explicit tile options: triton.autotune over the statically budgeted
+# candidates (_flp_configs), keyed on the token-count bucket and the model's V and D (Triton adds
+# the tensors' dtypes). Every buffer a kernel accumulates into or writes partly is exact after
+# tuning: the forward writes every column of its partials, the dz backward writes all of dz, and
+# the atomic backward's outputs are zeroed by the tuner before each run (reset_to_zero).
+_fwd_tuned = fc.autotune(
+    _flp_fwd_kernel, "fwd", key=["n_bucket", "V", "D", "WITH_ENT", "I64"],
+)
+_bwd_dz_tuned = fc.autotune(
+    _flp_bwd_kernel, "bwd_dz", key=["n_bucket", "V", "D", "HAS_ENT_GRAD", "I64"],
+)
+_bwd_atomic_tuned = fc.autotune(
+    _flp_bwd_kernel, "bwd_atomic", key=["n_bucket", "V", "D", "HAS_ENT_GRAD", "NEED_DH", "NEED_DW", "I64"],
+    reset_to_zero=["dh_ptr", "dw_ptr"],
+)
 
 
 def check_tuning_keys(tuning: dict) -> None:
@@ -202,9 +215,10 @@ def _config(tuning: dict, dtype: torch.dtype) -> dict:
     cfg.update({k: v for k, v in tuning.items() if k in cfg and v is not None})
     if cfg["bwd"] not in ("matmul", "atomic"):
         raise ValueError(f"bwd must be 'matmul' or 'atomic', got {cfg['bwd']!r}")
-    # Tiles: the interpreter's small blocks; on GPUs autotuned, unless some tile option is given
-    # (then the rest come from the kernel's default candidate) or O1PRUNER_AUTOTUNE=0.
-    cfg["autotune"] = not small and fc.autotune_enabled() and all(cfg[k] is None for k in _TILE_KEYS)
+    # Tiles: autotuned unless some tile option is given (then the rest come from the kernel's
+    # default candidate, or the interpreter's small blocks) or autotuning is off (on GPUs unless
+    # O1PRUNER_AUTOTUNE=0; in the interpreter only with O1PRUNER_AUTOTUNE=1).
+    cfg["autotune"] = fc.autotune_enabled() and all(cfg[k] is None for k in _TILE_KEYS)
     # IEEE fp32 dot: TF32 would lose ~3 decimal digits of the logits for fp32 inputs.
     cfg["prec"] = "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
     cfg["upcast"] = small
@@ -226,12 +240,18 @@ def _needs_i64(*extents: int) -> bool:
     return max(extents) >= 2**31 - 1
 
 
-def _n_splits(n_tiles: int, v_tiles: int, splits: int | None, device: torch.device) -> int:
+def _n_splits(n_tiles: int, v_tiles: int, splits: int | None, device: torch.device, tuned: bool) -> int:
+    """Vocabulary splits: enough programs for about 4 per multiprocessor, at most one per tile."""
     if splits is not None:
         return max(1, min(int(splits), v_tiles))
     if device.type != "cuda":
-        return min(2, v_tiles)  # exercises the partial merge under the interpreter
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+        if not tuned:
+            return min(2, v_tiles)  # exercises the partial merge under the interpreter
+        # Autotuning in the interpreter: the GPU rule with a stand-in multiprocessor count, so
+        # that candidates of different tile sizes get different split counts, as on a GPU.
+        sms = fc.INTERPRETER_SMS
+    else:
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
     return max(1, min(v_tiles, triton.cdiv(4 * sms, n_tiles)))
 
 
@@ -246,20 +266,20 @@ def flp_forward(h, w, y, inv_t: float, cfg: dict, with_entropy: bool = True):
     tiles = fc.candidates("fwd", h.element_size()) if cfg["autotune"] else [_tiles(cfg, "fwd", h.element_size())]
 
     def splits(meta_bn: int, meta_bv: int) -> int:
-        return _n_splits(triton.cdiv(N, meta_bn), triton.cdiv(V, meta_bv), cfg["splits"], h.device)
+        return _n_splits(triton.cdiv(N, meta_bn), triton.cdiv(V, meta_bv), cfg["splits"], h.device, cfg["autotune"])
 
     n_out = max(splits(t["block_n"], t["block_v"]) for t in tiles)
-    part = torch.zeros((4, N, n_out), dtype=torch.float32, device=h.device)
-    part[0].fill_(-1.0e30)  # neutral partials for the columns a chosen config leaves unused
+    part = torch.empty((4, N, n_out), dtype=torch.float32, device=h.device)  # the kernel writes every column
     args = (h, h.stride(0), h.stride(1), w, w.stride(0), w.stride(1), y, part[0], part[1], part[2], part[3],
             N, V, D, n_out, inv_t, next_pow2(N))
     const = dict(WITH_ENT=with_entropy, I64=_needs_i64(_max_offset(h), _max_offset(w), N * n_out),
                  PREC=cfg["prec"], UPCAST=cfg["upcast"])
     if cfg["autotune"]:
-        _fwd_tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), splits(meta["BLOCK_N"], meta["BLOCK_V"]))](*args, **const)
+        grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), splits(meta["BLOCK_N"], meta["BLOCK_V"]))  # noqa: E731
+        launch(_fwd_tuned, grid, *args, **const)
     else:
         t = tiles[0]
-        _flp_fwd_kernel[(triton.cdiv(N, t["block_n"]), n_out)](*args, **const, **fc.launch_meta(t))
+        launch(_flp_fwd_kernel, (triton.cdiv(N, t["block_n"]), n_out), *args, **const, **fc.launch_meta(t))
     m, s, t, zy = part.unbind(0)
     big_m = m.amax(1, keepdim=True)
     scale = torch.exp(m - big_m)
@@ -282,7 +302,7 @@ def flp_backward(h, w, y, lse, ent, g_logp, g_ent, inv_t: float, cfg: dict, need
     kind = "bwd_atomic" if cfg["bwd"] == "atomic" else "bwd_dz"
     tiles = None if cfg["autotune"] else _tiles(cfg, kind, h.element_size())
 
-    def launch(rows: slice, dh, dw, dz, store_dz: bool):
+    def run(rows: slice, dh, dw, dz, store_dz: bool):
         n = rows.stop - rows.start
         hc = h[rows]
         args = (hc, hc.stride(0), hc.stride(1), w, w.stride(0), w.stride(1), y[rows], lse[rows], ent[rows],
@@ -293,15 +313,15 @@ def flp_backward(h, w, y, lse, ent, g_logp, g_ent, inv_t: float, cfg: dict, need
                      PREC=cfg["prec"], UPCAST=cfg["upcast"])
         if tiles is None:
             tuned = _bwd_dz_tuned if store_dz else _bwd_atomic_tuned
-            tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(V, meta["BLOCK_V"]))](*args, **const)
+            launch(tuned, lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(V, meta["BLOCK_V"])), *args, **const)
         else:
             grid = (triton.cdiv(n, tiles["block_n"]), triton.cdiv(V, tiles["block_v"]))
-            _flp_bwd_kernel[grid](*args, **const, **fc.launch_meta(tiles))
+            launch(_flp_bwd_kernel, grid, *args, **const, **fc.launch_meta(tiles))
 
     if cfg["bwd"] == "atomic":
         dh = torch.zeros((N, D) if need_dh else (1, 1), dtype=torch.float32, device=h.device)
         dw = torch.zeros((V, D) if need_dw else (1, 1), dtype=torch.float32, device=h.device)
-        launch(slice(0, N), dh, dw, dh, False)
+        run(slice(0, N), dh, dw, dh, False)
         return (dh if need_dh else None), (dw if need_dw else None)
 
     chunk = cfg["bwd_chunk"] or cfg["bwd_chunk_bytes"] // (V * h.element_size())
@@ -312,7 +332,7 @@ def flp_backward(h, w, y, lse, ent, g_logp, g_ent, inv_t: float, cfg: dict, need
     for a in range(0, N, chunk):
         b = min(N, a + chunk)
         dzc = dz[: b - a]
-        launch(slice(a, b), dz, dz, dzc, True)
+        run(slice(a, b), dz, dz, dzc, True)
         if need_dh:
             torch.mm(dzc, w, out=dh[a:b])  # fp32 accumulation inside the GEMM, one rounding out
         if need_dw:

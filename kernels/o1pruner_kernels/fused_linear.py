@@ -172,7 +172,8 @@ def fused_linear_logprobs(
     `bwd` ("matmul": a kernel writes dz for a chunk of tokens, of at most `bwd_chunk` rows or
     `bwd_chunk_bytes` (1 GiB), and two GEMMs consume it; "atomic": no dz buffer, fp32 atomics).
     Without tile options (`block_*`, `num_warps`, `num_stages`) GPU launches autotune over a short
-    list of spill-free candidates per shape bucket (O1PRUNER_AUTOTUNE=0: the first candidate).
+    list of spill-free candidates per shape bucket (O1PRUNER_AUTOTUNE=0: the first candidate; the CPU
+    interpreter tunes only with O1PRUNER_AUTOTUNE=1).
     Options of the other backend are accepted and ignored, so callers can pass one set.
     Hidden and weight of different float dtypes are promoted to a common dtype.
     """

@@ -21,6 +21,7 @@ from ._backend import (
     check_labels,
     check_temperature,
     interpreting,
+    launch,
     next_pow2,
     resolve_backend,
     should_check_labels,
@@ -93,8 +94,8 @@ def _launch_fwd(x: torch.Tensor, y: torch.Tensor, inv_t: float, ignore_index: in
     ent = torch.empty_like(logp)
     if N:
         bv = _block_v(V)
-        _logprobs_fwd_kernel[(N,)](
-            x, x.stride(0), x.stride(1), y, logp, lse, ent, V, inv_t, ignore_index,
+        launch(
+            _logprobs_fwd_kernel, (N,), x, x.stride(0), x.stride(1), y, logp, lse, ent, V, inv_t, ignore_index,
             BLOCK_V=bv, num_warps=num_warps_for(bv),
         )
     return logp, lse, ent
@@ -106,8 +107,8 @@ def _launch_bwd(x, y, lse, ent, g_logp, g_ent, inv_t, ignore_index):
     if N:
         bv = _block_v(V)
         has_ent = g_ent is not None
-        _logprobs_bwd_kernel[(N,)](
-            x, x.stride(0), x.stride(1), y, lse, ent, g_logp, g_ent if has_ent else g_logp, dx, dx.stride(0),
+        launch(
+            _logprobs_bwd_kernel, (N,), x, x.stride(0), x.stride(1), y, lse, ent, g_logp, g_ent if has_ent else g_logp, dx, dx.stride(0),
             V, inv_t, ignore_index, HAS_ENT_GRAD=has_ent, BLOCK_V=bv, num_warps=num_warps_for(bv),
         )
     return dx

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._backend import interpreting, next_pow2, resolve_backend
+from ._backend import interpreting, launch, next_pow2, resolve_backend
 from .reference import clipped_ratio_loss_reference
 
 
@@ -129,9 +129,9 @@ class TritonClippedRatioLoss(torch.autograd.Function):
         bt = _block_t(T)
         if B:
             if level == "sequence":
-                _seq_fwd_kernel[(B,)](*_args(lp, old, mask, adv), rows, T, lo, hi, BLOCK_T=bt)
+                launch(_seq_fwd_kernel, (B,), *_args(lp, old, mask, adv), rows, T, lo, hi, BLOCK_T=bt)
             else:
-                _tok_kernel[(B,)](*_args(lp, old, mask, adv), rows, rows, rows, T, lo, hi, BACKWARD=False, BLOCK_T=bt)
+                launch(_tok_kernel, (B,), *_args(lp, old, mask, adv), rows, rows, rows, T, lo, hi, BACKWARD=False, BLOCK_T=bt)
         total = rows.sum(0)
         denom = total[5].clamp(min=1.0) if normalizer is None else torch.as_tensor(normalizer, dtype=torch.float32, device=lp.device)
         loss = total[0] / denom
@@ -155,7 +155,7 @@ class TritonClippedRatioLoss(torch.autograd.Function):
         else:
             grad = torch.empty((B, T), dtype=torch.float32, device=lp.device)
             if B:
-                _tok_kernel[(B,)](*_args(lp, old, mask, adv), grad, grad, scale.contiguous(), T, lo, hi,
+                launch(_tok_kernel, (B,), *_args(lp, old, mask, adv), grad, grad, scale.contiguous(), T, lo, hi,
                                   BACKWARD=True, BLOCK_T=_block_t(T))
         return grad.to(dtype), None, None, None, None, None, None, None
 

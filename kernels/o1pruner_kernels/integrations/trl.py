@@ -75,10 +75,33 @@ def _check_model(model: torch.nn.Module, outputs: tuple[str, ...]) -> None:
 
 
 def _head_weight(model: torch.nn.Module) -> torch.Tensor:
+    """The LM head weight as the model's forward sees it.
+
+    Under FSDP2 with the head in the root's unit (`fully_shard` on the decoder layers and on the
+    model, as TRL/accelerate set it up) the root's forward has already unsharded it: a plain tensor
+    in the mixed-precision dtype, whose gradient FSDP reduce-scatters and averages. A head that is
+    still a DTensor here was sharded on its own (`fully_shard(model.lm_head)`): FSDP unshards it only
+    around the head's own forward, which the fused head never calls. Gathering it with
+    `full_tensor()` would score with the sharded fp32 parameter and sum its gradient through
+    DTensor instead of FSDP's reduction, so that layout is refused."""
     weight = model.get_output_embeddings().weight
-    # FSDP2 shards parameters as DTensors while the body returns plain tensors: gather the head once.
-    full_tensor = getattr(weight, "full_tensor", None)
-    return full_tensor() if callable(full_tensor) else weight
+    if _is_dtensor(weight):
+        raise NotImplementedError(
+            f"{FEATURE}: the LM head weight of {type(model).__name__} is a DTensor (placements "
+            f"{tuple(weight.placements)} on a mesh of {weight.device_mesh.size()} ranks) during the forward: "
+            "the head is sharded as its own FSDP2 unit (fully_shard(model.lm_head)), which the fused head "
+            "cannot unshard through FSDP. Do not apply fully_shard to the LM head separately (shard the "
+            "decoder layers and the root model, so the root's forward unshards the head), or leave TRL unpatched."
+        )
+    return weight
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch without distributed tensors cannot have produced one
+        return False
+    return isinstance(t, DTensor)
 
 
 def _score(hidden, weight, labels, temperature, want_entropy, cast_fp32):
