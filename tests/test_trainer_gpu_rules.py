@@ -109,3 +109,70 @@ def test_a_liger_patch_that_works_is_reported_as_patched():
     finally:
         module.Qwen2RMSNorm = original
     assert message == "liger-kernel patched rms_norm into qwen2 (not patched: rope, swiglu)"
+
+
+def test_a_cuda_process_without_torchrun_gets_a_world_of_one_group():
+    from pruner.distributed import wants_world_of_one
+
+    assert wants_world_of_one(torch.device("cuda", 0), {})
+    assert not wants_world_of_one(torch.device("cuda", 0), {"RANK": "0", "WORLD_SIZE": "1"})  # torchrun's own
+    assert not wants_world_of_one(torch.device("cpu"), {})  # the CPU keeps its group-less world of one
+
+
+@pytest.mark.slow
+def test_the_world_of_one_group_gives_one_process_the_fsdp2_path(tiny_model_dir, small_trainset, tmp_path):
+    """What a lone GPU process now runs, on gloo: FSDP2-sharded parameters (so on CUDA the bf16
+    MixedPrecisionPolicy applies) and a finite optimizer step, with no torchrun variables at all."""
+    code = f"""
+import os, torch
+from torch.distributed.tensor import DTensor
+from pruner import distributed
+from pruner.modeling import prepare_model
+from pruner.old_logps import attach_response_offsets, compute_response_logprobs
+from pruner.step import LossSpec, train_step
+from pruner.trainset import load_trainset
+assert not any(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR"))
+distributed.start_world_of_one(torch.device("cpu"))
+d = distributed.Dist(0, 0, 1, torch.device("cpu"))
+assert d.enabled
+policy = prepare_model({str(tiny_model_dir)!r}, d, liger=False)
+assert all(isinstance(p, DTensor) for p in policy.parameters())
+data = attach_response_offsets(load_trainset({str(small_trainset)!r}))
+flat = compute_response_logprobs(policy, data, d, micro_batch=2, pad_id=0, show_progress=False)
+opt = torch.optim.AdamW(policy.parameters(), lr=1e-4)
+result = train_step(policy, opt, data, [[[0, 1], [2, 3]]], spec=LossSpec(), d=d, pad_id=0, old_logps_flat=flat,
+                    max_grad_norm=10.0)
+assert result.finite, result
+distributed.shutdown()
+print("ok")
+"""
+    env = {k: v for k, v in __import__("os").environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK",
+                                                                          "MASTER_ADDR", "MASTER_PORT")}
+    env["PYTHONPATH"] = f"{ROOT}:{ROOT / 'kernels'}"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT,
+                          timeout=600)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout[-2000:] + proc.stderr[-3000:]
+
+
+def test_unpadded_micro_batches_reach_the_model_without_a_mask_and_give_the_same_logprobs(tiny_model_dir,
+                                                                                          small_trainset):
+    from pruner.batching import collate
+    from pruner.modeling import prepare_model
+    from pruner.old_logps import attach_response_offsets
+    from pruner.step import _forward_backward, LossSpec
+    from pruner.trainset import load_trainset
+
+    data = attach_response_offsets(load_trainset(small_trainset))
+    policy = prepare_model(str(tiny_model_dir), _cpu(), liger=False).double()
+    seen = []
+    policy.lm.model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw.get("attention_mask")),
+                                              with_kwargs=True)
+    flat = torch.zeros(int(data["response_offsets"][-1]))
+    _forward_backward(policy, data, [[0], [0, 1]], LossSpec(loss="sft"), 10, flat, _cpu(), 0)
+    assert seen[0] is None and seen[1] is not None  # one sequence: no padding, no mask; two: padded
+    one = collate(data, [0], pad_id=0)
+    with torch.no_grad():
+        masked = policy(one.input_ids, one.attention_mask, one.labels)
+        causal = policy(one.input_ids, None, one.labels)
+    assert not one.padded and collate(data, [0, 1], pad_id=0).padded
+    torch.testing.assert_close(causal, masked, rtol=0, atol=1e-12)
