@@ -179,8 +179,9 @@ def shard_policy(policy: TokenLogprobs, d: Dist, *, mixed_precision: bool = True
     if d.device.type == "cuda" and mixed_precision:
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     shard_kwargs = {"mp_policy": mp} if mp is not None else {}
-    if d.device.type != "cpu" and full_state is None:
-        policy.to(d.device)
+    # No `policy.to(device)` first: that would put the whole fp32 model on every GPU (out of memory at
+    # 32B). fully_shard moves one group's parameters to the mesh's device and keeps this rank's shard
+    # (FSDP2's _move_states_to_device), so the peak is the shards plus one block.
     for block in decoder_blocks(policy.lm):
         fully_shard(block, **shard_kwargs)
     fully_shard(policy, **shard_kwargs)  # the root: embedding, final norm and the LM head (tied or not)
