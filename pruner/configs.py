@@ -113,6 +113,7 @@ class TrainConfig:
     meta_init: bool = field(default=True, metadata={"help": "with several processes only rank 0 reads the weights; the others receive their shards"})
     ckpt_every: int = field(default=50, metadata={"help": "save a resumable checkpoint every N steps (and at the end)"})
     keep_checkpoints: int = field(default=2, metadata={"help": "how many recent checkpoints to keep"})
+    final_checkpoint: bool = field(default=True, metadata={"help": "save a checkpoint after the last step; --no-final-checkpoint when only the export matters (one checkpoint fewer on disk)"})
     resume: bool = field(default=False, metadata={"help": "continue from the latest checkpoint in --out (same configuration only)"})
     overwrite: bool = field(default=False, metadata={"help": "delete what --out holds (another run's checkpoints, metrics) and start afresh"})
     stop_after: int = field(default=0, metadata={"help": "exit after this many steps, as a preempted run would (after its checkpoint)"})

@@ -46,8 +46,8 @@ EMBEDDED_LR = 2e-5       # the embedded default: a 1M-parameter model trained fr
 
 # Flags that may change between a run and its --resume: where to stop, how often to save, what to
 # show or export, and memory-only switches that leave the numbers as they are.
-VOLATILE = ("out", "resume", "overwrite", "stop_after", "ckpt_every", "keep_checkpoints", "export", "tensorboard",
-            "max_bad_steps", "meta_init", "activation_checkpointing")
+VOLATILE = ("out", "resume", "overwrite", "stop_after", "ckpt_every", "keep_checkpoints", "final_checkpoint", "export",
+            "tensorboard", "max_bad_steps", "meta_init", "activation_checkpointing")
 
 
 @dataclass
@@ -171,7 +171,8 @@ def _step(run: Run, data: dict, old_logps: torch.Tensor, step_plan: list, round_
         return True
     run.logger.log(_step_row(result, data, step_plan, step=run.step, round_index=round_index, epoch=epoch, lr=lr,
                              elapsed=time.perf_counter() - t_step, device=run.d.device))
-    if run.step % cfg.ckpt_every == 0 or run.step in (run.total_steps, cfg.stop_after):
+    last = run.step == run.total_steps and cfg.final_checkpoint
+    if run.step % cfg.ckpt_every == 0 or last or run.step == cfg.stop_after:
         save_checkpoint(run.out / "checkpoints", run.step, run.policy, run.optimizer, run.scheduler,
                         {"round": round_index}, run.d, keep=cfg.keep_checkpoints)
     return not (cfg.stop_after and cfg.stop_after <= run.step < run.total_steps)
