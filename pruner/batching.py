@@ -81,8 +81,16 @@ class MicroBatch:
     mask: torch.Tensor            # [B, T] bool: labels != IGNORE_INDEX
     old_logps: torch.Tensor | None  # [B, T] fp32: the sampling policy's log-probs, aligned with labels (0 elsewhere)
 
+    @property
+    def padded(self) -> bool:
+        """Some row is shorter than the batch. Ask the host batch (collate's): on a device it would sync."""
+        return not bool(self.attention_mask.all())
+
     def to(self, device: torch.device) -> "MicroBatch":
-        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        # A copy from pageable memory is synchronous; from pinned memory it overlaps with the GPU's work.
+        pin = device.type == "cuda"
+        move = lambda t: None if t is None else (  # noqa: E731
+            t.pin_memory() if pin and t.device.type == "cpu" else t).to(device, non_blocking=True)
         return MicroBatch(self.indices, move(self.input_ids), move(self.attention_mask), move(self.labels),
                           move(self.mask), move(self.old_logps))
 

@@ -1,4 +1,4 @@
-"""Resumable training state through torch.distributed.checkpoint, and the final Hugging Face export.
+"""Resumable training state through torch.distributed.checkpoint (the Hugging Face export: pruner/export.py).
 
 A checkpoint is a folder `step-XXXXXXX/` holding the sharded model and optimizer (DCP) plus one
 small `trainer-rank{r}.pt` per rank (scheduler, step, RNG). It is written under a temporary name
@@ -7,7 +7,6 @@ half-written checkpoint.
 """
 from __future__ import annotations
 
-import json
 import random
 import shutil
 from pathlib import Path
@@ -16,8 +15,7 @@ import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
-                                                     set_state_dict)
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from pruner.distributed import Dist, barrier
 
@@ -83,41 +81,8 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
 
 
 def export_hf(model: nn.Module, out: Path, source: str, d: Dist, *, prefix: str = "lm.") -> Path | None:
-    """Write a Hugging Face folder (config, safetensors, tokenizer, generation config) on rank 0."""
-    from huggingface_hub import split_torch_state_dict_into_shards
-    from safetensors.torch import save_file
-    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+    """Write a Hugging Face folder (config, safetensors, tokenizer, generation config) on rank 0,
+    streamed tensor by tensor and shard by shard (pruner/export.py). Every rank must call it."""
+    from pruner.export import export_hf as streamed_export
 
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if not d.is_main:
-        barrier()
-        return None
-    config = AutoConfig.from_pretrained(source)
-    # `dtype` where transformers has it (reading `torch_dtype` there warns that it is deprecated).
-    dtype = (config.dtype if hasattr(config, "dtype") else getattr(config, "torch_dtype", None)) or torch.float32
-    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    state = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in full.items()}
-    if getattr(config, "tie_word_embeddings", False):
-        state.pop("lm_head.weight", None)  # tied to the embedding; safetensors refuses shared storage
-    state = {k: v.detach().to(dtype).contiguous() for k, v in state.items()}
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    split = split_torch_state_dict_into_shards(state, filename_pattern="model{suffix}.safetensors",
-                                               max_shard_size="5GB")
-    for filename, names in split.filename_to_tensors.items():
-        save_file({n: state[n] for n in names}, str(tmp / filename), metadata={"format": "pt"})
-    if split.is_sharded:
-        index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in state.values())},
-                 "weight_map": split.tensor_to_filename}
-        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    config.save_pretrained(tmp)
-    AutoTokenizer.from_pretrained(source).save_pretrained(tmp)
-    try:
-        GenerationConfig.from_pretrained(source).save_pretrained(tmp)
-    except OSError:  # the source had none: derive one from the config so vLLM sees the EOS token
-        GenerationConfig.from_model_config(config).save_pretrained(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    barrier()
-    return out
+    return streamed_export(model, out, source, d, prefix=prefix)

@@ -113,6 +113,7 @@ class TrainConfig:
     meta_init: bool = field(default=True, metadata={"help": "with several processes only rank 0 reads the weights; the others receive their shards"})
     ckpt_every: int = field(default=50, metadata={"help": "save a resumable checkpoint every N steps (and at the end)"})
     keep_checkpoints: int = field(default=2, metadata={"help": "how many recent checkpoints to keep"})
+    final_checkpoint: bool = field(default=True, metadata={"help": "save a checkpoint after the last step; --no-final-checkpoint when only the export matters (one checkpoint fewer on disk)"})
     resume: bool = field(default=False, metadata={"help": "continue from the latest checkpoint in --out (same configuration only)"})
     overwrite: bool = field(default=False, metadata={"help": "delete what --out holds (another run's checkpoints, metrics) and start afresh"})
     stop_after: int = field(default=0, metadata={"help": "exit after this many steps, as a preempted run would (after its checkpoint)"})
@@ -122,6 +123,7 @@ class TrainConfig:
     tensorboard: bool = field(default=False, metadata={"help": "also write TensorBoard scalars"})
     rounds: int = field(default=1, metadata={"help": "on-policy rounds: > 1 re-samples from the current model between rounds"})
     round_samples: int = field(default=0, metadata={"help": "samples per problem in on-policy rounds (0 = as in the training set)"})
+    until_round: int = field(default=0, metadata={"help": "set by the round driver (python -m pruner.rounds): train up to the start of on-policy round N, export the policy there (<out>/round-N/model) with a checkpoint, and exit, so that sampling runs outside torchrun; rounds before N must be on disk; 0 = sample rounds from inside the trainer (CPU only)"})
 
     def validate(self) -> None:
         """Flag-only checks, before any file is read: a ValueError naming the flag."""
@@ -130,7 +132,8 @@ class TrainConfig:
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        for name in ("lr", "weight_decay", "eps_low", "eps_high", "max_steps", "stop_after", "round_samples"):
+        for name in ("lr", "weight_decay", "eps_low", "eps_high", "max_steps", "stop_after", "round_samples",
+                     "until_round"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
         if self.temperature is not None and not self.temperature > 0:
@@ -141,6 +144,8 @@ class TrainConfig:
         if self.loss not in ("", *LOSSES) or self.ratio_level not in ("sequence", "token"):
             raise ValueError(f"--loss {self.loss!r} (choose one of {LOSSES}) or --ratio-level "
                              f"{self.ratio_level!r} (choose 'sequence' or 'token') is not a choice")
+        if self.until_round > self.rounds:
+            raise ValueError(f"--until-round {self.until_round} is past the last round (--rounds {self.rounds})")
         if self.global_batch_size % self.micro_batch_size:
             raise ValueError(f"--global-batch-size {self.global_batch_size} is not divisible by "
                              f"--micro-batch-size {self.micro_batch_size}")

@@ -1,7 +1,8 @@
 """Process-group set-up and the ONLY place that calls torch.distributed collectives.
 
-`python pruner/train.py` (no torchrun) runs as a world of one without a process group, so the
-same loop serves a laptop, `torchrun --nproc_per_node 2` on a CPU (gloo) and a GPU cluster (NCCL).
+`python pruner/train.py` (no torchrun) runs as a world of one: on the CPU without a process group,
+on a GPU in a process group of one (NCCL), so FSDP2 and its bf16 MixedPrecisionPolicy apply there
+too. The same loop serves a laptop, `torchrun --nproc_per_node 2` on a CPU (gloo) and a GPU cluster.
 
 Every collective goes through a helper here, because the backends disagree on where a tensor may
 live: NCCL takes only CUDA tensors ("No backend type associated with device type cpu"), gloo
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import datetime
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -57,7 +58,23 @@ def init(device: str = "auto") -> Dist:
         # gloo is slow to start on busy CPUs; a generous timeout keeps the first collective alive.
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30),
                                 device_id=dev if dev.type == "cuda" else None)
+    elif wants_world_of_one(dev, os.environ) and not dist.is_initialized():
+        start_world_of_one(dev)
     return Dist(rank=rank, local_rank=local_rank, world_size=world_size, device=dev)
+
+
+def wants_world_of_one(device: torch.device, env: Mapping[str, str]) -> bool:
+    """A CUDA process started without torchrun: without a group there is no FSDP2 and no bf16 policy,
+    so one GPU would train in fp32 (twice the activations, no bf16 tensor cores)."""
+    return device.type == "cuda" and "RANK" not in env
+
+
+def start_world_of_one(device: torch.device) -> None:
+    """A process group of this process alone (NCCL on a GPU, gloo on the CPU), through an in-memory
+    store: no port, no MASTER_ADDR, nothing another process could join by accident."""
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1,
+                            device_id=device if device.type == "cuda" else None)
 
 
 def device_for_backend(backend: str, tensor_device: torch.device | None = None) -> torch.device:

@@ -7,7 +7,7 @@ memory. `prepare_model` loads the model, patches Liger's body kernels on CUDA, a
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -21,7 +21,10 @@ from pruner.distributed import Dist, broadcast_buffers, decoder_blocks, print0
 
 
 class TokenLogprobs(nn.Module):
-    """forward(input_ids, attention_mask, labels) -> log pi(label_t | prefix) [B, T] fp32 (0 where ignored)."""
+    """forward(input_ids, attention_mask, labels) -> log pi(label_t | prefix) [B, T] fp32 (0 where ignored).
+
+    `attention_mask` None: no padding, causal attention alone (the trainer passes None for its unpadded
+    micro-batches, so transformers neither syncs to inspect a mask nor builds one)."""
 
     def __init__(self, lm: nn.Module, temperature: float = 1.0):
         super().__init__()
@@ -34,7 +37,8 @@ class TokenLogprobs(nn.Module):
         if getattr(head, "bias", None) is not None:
             raise ValueError(f"{type(lm).__name__}'s LM head has a bias, which the fused log-prob kernel does not take")
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                labels: torch.Tensor) -> torch.Tensor:
         body = self.lm.get_decoder()
         hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
         # Inside the root FSDP forward the head's weight is the unsharded tensor, and its gradient
@@ -62,30 +66,59 @@ def _patch_targets(model_type: str) -> dict[str, object]:
     return {kernel: getattr(module, attr.format(Prefix=prefix), None) for kernel, attr in _LIGER_KERNELS.items()}
 
 
-def apply_liger(model_type: str) -> str:
+def apply_liger(model_type: str, patch: Callable[..., object] | None = None) -> str:
     """Patch Liger-Kernel's RMSNorm/RoPE/SwiGLU into `model_type`'s classes; returns what happened.
 
     Must run BEFORE the model is built: Liger swaps the classes in transformers' modeling module,
-    so only modules constructed afterwards get its kernels.
+    so only modules constructed afterwards get its kernels. `patch`: the patch function (default:
+    the one Liger registers for `model_type`). A patch that fails in any way is undone and reported,
+    and the run trains unpatched.
     """
-    try:
-        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
-    except ImportError:
-        return "liger-kernel not installed; body kernels are transformers' own"
-    apply = MODEL_TYPE_TO_APPLY_LIGER_FN.get(model_type)
+    apply = patch
+    if apply is None:
+        try:
+            from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+        except ImportError:
+            return "liger-kernel not installed; body kernels are transformers' own"
+        except Exception as exc:  # noqa: BLE001 - a Liger built against another transformers can fail on import
+            return (f"liger-kernel failed to import ({type(exc).__name__}: {exc}): training UNPATCHED, "
+                    "with transformers' own RMSNorm/RoPE/SwiGLU")
+        apply = MODEL_TYPE_TO_APPLY_LIGER_FN.get(model_type)
     if apply is None or model_type not in LIGER_MODEL_TYPES:
         return f"liger-kernel: no patch for model type {model_type!r} (patched types: {', '.join(LIGER_MODEL_TYPES)})"
     wanted = {"rope": True, "rms_norm": True, "swiglu": True,
               # The LM head and the loss are this project's fused kernels, not Liger's.
               "cross_entropy": False, "fused_linear_cross_entropy": False}
     before = _patch_targets(model_type)
-    accepted = inspect.signature(apply).parameters
-    apply(**{k: v for k, v in wanted.items() if k in accepted})
+    error = _apply_or_undo(apply, wanted, model_type)
+    if error:  # a Liger/transformers mismatch must not stop a run: it trains, slower, on transformers' kernels
+        return (f"liger-kernel patch FAILED for {model_type} ({error}); the partial patch was undone: "
+                "training UNPATCHED, with transformers' own RMSNorm/RoPE/SwiGLU")
     after = _patch_targets(model_type)
     patched = [k for k in _LIGER_KERNELS if before[k] is not after[k]]
     missing = [k for k in _LIGER_KERNELS if k not in patched]
     return (f"liger-kernel patched {', '.join(patched) or 'nothing'} into {model_type}"
             + (f" (not patched: {', '.join(missing)})" if missing else ""))
+
+
+def _apply_or_undo(apply: object, wanted: dict[str, bool], model_type: str) -> str:
+    """Run Liger's patch function; on any error put every name of the modeling module back as it was
+    (a patch may have swapped some classes before failing) and return the error, else ''."""
+    import importlib
+
+    module = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+    saved = dict(vars(module))
+    try:
+        accepted = inspect.signature(apply).parameters  # type: ignore[arg-type]
+        apply(**{k: v for k, v in wanted.items() if k in accepted})  # type: ignore[operator]
+    except Exception as exc:  # noqa: BLE001 - AttributeError/TypeError from a version mismatch, or anything else
+        for name in [n for n in vars(module) if n not in saved]:
+            delattr(module, name)
+        for name, value in saved.items():
+            if vars(module).get(name) is not value:
+                setattr(module, name, value)
+        return f"{type(exc).__name__}: {exc}"
+    return ""
 
 
 def load_model(path: str, d: Dist, *, meta_init: bool, dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -146,8 +179,9 @@ def shard_policy(policy: TokenLogprobs, d: Dist, *, mixed_precision: bool = True
     if d.device.type == "cuda" and mixed_precision:
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     shard_kwargs = {"mp_policy": mp} if mp is not None else {}
-    if d.device.type != "cpu" and full_state is None:
-        policy.to(d.device)
+    # No `policy.to(device)` first: that would put the whole fp32 model on every GPU (out of memory at
+    # 32B). fully_shard moves one group's parameters to the mesh's device and keeps this rank's shard
+    # (FSDP2's _move_states_to_device), so the peak is the shards plus one block.
     for block in decoder_blocks(policy.lm):
         fully_shard(block, **shard_kwargs)
     fully_shard(policy, **shard_kwargs)  # the root: embedding, final norm and the LM head (tied or not)

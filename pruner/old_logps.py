@@ -64,8 +64,9 @@ def compute_response_logprobs(policy: torch.nn.Module, data: dict, d: Dist, *, m
     was_training = policy.training
     policy.eval()
     for indices in iterator:
-        batch = collate(data, indices if indices is not None else batches[0], pad_id=pad_id).to(d.device)
-        logps = policy(batch.input_ids, batch.attention_mask, batch.labels).float().cpu()
+        host = collate(data, indices if indices is not None else batches[0], pad_id=pad_id)
+        batch = host.to(d.device)  # no mask without padding: no host sync in transformers (pruner/step.py)
+        logps = policy(batch.input_ids, batch.attention_mask if host.padded else None, batch.labels).float().cpu()
         if indices is None:
             continue
         for row, i in enumerate(indices):

@@ -4,8 +4,11 @@ against the sampling policy.
 
 A round runs the pre-sampling stage and the training-set builder as they are, from configs
 (`PresampleConfig`, `DatasetConfig`) built from the first set's recorded sampling settings, each
-in a fresh process (`pruner.cli.run_stage`) started by rank 0: vLLM spawns its own workers and
-must not live inside the torchrun process group. This module imports neither stage.
+in a fresh process (`pruner.cli.run_stage`) with torchrun's variables removed from its environment:
+vLLM spawns its own workers and must not join the torchrun process group. On the CPU rank 0 starts
+them from inside the trainer; on GPUs the round driver (`python -m pruner.rounds`) does, between two
+torchrun launches, so no process group waits and no GPU holds training state while vLLM samples.
+This module imports neither stage.
 
 A round's folder `<out>/round-<r>/` holds the exported policy (`model/`), its samples and its
 training set, and `round.json`: the two configs and the digest of the set's manifest, written
@@ -15,18 +18,33 @@ configs this run builds now; anything else is rebuilt from the policy at the rou
 from __future__ import annotations
 
 import json
+import os
 import shutil
-from dataclasses import asdict
+from collections.abc import Mapping
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from torch import nn
 
-from pruner.checkpoint import export_hf
 from pruner.cli import run_stage
 from pruner.configs import DatasetConfig, PresampleConfig
 from pruner.distributed import Dist, barrier, broadcast_object
+from pruner.export import export_hf
 from pruner.manifest import manifest_digest
 from pruner.trainset import META, read_meta, stats_file
+
+
+# torchrun's variables: a child that sees them would try to join (or re-create) the training group.
+TORCHRUN_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+                 "ROLE_RANK", "ROLE_NAME", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+# How pre-sampling runs, not what it samples: the round driver sets them for the GPUs at hand.
+RUN_ONLY = ("tensor_parallel_size", "data_parallel_size", "chunk_problems")
+
+
+def clean_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """`env` (default: this process's) without torchrun's variables, for a stage started from a rank."""
+    source = os.environ if env is None else env
+    return {k: v for k, v in source.items() if k not in TORCHRUN_VARS and not k.startswith("TORCHELASTIC_")}
 
 
 # What a round needs from the first set's meta["sampling"] (pre-sampling records them all).
@@ -66,37 +84,81 @@ def _record(presample: PresampleConfig, dataset: DatasetConfig) -> dict:
     return {"presample": asdict(presample), "dataset": asdict(dataset)}
 
 
-def _is_built(folder: Path, expected: dict) -> bool:
-    """True when round.json records these configs and the training set it names is still there."""
+def _comparable(record: dict) -> dict:
+    """A round record without the fields that say how pre-sampling ran (GPUs, chunking)."""
+    presample = {k: v for k, v in (record.get("presample") or {}).items() if k not in RUN_ONLY}
+    return {"presample": presample, "dataset": record.get("dataset")}
+
+
+def is_built(folder: Path, expected: dict) -> bool:
+    """True when round.json records these configs (how it ran aside) and the training set it names is still there."""
     path, manifest = folder / "round.json", folder / "trainset" / "manifest.json"
     if not (path.exists() and manifest.exists() and (folder / "model" / "config.json").exists()):
         return False
     recorded = json.loads(path.read_text())
-    return {k: recorded.get(k) for k in expected} == expected \
+    return _comparable(recorded) == _comparable(expected) \
         and recorded.get("trainset_manifest") == manifest_digest(manifest)
 
 
-def resample(policy: nn.Module, first_trainset: Path, out: Path, round_index: int, source_model: str, d: Dist,
-             *, samples_per_problem: int = 0, at_round_start: bool = True) -> tuple[Path, Path]:
-    """The round's (sampling model, training set): reused when already built by this run's configs,
-    else built from `policy`, which must then be the policy at the round's start."""
+def expected_record(first_trainset: Path, out: Path, round_index: int, samples_per_problem: int = 0) -> dict:
+    """What round.json of round `round_index` must record (as it reads back from JSON)."""
+    presample, dataset = round_configs(first_trainset, round_dir(out, round_index), round_index, samples_per_problem)
+    return json.loads(json.dumps(_record(presample, dataset)))
+
+
+def export_round_model(policy: nn.Module, first_trainset: Path, out: Path, round_index: int, source_model: str,
+                       d: Dist, *, samples_per_problem: int = 0, at_round_start: bool = True) -> bool:
+    """Every rank: True when the round is already built by this run's configs; else the round's folder
+    is started afresh and `policy` (which must be the policy at the round's start) exported to its model/."""
     folder = round_dir(out, round_index)
-    presample, dataset = round_configs(first_trainset, folder, round_index, samples_per_problem)
-    expected = json.loads(json.dumps(_record(presample, dataset)))  # as round.json reads back
-    model_dir, trainset = Path(presample.model), Path(dataset.out)
-    if broadcast_object(_is_built(folder, expected) if d.is_main else None):
-        return model_dir, trainset
+    expected = expected_record(first_trainset, out, round_index, samples_per_problem)
+    if broadcast_object(is_built(folder, expected) if d.is_main else None):
+        return True
     if not at_round_start:
         raise RuntimeError(f"{folder}: round {round_index} is incomplete or was built with other settings, and "
                            "the resumed policy is past the round's start; resume from an earlier checkpoint")
     if d.is_main:  # a partial or foreign round: start it afresh
         shutil.rmtree(folder, ignore_errors=True)
     barrier()
-    export_hf(policy, model_dir, source_model, d)
-    if d.is_main:
-        run_stage("pruner.presample", presample)
-        run_stage("pruner.dataset", dataset)
-        record = {**expected, "trainset_manifest": manifest_digest(trainset / "manifest.json")}
-        (folder / "round.json").write_text(json.dumps(record, indent=2) + "\n")
-    barrier()
+    export_hf(policy, folder / "model", source_model, d)
+    return False
+
+
+def sample_round(first_trainset: Path, out: Path, round_index: int, samples_per_problem: int = 0, *,
+                 run_options: dict | None = None, env: Mapping[str, str] | None = None) -> Path:
+    """Pre-sample round `round_index` from its exported model and build its training set, each in a fresh
+    process without torchrun's variables; round.json last. `run_options`: RUN_ONLY fields of pre-sampling.
+    Call it where no process group waits (rank 0 on the CPU, the round driver on GPUs). Returns the set."""
+    folder = round_dir(out, round_index)
+    presample, dataset = round_configs(first_trainset, folder, round_index, samples_per_problem)
+    if not (folder / "model" / "config.json").exists():
+        raise FileNotFoundError(f"{folder / 'model'}: round {round_index}'s policy was not exported")
+    presample = replace(presample, **{k: v for k, v in (run_options or {}).items() if k in RUN_ONLY})
+    run_stage("pruner.presample", presample, env=clean_env(env))
+    run_stage("pruner.dataset", dataset, env=clean_env(env))
+    trainset = Path(dataset.out)
+    record = {**_record(presample, dataset), "trainset_manifest": manifest_digest(trainset / "manifest.json")}
+    (folder / "round.json").write_text(json.dumps(record, indent=2) + "\n")
+    return trainset
+
+
+def resample(policy: nn.Module, first_trainset: Path, out: Path, round_index: int, source_model: str, d: Dist,
+             *, samples_per_problem: int = 0, at_round_start: bool = True, sample_here: bool = True
+             ) -> tuple[Path, Path]:
+    """The round's (sampling model, training set): reused when already built by this run's configs,
+    else built from `policy`, which must then be the policy at the round's start. `sample_here=False`
+    (the round driver's trainer): a round that is not built is an error, never sampled in the group."""
+    folder = round_dir(out, round_index)
+    model_dir, trainset = folder / "model", folder / "trainset"
+    if not sample_here:
+        if not broadcast_object(is_built(folder, expected_record(first_trainset, out, round_index,
+                                                                 samples_per_problem)) if d.is_main else None):
+            raise RuntimeError(f"{folder}: round {round_index} is not built; the round driver (python -m pruner.rounds)"
+                               " samples it between torchrun launches")
+        return model_dir, trainset
+    if not export_round_model(policy, first_trainset, out, round_index, source_model, d,
+                              samples_per_problem=samples_per_problem, at_round_start=at_round_start):
+        if d.is_main:
+            sample_round(first_trainset, out, round_index, samples_per_problem)
+        barrier()
     return model_dir, trainset

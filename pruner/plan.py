@@ -27,6 +27,17 @@ Per rank (bytes), with e = bytes of the compute dtype (2 under the bf16 MixedPre
              N x h x e and an fp32 d_weight (+ 64 MiB of fp32 partial products when chunked); on the CPU (PyTorch chunks) 3 x <= 32 MiB
              logits chunks, fp32 weight and d_weight copies and an fp32 d_hidden. It replaces the
              N x V fp32 logits (`logits_avoided`) that log_softmax + gather would hold.
+  padded_attention  (ESTIMATE, upper side) a padded micro-batch of B > 1 sequences of T tokens: the
+             [B, 1, T, T] mask transformers builds (about B T^2 2 bytes per layer kept for backward,
+             2 layers' worth under checkpointing) and the K/V heads SDPA repeats when a mask drops its
+             GQA path, e (heads x head_dim - kv_dim) 2 per token and layer. 0 for B = 1: the trainer
+             passes no mask when a micro-batch has no padding.
+  optimizer_step  foreach AdamW's temporaries at `optimizer.step` (torch's _multi_tensor_adam takes
+             the sqrt of exp_avg_sq of the whole shard at once: 4 x local shard), counted where they
+             exceed the backward's transients (activations, workspace, unsharded buffers are freed then)
+  cuda_context_nccl  (ESTIMATE) 1 GiB CUDA context (cuBLAS workspaces, loaded kernels) + 1 GiB NCCL
+             buffers with more than one GPU; CUDA only, outside torch.cuda.max_memory_allocated
+  fragmentation  (ESTIMATE) 10% of what goes through the caching allocator, CUDA only
 """
 from __future__ import annotations
 
@@ -48,7 +59,13 @@ from pruner.distributed import decoder_blocks, print0
 from pruner.presets import ARCHITECTURES, config_for
 
 GIB = 2**30
-COMPONENTS = ("params", "grads", "optimizer", "fsdp_unsharded", "activations", "head_workspace")
+COMPONENTS = ("params", "grads", "optimizer", "fsdp_unsharded", "activations", "head_workspace",
+              "padded_attention", "optimizer_step", "cuda_context_nccl", "fragmentation")
+ESTIMATES = ("padded_attention", "cuda_context_nccl", "fragmentation")  # not derived from the model's tensors
+CUDA_CONTEXT_BYTES = 1 << 30   # estimate: context + cuBLAS workspaces + loaded kernels on an H100
+NCCL_BYTES = 1 << 30           # estimate: NCCL's channel buffers and communicator state, > 1 GPU
+FRAGMENTATION = 0.10           # estimate: headroom over what the caching allocator hands out
+MASK_ELEM = 2                  # bytes per element of transformers' [B, 1, T, T] mask, as issue 21 measured it
 CPU_CHUNK_BYTES = 32 * 2**20   # o1pruner_kernels.fused_linear.DEFAULT_CHUNK_BYTES
 TRITON_DZ_BYTES = 1 << 30      # the Triton backward's dz chunk budget (bwd_chunk_bytes)
 TRITON_DW_SLICE_BYTES = 64 * 2**20  # o1pruner_kernels._fused_linear_triton.DW_SLICE_BYTES
@@ -158,6 +175,30 @@ def head_workspace_bytes(config, tokens: int, *, elem: int, device: str) -> int:
     return 3 * 4 * chunk_rows * vocab + weight_copies + 4 * tokens * h + per_token_out
 
 
+def padded_attention_bytes(config, tokens: int, sequences: int, *, elem: int, checkpointing: bool) -> int:
+    """Estimate of what a padded micro-batch of `sequences` rows adds: the [B, 1, T, T] mask kept per
+    layer for backward, and the K/V heads SDPA repeats once a mask takes its GQA path away."""
+    if sequences <= 1:
+        return 0
+    _, _, layers, heads, head_dim, kv_dim = _dims(config)
+    width = math.ceil(tokens / sequences)
+    kept = 2 if checkpointing else layers  # the shared mask + the layer being recomputed
+    mask = sequences * width * width * MASK_ELEM * kept
+    repeated_kv = 2 * elem * (heads * head_dim - kv_dim) * sequences * width * kept
+    return mask + repeated_kv
+
+
+def overheads(per_rank: dict[str, int], local: int, *, gpus: int, device: str) -> dict[str, int]:
+    """The AdamW step's temporaries beyond the backward's transients, the CUDA context and NCCL, and
+    fragmentation headroom over everything the caching allocator holds (module docstring)."""
+    transient = sum(per_rank[k] for k in ("fsdp_unsharded", "activations", "head_workspace", "padded_attention"))
+    out = {"optimizer_step": max(0, 4 * local - transient), "cuda_context_nccl": 0, "fragmentation": 0}
+    if device == "cuda":
+        out["cuda_context_nccl"] = CUDA_CONTEXT_BYTES + (NCCL_BYTES if gpus > 1 else 0)
+        out["fragmentation"] = math.ceil(FRAGMENTATION * (sum(per_rank.values()) + out["optimizer_step"]))
+    return out
+
+
 @dataclass
 class MemoryPlan:
     name: str
@@ -172,11 +213,14 @@ class MemoryPlan:
     logits_avoided: int
     fits: bool
     suggestions: list[str] = field(default_factory=list)
+    micro_batch_size: int = 1      # sequences per micro-batch: > 1 pads them to one width
+    estimates: tuple[str, ...] = ESTIMATES
 
 
 def estimate(config, *, gpus: int, gpu_memory_gib: float, micro_batch_tokens: int, activation_checkpointing: bool,
              compute_dtype: str = "bfloat16", device: str = "cuda", name: str = "",
-             layout: ShardLayout | None = None, local_numel: int | None = None) -> MemoryPlan:
+             layout: ShardLayout | None = None, local_numel: int | None = None,
+             micro_batch_size: int = 1) -> MemoryPlan:
     layout = layout or model_layout(config)
     local = local_numel if local_numel is not None else layout.local_numel(gpus)
     elem = torch.empty((), dtype=getattr(torch, compute_dtype)).element_size()
@@ -189,19 +233,23 @@ def estimate(config, *, gpus: int, gpu_memory_gib: float, micro_batch_tokens: in
         "fsdp_unsharded": (elem + 4) * root + (2 * elem + 4) * block,
         "activations": activation_bytes(config, micro_batch_tokens, elem=elem, checkpointing=activation_checkpointing),
         "head_workspace": head_workspace_bytes(config, micro_batch_tokens, elem=elem, device=device),
+        "padded_attention": padded_attention_bytes(config, micro_batch_tokens, micro_batch_size, elem=elem,
+                                                   checkpointing=activation_checkpointing),
     }
+    per_rank.update(overheads(per_rank, local, gpus=gpus, device=device))
     per_rank["total"] = sum(per_rank[k] for k in COMPONENTS)
     fits = per_rank["total"] <= gpu_memory_gib * GIB
     return MemoryPlan(name=name, param_count=layout.param_count, gpus=gpus, gpu_memory_gib=gpu_memory_gib,
                       micro_batch_tokens=micro_batch_tokens, activation_checkpointing=activation_checkpointing,
                       compute_dtype=compute_dtype, device=device, per_rank=per_rank,
-                      logits_avoided=4 * micro_batch_tokens * config.vocab_size, fits=fits)
+                      logits_avoided=4 * micro_batch_tokens * config.vocab_size, fits=fits,
+                      micro_batch_size=micro_batch_size)
 
 
 def suggest(config, plan: MemoryPlan, layout: ShardLayout) -> list[str]:
     """The smallest single changes that make a plan fit: checkpointing, fewer tokens, more GPUs."""
     base = dict(gpu_memory_gib=plan.gpu_memory_gib, compute_dtype=plan.compute_dtype, device=plan.device,
-                layout=layout)
+                layout=layout, micro_batch_size=plan.micro_batch_size)
     args = dict(gpus=plan.gpus, micro_batch_tokens=plan.micro_batch_tokens,
                 activation_checkpointing=plan.activation_checkpointing)
     found = []
@@ -225,12 +273,14 @@ def suggest(config, plan: MemoryPlan, layout: ShardLayout) -> list[str]:
 
 
 def plan_for(config, *, gpus: int, gpu_memory_gib: float, micro_batch_tokens: int, activation_checkpointing: bool,
-             compute_dtype: str = "bfloat16", device: str = "cuda", name: str = "") -> MemoryPlan:
+             compute_dtype: str = "bfloat16", device: str = "cuda", name: str = "",
+             micro_batch_size: int = 1) -> MemoryPlan:
     """Shard the meta model over a fake group of `gpus` ranks and estimate; suggestions if it does not fit."""
     layout = model_layout(config)
     plan = estimate(config, gpus=gpus, gpu_memory_gib=gpu_memory_gib, micro_batch_tokens=micro_batch_tokens,
                     activation_checkpointing=activation_checkpointing, compute_dtype=compute_dtype, device=device,
-                    name=name, layout=layout, local_numel=fsdp_local_numel(config, gpus, layout))
+                    name=name, layout=layout, local_numel=fsdp_local_numel(config, gpus, layout),
+                    micro_batch_size=micro_batch_size)
     if not plan.fits:
         plan.suggestions = suggest(config, plan, layout)
     return plan
@@ -239,10 +289,15 @@ def plan_for(config, *, gpus: int, gpu_memory_gib: float, micro_batch_tokens: in
 def format_table(plan: MemoryPlan) -> str:
     labels = {"params": "params (fp32 shard)", "grads": "grads (fp32 shard)", "optimizer": "optimizer (AdamW fp32)",
               "fsdp_unsharded": "FSDP unsharded buffers", "activations": "activations",
-              "head_workspace": "fused head workspace", "total": "total"}
+              "head_workspace": "fused head workspace",
+              "padded_attention": "padded [B,1,T,T] mask + repeated K/V (estimate)",
+              "optimizer_step": "AdamW foreach temporaries at step()",
+              "cuda_context_nccl": "CUDA context + NCCL (estimate)",
+              "fragmentation": f"fragmentation headroom {FRAGMENTATION:.0%} (estimate)", "total": "total"}
     count = f"{plan.param_count / 1e9:.2f} B" if plan.param_count >= 1e8 else f"{plan.param_count / 1e6:.2f} M"
     lines = [f"memory plan: {plan.name} ({count} params) on {plan.gpus} x "
-             f"{plan.gpu_memory_gib:g} GiB, {plan.micro_batch_tokens} tokens per micro-batch, {plan.compute_dtype} "
+             f"{plan.gpu_memory_gib:g} GiB, {plan.micro_batch_tokens} tokens per micro-batch "
+             f"({plan.micro_batch_size} sequence{'s' if plan.micro_batch_size > 1 else ''}), {plan.compute_dtype} "
              f"compute, activation checkpointing {'on' if plan.activation_checkpointing else 'off'}",
              "", "| per rank | GiB |", "|---|---:|"]
     lines += [f"| {labels[k]} | {v / GIB:.2f} |" for k, v in plan.per_rank.items()]
@@ -283,7 +338,8 @@ def check_memory_plan(cfg, d, data: dict) -> MemoryPlan:
     bf16 = cuda and cfg.mixed_precision and d.enabled  # the MixedPrecisionPolicy applies under FSDP2 only
     plan = plan_for(load_config(model=cfg.model), gpus=d.world_size, gpu_memory_gib=memory, micro_batch_tokens=tokens,
                     activation_checkpointing=cfg.activation_checkpointing,
-                    compute_dtype="bfloat16" if bf16 else "float32", device=d.device.type, name=cfg.model)
+                    compute_dtype="bfloat16" if bf16 else "float32", device=d.device.type, name=cfg.model,
+                    micro_batch_size=cfg.micro_batch_size)
     print0(f"memory plan: {plan.per_rank['total'] / GIB:.2f} GiB per rank of {memory:.1f} GiB "
            f"({'fits' if plan.fits else 'does NOT fit'}; python -m pruner.plan --model {cfg.model} for the table)")
     if d.is_main:
@@ -305,6 +361,7 @@ class PlanConfig:
     gpus: int = field(default=1, metadata={"help": "world size (processes, one GPU each)"})
     gpu_memory_gib: float = field(default=80.0, metadata={"help": "memory of one GPU"})
     micro_batch_tokens: int = field(default=16384, metadata={"help": "tokens in one micro-batch on one rank"})
+    micro_batch_size: int = field(default=1, metadata={"help": "sequences in that micro-batch, padded to one width (> 1 adds the padded [B,1,T,T] attention-mask estimate)"})
     activation_checkpointing: bool = field(default=False, metadata={"help": "recompute decoder blocks in backward"})
     compute_dtype: Literal["bfloat16", "float32"] = field(default="bfloat16", metadata={"help": "the trainer's compute dtype (bfloat16 = its default MixedPrecisionPolicy on CUDA)"})
     json: bool = field(default=False, metadata={"help": "print one JSON object instead of the table"})
@@ -312,15 +369,16 @@ class PlanConfig:
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(PlanConfig, argv, prog="python -m pruner.plan")
-    if cfg.gpus < 1 or cfg.micro_batch_tokens < 1 or cfg.gpu_memory_gib <= 0:
-        sys.exit("--gpus, --micro-batch-tokens and --gpu-memory-gib must be positive")
+    if min(cfg.gpus, cfg.micro_batch_tokens, cfg.micro_batch_size) < 1 or cfg.gpu_memory_gib <= 0:
+        sys.exit("--gpus, --micro-batch-tokens, --micro-batch-size and --gpu-memory-gib must be positive")
     try:
         config = load_config(cfg.arch, cfg.model)
     except (ValueError, OSError) as err:
         sys.exit(str(err))
     plan = plan_for(config, gpus=cfg.gpus, gpu_memory_gib=cfg.gpu_memory_gib,
                     micro_batch_tokens=cfg.micro_batch_tokens, activation_checkpointing=cfg.activation_checkpointing,
-                    compute_dtype=cfg.compute_dtype, name=cfg.arch or str(Path(cfg.model)))
+                    compute_dtype=cfg.compute_dtype, name=cfg.arch or str(Path(cfg.model)),
+                    micro_batch_size=cfg.micro_batch_size)
     print(json.dumps(asdict(plan)) if cfg.json else format_table(plan))
 
 

@@ -48,8 +48,11 @@ def _forward_backward(policy: torch.nn.Module, data: dict, micro_batches: list[l
     sums: torch.Tensor | None = None
     names: list[str] = []
     for indices in micro_batches:
-        batch = collate(data, indices, pad_id=pad_id, old_logps_flat=old_logps_flat).to(d.device)
-        logps = policy(batch.input_ids, batch.attention_mask, batch.labels)
+        host = collate(data, indices, pad_id=pad_id, old_logps_flat=old_logps_flat)
+        batch = host.to(d.device)
+        # Without padding (known on the host) no mask: transformers would check it on the device (a host sync
+        # every forward) only to find it needs none; SDPA keeps its causal path.
+        logps = policy(batch.input_ids, batch.attention_mask if host.padded else None, batch.labels)
         chosen = data["chosen"][indices].to(d.device) if "chosen" in data else None
         loss, stats = compute_loss(spec.loss, logps, batch.old_logps, batch.mask,
                                    data["advantages"][indices].to(d.device), normalizer,
@@ -70,6 +73,10 @@ def train_step(policy: torch.nn.Module, optimizer: torch.optim.Optimizer, data: 
     """Forward/backward this rank's share of one global step (`step_plan`: ranks -> micro-batches ->
     sample indices), clip, and update unless any rank saw a non-finite loss or gradient norm.
     `old_logps_flat`: the sampling policy's log-prob of every response token (pruner/old_logps.py)."""
+    # Train mode before every update, however the old log-probs were obtained: from_pretrained leaves the
+    # model in eval(), and Hugging Face's gradient checkpointing (and dropout) act only in train mode, so a
+    # run whose old log-probs came from the cache would otherwise keep every layer's activations.
+    policy.train()
     everyone = [i for rank in step_plan for micro in rank for i in micro]
     # The loss is a sum over the step's units divided by their count over ALL ranks and
     # micro-batches; every rank knows the plan, so no collective is needed for it.

@@ -35,7 +35,7 @@ from pruner.manifest import (Output, OutputLock, RunStateError, build_manifest, 
 from pruner.metrics import MetricsLogger, peak_memory_gib, plot_metrics
 from pruner.model_files import load_tokenizer, tokenizer_fingerprint
 from pruner.modeling import prepare_model
-from pruner.onpolicy import resample, round_configs
+from pruner.onpolicy import export_round_model, resample, round_configs
 from pruner.plan import check_memory_plan
 from pruner.old_logps import attach_response_offsets, old_logprobs
 from pruner.step import LossSpec, StepResult, train_step
@@ -46,8 +46,8 @@ EMBEDDED_LR = 2e-5       # the embedded default: a 1M-parameter model trained fr
 
 # Flags that may change between a run and its --resume: where to stop, how often to save, what to
 # show or export, and memory-only switches that leave the numbers as they are.
-VOLATILE = ("out", "resume", "overwrite", "stop_after", "ckpt_every", "keep_checkpoints", "export", "tensorboard",
-            "max_bad_steps", "meta_init", "activation_checkpointing")
+VOLATILE = ("out", "resume", "overwrite", "stop_after", "ckpt_every", "keep_checkpoints", "final_checkpoint", "export",
+            "tensorboard", "max_bad_steps", "meta_init", "activation_checkpointing", "until_round")
 
 
 @dataclass
@@ -83,6 +83,7 @@ def train(cfg: TrainConfig) -> Path | None:
     check_inputs(cfg, data, d.world_size)
     if cfg.rounds > 1:  # the rounds re-sample with the first set's recorded settings: are they all there?
         round_configs(Path(cfg.data), Path(cfg.out), 1, cfg.round_samples)
+        check_round_placement(cfg, d)
     run_lock = claim_run_folder(cfg, tokenizer, d)  # noqa: F841 - held (rank 0) until train() returns
     if d.is_main:
         Path(cfg.out).mkdir(parents=True, exist_ok=True)
@@ -94,6 +95,8 @@ def train(cfg: TrainConfig) -> Path | None:
     t_start = time.perf_counter()
     rounds = min(cfg.rounds, math.ceil(run.total_steps / run.steps_per_round))
     for round_index in range(run.step // run.steps_per_round, rounds):
+        if round_index > 0 and round_index == cfg.until_round:  # the round driver samples it, outside torchrun
+            return hand_over(run, round_index)
         if round_index > 0:  # on-policy round: sample from the current policy
             data, old_logps = round_data(run, round_index)
         if not train_round(run, data, old_logps, round_index):
@@ -135,11 +138,34 @@ def round_data(run: Run, round_index: int) -> tuple[dict, torch.Tensor]:
     cfg, d = run.cfg, run.d
     at_start = run.step == round_index * run.steps_per_round  # else resumed mid-round: the round is on disk
     model_dir, trainset = resample(run.policy, Path(cfg.data), run.out, round_index, cfg.model, d,
-                                   samples_per_problem=cfg.round_samples, at_round_start=at_start)
+                                   samples_per_problem=cfg.round_samples, at_round_start=at_start,
+                                   sample_here=not cfg.until_round)
     data, _ = load_training_data(replace(cfg, data=str(trainset)))
     check_inputs(cfg, data, d.world_size, source=str(trainset))
     return data, _old_logprobs(run.policy, data, trainset, str(model_dir), cfg, d, run.pad_id,
                                may_compute=at_start)
+
+
+def check_round_placement(cfg: TrainConfig, d: Dist) -> None:
+    """On GPUs a round is never sampled from inside the trainer: rank 0's vLLM would share a GPU with
+    FSDP shards and AdamW state while every other rank waits in a collective past its timeout."""
+    if d.device.type == "cuda" and not cfg.until_round:
+        raise ValueError(f"--rounds {cfg.rounds} on GPUs: run the rounds through the round driver, which samples "
+                         "between torchrun launches: python -m pruner.rounds --nproc-per-node N -- <these flags>")
+
+
+def hand_over(run: Run, round_index: int) -> None:
+    """The end of round `round_index - 1` under the round driver: a checkpoint at this step (the next
+    launch resumes from it) and the policy exported as the round's sampling model; then exit."""
+    latest = latest_checkpoint(run.out / "checkpoints")
+    if latest is None or not latest.name.endswith(f"{run.step:07d}"):
+        save_checkpoint(run.out / "checkpoints", run.step, run.policy, run.optimizer, run.scheduler,
+                        {"round": round_index - 1}, run.d, keep=run.cfg.keep_checkpoints)
+    built = export_round_model(run.policy, Path(run.cfg.data), run.out, round_index, run.cfg.model, run.d,
+                               samples_per_problem=run.cfg.round_samples)
+    print0(f"round {round_index}: {'already built' if built else 'policy exported'} at step {run.step}; "
+           "the round driver samples it")
+    return _finish(run, final=False)
 
 
 def train_round(run: Run, data: dict, old_logps: torch.Tensor, round_index: int) -> bool:
@@ -171,7 +197,8 @@ def _step(run: Run, data: dict, old_logps: torch.Tensor, step_plan: list, round_
         return True
     run.logger.log(_step_row(result, data, step_plan, step=run.step, round_index=round_index, epoch=epoch, lr=lr,
                              elapsed=time.perf_counter() - t_step, device=run.d.device))
-    if run.step % cfg.ckpt_every == 0 or run.step in (run.total_steps, cfg.stop_after):
+    last = run.step == run.total_steps and cfg.final_checkpoint
+    if run.step % cfg.ckpt_every == 0 or last or run.step == cfg.stop_after:
         save_checkpoint(run.out / "checkpoints", run.step, run.policy, run.optimizer, run.scheduler,
                         {"round": round_index}, run.d, keep=cfg.keep_checkpoints)
     return not (cfg.stop_after and cfg.stop_after <= run.step < run.total_steps)
