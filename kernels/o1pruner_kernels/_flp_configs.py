@@ -18,7 +18,6 @@ import time
 
 import triton
 
-from ._backend import interpreting
 
 # (block_n, block_v, block_d, num_warps, num_stages)
 _FWD = {
@@ -78,11 +77,11 @@ def prune_for_dtype(kind: str):
     return prune
 
 
-def autotune_enabled() -> bool:
+def autotune_enabled(interpreted: bool) -> bool:
     """Whether launches without tile options autotune: on GPUs unless O1PRUNER_AUTOTUNE=0; in the
     CPU interpreter only with O1PRUNER_AUTOTUNE=1 (slow: every candidate runs, interpreted)."""
     flag = os.environ.get("O1PRUNER_AUTOTUNE", "")
-    return flag == "1" if interpreting() else flag != "0"
+    return flag == "1" if interpreted else flag != "0"
 
 
 def host_clock_bench(kernel_call, quantiles=None, **_) -> float | list[float]:
@@ -102,11 +101,11 @@ def host_clock_bench(kernel_call, quantiles=None, **_) -> float | list[float]:
 _CACHE_RESULTS = "cache_results" in inspect.signature(triton.autotune).parameters
 
 
-def autotune(kernel, kind: str, key: list[str], reset_to_zero: list[str] | None = None):
+def autotune(kernel, kind: str, key: list[str], interpreted: bool, reset_to_zero: list[str] | None = None):
     """`triton.autotune` of one fused LM-head kernel over its candidates (pruned to the operand size),
     with winners cached on disk where Triton supports it and the host-clock timer in the interpreter."""
     extra = {"cache_results": True} if _CACHE_RESULTS else {}
-    if interpreting():
+    if interpreted:
         extra["do_bench"] = host_clock_bench
     return triton.autotune(configs=triton_configs(kind), key=key, reset_to_zero=reset_to_zero,
                            prune_configs_by={"early_config_prune": prune_for_dtype(kind)}, **extra)(kernel)

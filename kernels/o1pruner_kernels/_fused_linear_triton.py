@@ -181,14 +181,14 @@ _TILE_KEYS = ("block_n", "block_v", "block_d", "num_warps", "num_stages")
 # tuning: the forward writes every column of its partials, the dz backward writes all of dz, and
 # the atomic backward's outputs are zeroed by the tuner before each run (reset_to_zero).
 _fwd_tuned = fc.autotune(
-    _flp_fwd_kernel, "fwd", key=["n_bucket", "V", "D", "WITH_ENT", "I64"],
+    _flp_fwd_kernel, "fwd", key=["n_bucket", "V", "D", "WITH_ENT", "I64"], interpreted=interpreting(),
 )
 _bwd_dz_tuned = fc.autotune(
-    _flp_bwd_kernel, "bwd_dz", key=["n_bucket", "V", "D", "HAS_ENT_GRAD", "I64"],
+    _flp_bwd_kernel, "bwd_dz", key=["n_bucket", "V", "D", "HAS_ENT_GRAD", "I64"], interpreted=interpreting(),
 )
 _bwd_atomic_tuned = fc.autotune(
     _flp_bwd_kernel, "bwd_atomic", key=["n_bucket", "V", "D", "HAS_ENT_GRAD", "NEED_DH", "NEED_DW", "I64"],
-    reset_to_zero=["dh_ptr", "dw_ptr"],
+    interpreted=interpreting(), reset_to_zero=["dh_ptr", "dw_ptr"],
 )
 
 
@@ -218,7 +218,7 @@ def _config(tuning: dict, dtype: torch.dtype) -> dict:
     # Tiles: autotuned unless some tile option is given (then the rest come from the kernel's
     # default candidate, or the interpreter's small blocks) or autotuning is off (on GPUs unless
     # O1PRUNER_AUTOTUNE=0; in the interpreter only with O1PRUNER_AUTOTUNE=1).
-    cfg["autotune"] = fc.autotune_enabled() and all(cfg[k] is None for k in _TILE_KEYS)
+    cfg["autotune"] = fc.autotune_enabled(small) and all(cfg[k] is None for k in _TILE_KEYS)
     # IEEE fp32 dot: TF32 would lose ~3 decimal digits of the logits for fp32 inputs.
     cfg["prec"] = "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
     cfg["upcast"] = small
