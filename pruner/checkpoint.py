@@ -120,6 +120,9 @@ def _ranks_written(checkpoint: Path) -> int:
 def checkpoint_problem(checkpoint: Path, d: Dist) -> tuple[str, str] | None:
     """What this rank finds wrong with `checkpoint`, before any weight is read: None, or (kind, message)
     where kind is "damaged" (an earlier checkpoint may do), "unsafe" or "mismatch" (stop)."""
+    if not checkpoint.is_dir():
+        return ("damaged", f"{checkpoint}: not found by this process (checkpoints must be on a filesystem "
+                           "every process sees)")
     written = _ranks_written(checkpoint)
     if written and written != d.world_size:
         return ("mismatch", f"{checkpoint}: written by {written} process(es), this run has {d.world_size}; resume "
@@ -140,24 +143,23 @@ def resume_checkpoint(root: Path, d: Dist) -> Path | None:
     `.damaged`, so pruning never keeps it over a good one) and the log says so; a crafted one, or one
     of another world size, stops the run on every rank. None: there is no checkpoint at all."""
     names = decided_by_main(lambda: [p.name for p in reversed(checkpoints(root))])
-    skipped: list[str] = []
+    skipped: list[tuple[str, str]] = []
     for name in names:
-        problems = [(r, p) for r, p in enumerate(all_gather_object(checkpoint_problem(root / name, d))) if p]
-        fatal = [(r, p) for r, p in problems if p[0] != "damaged"]
+        found = [(r, p) for r, p in enumerate(all_gather_object(checkpoint_problem(root / name, d))) if p]
+        said = lambda items: "; ".join(dict.fromkeys(  # noqa: E731
+            f"rank {r}: {m}" if d.world_size > 1 else m for r, (_, m) in items))
+        fatal = [(r, p) for r, p in found if p[0] != "damaged"]
         if fatal:
-            kind, message = fatal[0][1]
-            raise (UnsafeFileError if kind == "unsafe" else FileNotFoundError)(
-                "; ".join(f"rank {r}: {m}" if d.world_size > 1 else m for r, (_, m) in fatal))
-        if not problems:
-            _set_aside(root, skipped, name, d)
+            raise (UnsafeFileError if fatal[0][1][0] == "unsafe" else FileNotFoundError)(said(fatal))
+        if not found:
+            _set_aside(root, [n for n, _ in skipped], name, d)
             return root / name
-        reasons = "; ".join(dict.fromkeys(m for _, (_, m) in problems))
-        print0(f"checkpoint {root / name} is damaged: {reasons}")
-        skipped.append(name)
+        print0(f"checkpoint {root / name} is damaged: {said(found)}")
+        skipped.append((name, said(found)))
     if skipped:
-        raise DamagedFileError(f"no complete checkpoint in {root}: every one is damaged ({', '.join(skipped)}; the "
-                               "log names each file). Nothing to resume: rerun with --overwrite to start afresh, or "
-                               "restore the folder from a copy")
+        raise DamagedFileError(f"no checkpoint in {root} is complete: " + "; ".join(m for _, m in skipped)
+                               + ". Nothing to resume: restore the folder from a copy, or rerun with --overwrite "
+                               "to start afresh")
     return None
 
 
@@ -199,13 +201,16 @@ def save_checkpoint(root: Path, step: int, model: nn.Module, optimizer: torch.op
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, d: Dist) -> dict[str, Any]:
     """Load `path` into the model, optimizer, schedule and RNGs; the trainer state as a dict."""
-    trainer = read_trainer_state(path, d.rank)  # first: a missing or damaged file stops before any weight moves
+    # first: a crafted, missing or damaged file stops here, before any weight moves
+    trainer = read_trainer_state(path, d.rank)
+    metadata = read_dcp_metadata(path)
+    check_dcp_files(path, metadata)
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
     try:
-        dcp.load(state, checkpoint_id=str(path), storage_reader=SafeFileSystemReader(str(path)),
+        dcp.load(state, checkpoint_id=str(path), storage_reader=SafeFileSystemReader(path, metadata),
                  planner=SafeLoadPlanner(path))
-    except Exception as exc:  # torch wraps every rank's failure into one CheckpointException
+    except BaseException as exc:  # torch wraps every rank's failure into a CheckpointException (a BaseException)
         inner = unwrap_checkpoint_error(exc)
         if inner is exc:
             raise

@@ -21,6 +21,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -110,18 +111,23 @@ def check_dcp_files(path: Path, metadata: Metadata) -> None:
 
 
 class SafeFileSystemReader(FileSystemReader):
-    """torch's DCP reader, with the metadata read through the restricted unpickler."""
+    """torch's DCP reader, handing out metadata already read through the restricted unpickler
+    (torch's own read_metadata unpickles the file; on a failure it also falls back to per-rank
+    metadata files and turns the first error into a bare AssertionError)."""
+
+    def __init__(self, path: Path, metadata: Metadata):
+        super().__init__(str(path))
+        self.checked = metadata
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        rank = kwargs.get("rank")
-        file = Path(self._get_metadata_path(rank))
-        metadata = read_dcp_metadata(file)
-        if getattr(metadata, "storage_meta", None) is None:
+        if kwargs.get("rank") is not None:  # a per-rank metadata file: read it through the same gate
+            return read_dcp_metadata(Path(self._get_metadata_path(kwargs["rank"])))
+        if getattr(self.checked, "storage_meta", None) is None:
             from torch.distributed.checkpoint.metadata import StorageMeta
 
-            metadata.storage_meta = StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
-        return metadata
+            self.checked.storage_meta = StorageMeta()
+        self.checked.storage_meta.load_id = self.load_id
+        return self.checked
 
 
 class SafeLoadPlanner(DefaultLoadPlanner):
@@ -137,8 +143,8 @@ class SafeLoadPlanner(DefaultLoadPlanner):
         try:
             obj = torch.load(value, weights_only=True)
         except pickle.UnpicklingError as exc:
-            raise UnsafeFileError(f"{where}: refused entry {read_item.dest_index.fqn}: "
-                                  f"{str(exc).splitlines()[0][:300]}. Do not resume from this checkpoint") from None
+            raise UnsafeFileError(f"{where}: refused entry {read_item.dest_index.fqn}: {_refusal(exc)}. Do not "
+                                  "resume from this checkpoint; delete it, or ask whoever gave you the folder") from None
         self._store(read_item, obj)
 
     def _store(self, read_item: Any, obj: Any) -> None:
@@ -149,6 +155,14 @@ class SafeLoadPlanner(DefaultLoadPlanner):
             set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
         else:
             self.state_dict[read_item.dest_index.fqn] = obj
+
+
+def _refusal(exc: BaseException) -> str:
+    """What torch's weights-only unpickler refused, from its long message: the global it names."""
+    found = re.search(r"GLOBAL ([\w.]+)", str(exc)) or re.search(r"[Uu]nsupported operand ([\w.]+)", str(exc))
+    if found:
+        return f"it loads {found.group(1)}, which is not data (a crafted pickle)"
+    return f"not a weights-only pickle ({str(exc).splitlines()[0][:200]})"
 
 
 def unwrap_checkpoint_error(exc: BaseException) -> BaseException:
@@ -174,6 +188,7 @@ def load_weights_only(path: Path) -> Any:
         with torch.serialization.safe_globals(allowed + [reconstruct]):
             return torch.load(path, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as exc:
-        raise UnsafeFileError(f"{path}: refused: {str(exc).splitlines()[0][:300]}") from None
+        raise UnsafeFileError(f"{path}: refused: {_refusal(exc)}. Do not resume from this checkpoint; delete it, "
+                              "or ask whoever gave you the folder") from None
     except (EOFError, RuntimeError, OSError) as exc:
         raise DamagedFileError(f"{path}: unreadable ({type(exc).__name__}: {str(exc)[:200]})") from None
