@@ -142,7 +142,8 @@ def resume_checkpoint(root: Path, d: Dist) -> Path | None:
     lists, every rank checks its own view, all agree). A damaged newer one is set aside (renamed
     `.damaged`, so pruning never keeps it over a good one) and the log says so; a crafted one, or one
     of another world size, stops the run on every rank. None: there is no checkpoint at all."""
-    names = decided_by_main(lambda: [p.name for p in reversed(checkpoints(root))])
+    # rank 0's listing, and its spelling of the folder, so every rank says the same
+    shown, names = decided_by_main(lambda: (str(root), [p.name for p in reversed(checkpoints(root))]))
     skipped: list[tuple[str, str]] = []
     for name in names:
         found = [(r, p) for r, p in enumerate(all_gather_object(checkpoint_problem(root / name, d))) if p]
@@ -157,7 +158,7 @@ def resume_checkpoint(root: Path, d: Dist) -> Path | None:
         print0(f"checkpoint {root / name} is damaged: {said(found)}")
         skipped.append((name, said(found)))
     if skipped:
-        raise DamagedFileError(f"no checkpoint in {root} is complete: " + "; ".join(m for _, m in skipped)
+        raise DamagedFileError(f"no checkpoint in {shown} is complete: " + "; ".join(m for _, m in skipped)
                                + ". Nothing to resume: restore the folder from a copy, or rerun with --overwrite "
                                "to start afresh")
     return None
