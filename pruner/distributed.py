@@ -16,9 +16,12 @@ import datetime
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -147,6 +150,56 @@ def broadcast_object(obj: object, src: int = 0) -> object:
     device = group_device()
     dist.broadcast_object_list(box, src=src, device=device if device.type == "cuda" else None)
     return box[0]
+
+
+def all_gather_object(obj: object) -> list:
+    """Every rank's picklable `obj`, in rank order (`[obj]` in a world of one)."""
+    if not initialized():
+        return [obj]
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def decided_by_main(decide: Callable[[], T]) -> T:
+    """`decide()` run on rank 0 only, its result (or its exception) handed to every rank.
+
+    For every choice made by looking at the filesystem (is a cache there, which checkpoint is the
+    latest): without a shared filesystem, or with NFS lag, ranks looking on their own would see
+    different things, take different paths and then wait forever in collectives the others never
+    call. Every rank must call this at the same point."""
+    result, error = None, None
+    if not initialized() or dist.get_rank() == 0:
+        try:
+            result = decide()
+        except Exception as exc:  # handed over and raised on every rank alike
+            error = exc
+    result, error = broadcast_object((result, error))  # type: ignore[misc]
+    if error is not None:
+        raise error
+    return result  # type: ignore[return-value]
+
+
+def raise_together(error: BaseException | None) -> None:
+    """Raise on every rank when any rank has an error; return on every rank when none has.
+
+    Every rank calls this at the same point with its own outcome, so a rank that found a problem
+    (a NaN, a file it cannot read) never raises alone while the others wait in the next collective
+    until the timeout. The error raised names each failing rank, with the first one's type."""
+    if not initialized():
+        if error is not None:
+            raise error
+        return
+    failures = [(rank, e) for rank, e in enumerate(all_gather_object(error)) if e is not None]
+    if not failures:
+        return
+    first = failures[0][1]
+    message = "; ".join(f"rank {rank}: {e}" for rank, e in failures)
+    try:
+        combined = type(first)(message)
+    except Exception:  # an exception type that takes other arguments
+        combined = RuntimeError(f"{type(first).__name__}: {message}")
+    raise combined from (error if error is not None else None)
 
 
 def barrier() -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import resource
 from pathlib import Path
 
@@ -37,12 +38,17 @@ class MetricsLogger:
             self.writer = SummaryWriter(str(path.parent / "tensorboard"))
 
     def _truncate_after(self, step: int) -> None:
-        """A resumed run rewrites the steps after its checkpoint, so the file never repeats a step."""
+        """A resumed run rewrites the steps after its checkpoint, so the file never repeats a step; a torn
+        last line (a kill mid-write) is cut, and the log says so."""
         if not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        rows, torn = read_metrics(self.path)
+        if torn:
+            print(f"{self.path}: dropped a torn last line (a run killed mid-write): {torn[:80]!r}", flush=True)
+        kept = [row for row in rows if row.get("step", 0) <= step]
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(row) + "\n" for row in kept))
+        os.replace(tmp, self.path)  # a kill here leaves the old file or the new, never half of one
 
     def log(self, row: dict) -> None:
         if not self.enabled:
@@ -68,6 +74,28 @@ class MetricsLogger:
             self.writer.close()
 
 
+def read_metrics(path: Path) -> tuple[list[dict], str]:
+    """The rows of a metrics.jsonl, and its torn last line ('' if none). Each row is written with one
+    append, so only the last line can be cut short by a kill; a bad line anywhere else is an error
+    naming file:line."""
+    lines = path.read_text(encoding="utf-8", errors="replace").split("\n")
+    rows, torn = [], ""
+    numbered = [(n, line) for n, line in enumerate(lines, 1) if line.strip()]
+    for index, (lineno, line) in enumerate(numbered):
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise ValueError(f"a {type(row).__name__}, not an object")
+        except ValueError as exc:
+            if index == len(numbered) - 1:
+                torn = line
+                break
+            raise ValueError(f"{path}:{lineno}: not a metrics row ({exc}); delete that line, or the file "
+                             "(a log: deleting it loses only the curves of the steps before)") from None
+        rows.append(row)
+    return rows, torn
+
+
 def plot_metrics(jsonl: Path, png: Path, keys: tuple[str, ...] = (
         "loss", "mean_advantage", "mean_ratio", "clip_fraction", "grad_norm", "lr",
         "mean_response_tokens", "tokens_per_s")) -> Path | None:
@@ -80,7 +108,7 @@ def plot_metrics(jsonl: Path, png: Path, keys: tuple[str, ...] = (
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
+    rows = read_metrics(jsonl)[0]
     keys = tuple(k for k in keys if any(k in r for r in rows))
     cols = 4
     fig, axes = plt.subplots(math.ceil(len(keys) / cols), cols, figsize=(4 * cols, 3 * math.ceil(len(keys) / cols)),

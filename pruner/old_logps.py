@@ -7,7 +7,14 @@ on-policy round (`--rounds`) it is the policy exported at the round's start. Eit
 is fixed and the sampling policy is the trained policy's state before the set's first update, so
 log pi_old(y_t | x, y_<t) is computed once, before that update, and cached next to the training
 set as `old_logps-<model>-t<temperature>-<data>.safetensors`: no second model is
-ever held in memory and no step pays for an extra forward.
+ever held in memory and no step pays for an extra forward. A training set in a folder this
+process cannot write (read-only, someone else's) gets its cache in the run folder
+(`<out>/old_logps/`), and the log says so.
+
+Rank 0 alone decides whether a usable cache exists and hands the table to every rank: ranks that
+looked on their own (no shared filesystem, NFS lag) could disagree and then wait forever in
+collectives the others never call. A damaged cache (truncated, corrupt, not the expected table)
+is recomputed, and the log says so.
 """
 from __future__ import annotations
 
@@ -21,7 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from pruner.batching import collate, response_offsets, sequence_lengths
-from pruner.distributed import Dist, all_reduce_sum, barrier
+from pruner.distributed import Dist, all_reduce_sum, barrier, broadcast, decided_by_main, print0, raise_together
 from pruner.model_files import model_fingerprint
 
 
@@ -73,40 +80,105 @@ def compute_response_logprobs(policy: torch.nn.Module, data: dict, d: Dist, *, m
             p, r = int(data["prompt_lengths"][i]), int(data["response_lengths"][i])
             flat[offsets[i]:offsets[i + 1]] = logps[row, p - 1:p + r - 1]
     policy.train(was_training)
-    if not torch.isfinite(flat).all():
-        bad = (~torch.isfinite(flat)).sum().item()
-        raise FloatingPointError(f"old log-probs: {bad} non-finite values; the model or data is broken")
+    bad = int((~torch.isfinite(flat)).sum())
+    # a flag every rank sees before anyone raises: a rank raising alone leaves the others in the all-reduce
+    raise_together(FloatingPointError(f"old log-probs: {bad} non-finite values; the model or data is broken")
+                   if bad else None)
     # Each rank filled only its own samples: the sum over ranks is the whole table.
     return all_reduce_sum(flat)
 
 
 def old_logprobs(policy: torch.nn.Module, data: dict, trainset: Path, model_path: str, d: Dist, *,
-                 temperature: float, micro_batch: int, pad_id: int,
-                 may_compute: bool = True) -> tuple[torch.Tensor, Path, bool]:
+                 temperature: float, micro_batch: int, pad_id: int, may_compute: bool = True,
+                 run_dir: Path | None = None) -> tuple[torch.Tensor, Path, bool]:
     """The old log-probs of `trainset` (sampled by `model_path`, whose weights `policy` holds now):
     the cached table, or computed and cached. Returns (table, cache file, loaded from the cache).
-    `may_compute=False` (the policy has moved since the set was sampled): a missing cache is an error."""
+    `may_compute=False` (the policy has moved since the set was sampled): a missing cache is an error.
+    `run_dir`: where the cache goes (`run_dir/old_logps/`) when the training set's folder is not writable."""
     model_key, data_key = model_fingerprint(model_path), content_key(data)
-    path = cache_path(trainset, model_key, temperature, data_key)
-    if path.exists():
-        with safe_open(str(path), framework="pt") as fh:
+    places = [cache_path(trainset, model_key, temperature, data_key)]
+    if run_dir is not None:
+        places.append(cache_path(Path(run_dir) / "old_logps", model_key, temperature, data_key))
+    numel = int(data["response_offsets"][-1])
+    tables: dict[str, torch.Tensor] = {}
+
+    def decide() -> tuple[str | None, list[str]]:  # rank 0: the first usable cache, and what was wrong
+        damaged = []
+        for place in places:
+            flat, problem = read_cache(place, model_key, data_key, numel)
+            if flat is not None:
+                tables["hit"] = flat
+                return str(place), damaged
+            if problem:
+                damaged.append(f"{place}: {problem}")
+        return None, damaged
+
+    hit, damaged = decided_by_main(decide)
+    for note in damaged:
+        print0(f"old log-prob cache {note}; {'recomputing it' if may_compute else 'cannot recompute it'}")
+    if hit is not None:
+        return _share(tables.get("hit", torch.zeros(numel, dtype=torch.float32)), d), Path(hit), True
+    if not may_compute:
+        raise FileNotFoundError(f"{places[0]}: the old log-probs of {trainset} are not cached (or the cache is "
+                                "damaged) and the policy has been updated since that set was sampled; resume from "
+                                "the checkpoint at the round's start")
+    flat = compute_response_logprobs(policy, data, d, micro_batch=micro_batch, pad_id=pad_id)
+    meta = {"model": model_path, "temperature": str(temperature), "trainset": json.dumps(str(trainset)),
+            "model_key": model_key, "data_key": data_key}
+    path = decided_by_main(lambda: write_cache(flat, places, meta))
+    barrier()
+    return flat, path if path is not None else places[0], False
+
+
+def read_cache(path: Path, model_key: str, data_key: str, numel: int) -> tuple[torch.Tensor | None, str | None]:
+    """(the table, None) when `path` holds the expected table; (None, None) when there is no file;
+    (None, what is wrong) when the file is there but unusable (truncated, corrupt, another table)."""
+    if not path.exists():
+        return None, None
+    try:
+        with safe_open(str(path), framework="pt") as fh:  # safetensors: data only, never code
             stored = fh.metadata() or {}
             flat = fh.get_tensor("logps")
-        if (stored.get("data_key"), stored.get("model_key")) == (data_key, model_key) \
-                and flat.numel() == int(data["response_offsets"][-1]):
-            return flat, path, True
-    if not may_compute:
-        raise FileNotFoundError(f"{path}: the old log-probs of {trainset} are not cached and the policy has been "
-                                "updated since that set was sampled; resume from the checkpoint at the round's start")
-    flat = compute_response_logprobs(policy, data, d, micro_batch=micro_batch, pad_id=pad_id)
-    if d.is_main:
-        tmp = path.with_suffix(".tmp")
-        save_file({"logps": flat}, str(tmp), metadata={"model": model_path, "temperature": str(temperature),
-                                                       "trainset": json.dumps(str(trainset)),
-                                                       "model_key": model_key, "data_key": data_key})
-        os.replace(tmp, path)
-    barrier()
-    return flat, path, False
+    except Exception as exc:  # SafetensorError (truncated/corrupt header), a missing tensor, an I/O error
+        return None, f"unreadable ({type(exc).__name__}: {str(exc)[:200]})"
+    if (stored.get("data_key"), stored.get("model_key")) != (data_key, model_key):
+        return None, "written for another model or training set"
+    if flat.dtype != torch.float32 or flat.dim() != 1 or flat.numel() != numel:
+        return None, f"holds {flat.dtype} {tuple(flat.shape)}, expected float32 ({numel},)"
+    if not torch.isfinite(flat).all():
+        return None, "holds non-finite values"
+    return flat, None
+
+
+def write_cache(flat: torch.Tensor, places: list[Path], meta: dict[str, str]) -> Path | None:
+    """Write the table to the first place that takes it (rank 0); the log says where, when that is not the
+    first. None: nowhere (the run goes on; the next run computes the table again)."""
+    errors = []
+    for place in places:
+        tmp = place.with_name(place.name + ".tmp")
+        try:
+            place.parent.mkdir(parents=True, exist_ok=True)
+            save_file({"logps": flat}, str(tmp), metadata=meta)
+            os.replace(tmp, place)
+        except Exception as exc:  # OSError or SafetensorError: a read-only folder, a full disk
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
+            errors.append(f"{place.parent} is not writable ({type(exc).__name__}: {str(exc)[:120]})")
+            continue
+        if errors:
+            print0(f"old log-probs: {'; '.join(errors)}: cached in {place} instead")
+        return place
+    print0(f"old log-probs: not cached ({'; '.join(errors)}); a later run computes them again")
+    return None
+
+
+def _share(flat: torch.Tensor, d: Dist, chunk: int = 1 << 24) -> torch.Tensor:
+    """Rank 0's table on every rank, in chunks (a bounded copy on the group's device)."""
+    if d.world_size == 1 or flat.numel() == 0:
+        return flat
+    return torch.cat([broadcast(flat[i:i + chunk]) for i in range(0, flat.numel(), chunk)])
 
 
 def attach_response_offsets(data: dict) -> dict:

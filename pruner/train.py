@@ -25,7 +25,7 @@ from transformers import AutoConfig
 
 from pruner import distributed
 from pruner.batching import check_batch_sizes, plan_epoch, sequence_lengths, steps_per_epoch
-from pruner.checkpoint import export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
+from pruner.checkpoint import export_hf, load_checkpoint, resume_checkpoint, save_checkpoint
 from pruner.cli import parse_config
 from pruner.configs import TrainConfig
 from pruner.distributed import Dist, broadcast_object, print0
@@ -124,9 +124,11 @@ def start_run(cfg: TrainConfig, d: Dist, data: dict, pad_id: int) -> tuple[Run, 
     total_steps = min(steps_per_round * cfg.rounds, cfg.max_steps or steps_per_round * cfg.rounds)
     scheduler = cosine_with_warmup(optimizer, total_steps, cfg.warmup_ratio, cfg.min_lr_ratio)
     step = 0
-    if cfg.resume and (ckpt := latest_checkpoint(Path(cfg.out) / "checkpoints")) is not None:
+    if cfg.resume and (ckpt := resume_checkpoint(Path(cfg.out) / "checkpoints", d)) is not None:
         step = load_checkpoint(ckpt, policy, optimizer, scheduler, d)["step"]
         print0(f"resumed from {ckpt} at step {step}")
+    elif cfg.resume:  # said, not refused: one command line serves a job's first start and its restarts
+        print0(f"no checkpoint in {cfg.out}: starting from step 0")
     logger = MetricsLogger(Path(cfg.out) / "metrics.jsonl", enabled=d.is_main, total_steps=total_steps,
                            start_step=step, tensorboard=cfg.tensorboard)
     return Run(cfg, d, policy, optimizer, scheduler, logger, pad_id, plan_args, LossSpec.from_config(cfg),
@@ -260,7 +262,8 @@ def _old_logprobs(policy: torch.nn.Module, data: dict, trainset: Path, model: st
                   pad_id: int, *, may_compute: bool = True) -> torch.Tensor:
     t0 = time.perf_counter()
     flat, cache, hit = old_logprobs(policy, data, trainset, model, d, temperature=cfg.temperature,
-                                    micro_batch=cfg.micro_batch_size, pad_id=pad_id, may_compute=may_compute)
+                                    micro_batch=cfg.micro_batch_size, pad_id=pad_id, may_compute=may_compute,
+                                    run_dir=Path(cfg.out))
     print0(f"old log-probs (the sampling policy's): {'loaded' if hit else 'computed'} {flat.numel()} tokens in "
            f"{time.perf_counter() - t0:.1f}s ({cache})")
     return flat
