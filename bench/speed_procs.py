@@ -67,9 +67,10 @@ def kill_group(pgid: int, timeout: float = 10.0) -> None:
 
 
 def stop_all() -> None:
-    for pid, proc in list(_live.items()):
+    # No proc.wait() here: the handler interrupts Popen.wait, which holds the Popen's (non-reentrant) lock.
+    # A killed worker left as a zombie writes nothing; the exiting parent's end reaps it.
+    for pid in list(_live):
         kill_group(pid)
-        proc.wait()
         _live.pop(pid, None)
 
 

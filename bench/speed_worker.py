@@ -39,23 +39,27 @@ def model_prompts(tokenizer: Any, problems: list[dict], cfg: SpeedConfig, name: 
 
 
 def think_end_ids(tokenizer: Any) -> list[int] | None:
-    """Token ids of `</think>` for a model whose template thinks (None: no thinking to split off)."""
+    """For a model whose template thinks: the ids of `</think>` when they spell it exactly (R1 distills,
+    QwQ and Qwen3 have it as one added token), else [] (the response text is split instead).
+    None: no thinking to split off."""
     template = getattr(tokenizer, "chat_template", None) or ""
     if "<think>" not in (json.dumps(template) if isinstance(template, dict) else template):
         return None
-    return tokenizer(THINK_END, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(THINK_END, add_special_tokens=False)["input_ids"]
+    return ids if tokenizer.decode(ids) == THINK_END else []
 
 
 def thinking_tokens(token_ids: list[int], text: str, end_ids: list[int], tokenizer: Any) -> int:
     """Tokens of a response up to and including `</think>`; all of them when the block never closes."""
     width = len(end_ids)
-    for i in range(len(token_ids) - width + 1):
-        if token_ids[i:i + width] == end_ids:
-            return i + width
+    if width:
+        for i in range(len(token_ids) - width + 1):
+            if token_ids[i:i + width] == end_ids:
+                return i + width
     at = text.find(THINK_END)
     if at < 0:
         return len(token_ids)
-    # `</think>` tokenized differently inside the response: count the text up to it.
+    # No exact ids to look for: count the tokens of the text up to the tag.
     return min(len(token_ids), len(tokenizer(text[:at + len(THINK_END)], add_special_tokens=False)["input_ids"]))
 
 
@@ -65,7 +69,7 @@ def _records(problems: list[dict], outputs: list, tokenizer: Any, end_ids: list[
     records = []
     for p, outs in zip(problems, outputs):
         for c in outs:
-            think = thinking_tokens(c.token_ids, c.text, end_ids, tokenizer) if end_ids else None
+            think = thinking_tokens(c.token_ids, c.text, end_ids, tokenizer) if end_ids is not None else None
             records.append({"problem_id": str(p["id"]), "tokens": len(c.token_ids),
                             "correct": grade(c.text, str(p["answer"])), "truncated": c.finish_reason == "length",
                             "latency_s": c.latency_s, "min_tokens": p.get("min_tokens"), "thinking_tokens": think})
