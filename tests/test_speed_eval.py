@@ -120,6 +120,22 @@ def test_a_worker_reports_its_error_as_one_line_in_its_result(tmp_path):
     assert "Traceback" in (tmp_path / "vllm-base.log").read_text()
 
 
+def test_the_parent_turns_a_failed_worker_into_one_line(tmp_path):
+    # A real worker process that fails (here: called past the parent's own checks, on a set without answers);
+    # the parent's error is its message in one line, not a CalledProcessError.
+    from bench.speed import _run_worker, apply_preset
+    from pruner.configs import SpeedConfig
+
+    data = tmp_path / "noanswer.jsonl"
+    data.write_text(json.dumps({"problem": "1+1?"}) + "\n")
+    cfg, _ = apply_preset(SpeedConfig(data=[str(data)], modes=["greedy"], out=str(tmp_path)))
+    with pytest.raises(SystemExit) as stop:
+        _run_worker(cfg, "base", "/nowhere")
+    message = str(stop.value.code)
+    assert message.startswith("bench/speed.py: error: model base: ValueError: --data noanswer") and "\n" not in message
+    assert "no problem with a usable answer" in message and "vllm-base.log" in message
+
+
 # --- presets ---
 
 def test_a_preset_fills_what_is_unset_and_explicit_flags_win_out_loud():
@@ -347,5 +363,5 @@ def test_a_worker_whose_engine_fails_reports_one_line(tmp_path, tiny_model_dir):
                   "--out", str(out), timeout=600)
     assert proc.returncode != 0
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("bench/speed.py: error: model base: ") and "NoSuchModelForCausalLM" in last, proc.stderr[-3000:]
-    assert "CalledProcessError" not in proc.stderr
+    assert last.startswith("bench/speed.py: error: model base: "), proc.stderr[-3000:]
+    assert "CalledProcessError" not in proc.stderr and "Traceback" in (out / "vllm-base.log").read_text()
