@@ -111,7 +111,6 @@ def check_inputs(cfg: SpeedConfig, models: list[tuple[str, str]]) -> dict[str, i
     longest prompt + --max-new-tokens: what a worker would find only after its engine started.
     Returns problems per set."""
     from bench.speed_sets import load_set, resolve_sets
-    from bench.speed_worker import model_prompts
     from pruner.model_files import load_tokenizer
 
     problems = {s.label: load_set(s, cfg.limit) for s in resolve_sets(cfg.data)}
@@ -125,13 +124,27 @@ def check_inputs(cfg: SpeedConfig, models: list[tuple[str, str]]) -> dict[str, i
         tokenizer = load_tokenizer(path)
         for label, probs in problems.items():
             lengths = [len(tokenizer(p, add_special_tokens=False)["input_ids"])
-                       for p in model_prompts(tokenizer, probs, cfg, name)]
+                       for p in _prompts_or_error(tokenizer, probs, cfg, name)]
             worst = max(range(len(lengths)), key=lengths.__getitem__)
             if lengths[worst] + cfg.max_new_tokens > context:
                 raise ValueError(f"--data {label}, problem {probs[worst]['id']}: prompt of {lengths[worst]} tokens + "
                                  f"--max-new-tokens {cfg.max_new_tokens} exceeds model {name}'s context of "
                                  f"{context} tokens (max_position_embeddings of {path})")
     return {label: len(probs) for label, probs in problems.items()}
+
+
+def _prompts_or_error(tokenizer: Any, problems: list[dict], cfg: SpeedConfig, name: str) -> list[str]:
+    """The model's prompts; a template that cannot render them (some refuse a system turn) is a ValueError."""
+    from bench.speed_worker import model_prompts
+
+    try:
+        return model_prompts(tokenizer, problems, cfg, name)
+    except Exception as exc:  # noqa: BLE001 - jinja's TemplateError and the template's own raise_exception
+        if isinstance(exc, ValueError) and "chat template" in str(exc):
+            raise
+        raise ValueError(f"model {name}: its chat template cannot render the prompt with --system-prompt "
+                         f"{cfg.system_prompt!r} ({type(exc).__name__}: {exc}); pass --system-prompt '' "
+                         "if the template has no system turn") from None
 
 
 def _context_length(path: str) -> int | None:

@@ -93,6 +93,23 @@ def test_bad_sets_and_contexts_are_refused_before_any_engine(tmp_path, args, mes
     assert "Traceback" not in proc.stderr and "generating with" not in proc.stdout and not out.exists()
 
 
+def test_a_template_without_a_system_turn_and_a_system_prompt_are_refused_before_any_engine(tmp_path, tiny_model_dir):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    config["chat_template"] = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not "
+                               "supported') }}{% endif %}" + config["chat_template"])
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    for extra in (model / "chat_template.jinja",):
+        extra.unlink(missing_ok=True)
+    out = tmp_path / "out"
+    proc = _speed("--models", f"base={model}", "--max-new-tokens", "8", "--out", str(out))
+    assert proc.returncode != 0 and "model base: its chat template cannot render the prompt" in proc.stderr, proc.stderr
+    assert "System role not supported" in proc.stderr and "Traceback" not in proc.stderr and not out.exists()
+
+
 def test_a_set_without_a_usable_answer_is_refused_before_any_engine(tmp_path):
     # Before: the worker failed on it after its engine started, and the parent raised CalledProcessError.
     data = tmp_path / "noanswer.jsonl"
