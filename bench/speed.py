@@ -1,13 +1,20 @@
 """Inference-time benchmark: base and pruned models side by side, same prompts, same settings.
 
     python bench/speed.py                                   # embedded base vs the latest training run
-    python bench/speed.py --models base=Qwen/QwQ-32B-Preview pruned=runs/qwq/train/export \
-        --data ../shared/data/math500.jsonl --max-new-tokens 8192
+    python bench/speed.py --data embedded:test math500 gsm8k --limit 50
+    python bench/speed.py --preset o1pruner --models base=Qwen/QwQ-32B-Preview pruned=runs/qwq/train/export
 
 Each model is generated with vLLM in its own worker process (vLLM engines do not share a process
-well), one after another: a warm-up (not timed), then greedy decoding and sampling with `--n`
-samples per problem (temperature 0.6, top-p 0.95, pass@1 averaged). Results: results.json, a
-Markdown table and PNG plots in --out; comparisons are against the first model.
+well), one after another, one engine start per model for all the sets of `--data`: a warm-up (not
+timed), then per set greedy decoding and sampling with `--n` samples per problem (pass@1 averaged).
+`--preset` fills every setting left unset (`--help` lists them). Results: results.json, a Markdown
+table (one row per set and model plus the average, paired bootstrap intervals) and PNG plots in --out;
+comparisons are against the first model.
+
+Everything a user can get wrong is checked before the first engine starts: every model, every set
+(a file without a usable answer too), names that become files, and each model's context against
+`--max-new-tokens`. A worker's error reaches the console as one line; a stop signal to this process
+ends its workers first (bench/speed_procs.py).
 
 Its configuration is `pruner.configs.SpeedConfig`: the demo and bench/paper_comparisons.py build
 one and run it with `pruner.cli.run_stage("bench.speed", cfg)`, without importing this script.
@@ -17,22 +24,21 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shlex
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # `python bench/speed.py` from a checkout: `bench.*` and `pruner`
 
-from pruner.cli import parse_config, run_stage  # noqa: E402
-from pruner.configs import SpeedConfig  # noqa: E402
+from pruner.cli import parse_config, to_argv  # noqa: E402
+from pruner.configs import SPEED_PRESETS, SpeedConfig  # noqa: E402
 
-# The settings of each of SpeedConfig.modes' choices.
-MODES = {"greedy": dict(n=1, temperature=0.0, top_p=1.0), "sampled": dict(temperature=0.6, top_p=0.95)}
+# The settings of each of SpeedConfig.modes' choices (sampled: the config's n, temperature and top-p).
+MODES = {"greedy": dict(n=1, temperature=0.0, top_p=1.0), "sampled": dict()}
 # Fields that say where results go or how a worker reports, not what is measured: left out of the manifest.
 _NOT_MEASURED = ("out", "overwrite", "worker_out")
-
 
 
 def latest_export(root: Path = ROOT / "runs") -> Path | None:
@@ -41,6 +47,7 @@ def latest_export(root: Path = ROOT / "runs") -> Path | None:
 
 
 def parse_models(specs: list[str]) -> list[tuple[str, str]]:
+    from bench.speed_sets import check_model_name
     from pruner.embedded import default_model_path
 
     if not specs:
@@ -54,20 +61,40 @@ def parse_models(specs: list[str]) -> list[tuple[str, str]]:
         name, sep, path = spec.partition("=")
         if not sep or not name or not path:
             raise SystemExit(f"--models entries look like name=path, got {spec!r}")
-        models.append((name, str(default_model_path()) if path == "embedded" else path))
+        models.append((check_model_name(name), str(default_model_path()) if path == "embedded" else path))
     return models
 
 
+def apply_preset(cfg: SpeedConfig) -> tuple[SpeedConfig, list[str]]:
+    """Every unset setting from `--preset`; returns the filled config and one line per explicit flag that
+    differs from the preset (the explicit flag wins)."""
+    preset = SPEED_PRESETS[cfg.preset]
+    filled, notes = {}, []
+    for key, value in preset.items():
+        given = getattr(cfg, key)
+        if given is None:
+            filled[key] = value
+        elif given != value:
+            flag = "--" + key.replace("_", "-")
+            notes.append(f"{flag} {given!r} overrides preset {cfg.preset}'s {value!r}")
+    return dataclasses.replace(cfg, **filled), notes
+
+
 def check_config(cfg: SpeedConfig, models: list[tuple[str, str]]) -> None:
-    """Every flag and every model checked before the first engine starts."""
+    """Every flag, model and set checked before the first engine starts (cfg: preset applied)."""
+    from bench.speed_sets import resolve_sets
     from pruner.presample import check_model
     from pruner.problems import check_limit
 
     check_limit(cfg.limit, "--limit")
     for flag, value, low in (("--n", cfg.n, 1), ("--max-new-tokens", cfg.max_new_tokens, 1),
-                             ("--warmup", cfg.warmup, 0)):
+                             ("--warmup", cfg.warmup, 0), ("--temperature", cfg.temperature, 0)):
         if value < low:
             raise ValueError(f"{flag} must be >= {low}, got {value}")
+    if not 0 < cfg.top_p <= 1:
+        raise ValueError(f"--top-p must be in (0, 1], got {cfg.top_p}")
+    if not cfg.modes:
+        raise ValueError("--modes needs at least one of greedy, sampled")
     names = [name for name, _ in models]
     if len(set(names)) != len(names):
         raise ValueError(f"--models: repeated names in {names}")
@@ -76,82 +103,130 @@ def check_config(cfg: SpeedConfig, models: list[tuple[str, str]]) -> None:
     unknown = set(cfg.fast_prompt) - set(names)
     if unknown:
         raise ValueError(f"--fast-prompt names {sorted(unknown)} are not among --models {names}")
+    resolve_sets(cfg.data)
+
+
+def check_inputs(cfg: SpeedConfig, models: list[tuple[str, str]]) -> dict[str, int]:
+    """Load every set (a set with no usable answer fails here) and check each model's context against its
+    longest prompt + --max-new-tokens: what a worker would find only after its engine started.
+    Returns problems per set."""
+    from bench.speed_sets import load_set, resolve_sets
+    from pruner.model_files import load_tokenizer
+
+    problems = {s.label: load_set(s, cfg.limit) for s in resolve_sets(cfg.data)}
+    for name, path in models:
+        context = _context_length(path)
+        if context is None:
+            continue
+        if cfg.max_new_tokens >= context:
+            raise ValueError(f"--max-new-tokens {cfg.max_new_tokens} does not fit model {name}'s context of "
+                             f"{context} tokens (max_position_embeddings of {path})")
+        tokenizer = load_tokenizer(path)
+        for label, probs in problems.items():
+            lengths = [len(tokenizer(p, add_special_tokens=False)["input_ids"])
+                       for p in _prompts_or_error(tokenizer, probs, cfg, name)]
+            worst = max(range(len(lengths)), key=lengths.__getitem__)
+            if lengths[worst] + cfg.max_new_tokens > context:
+                raise ValueError(f"--data {label}, problem {probs[worst]['id']}: prompt of {lengths[worst]} tokens + "
+                                 f"--max-new-tokens {cfg.max_new_tokens} exceeds model {name}'s context of "
+                                 f"{context} tokens (max_position_embeddings of {path})")
+    return {label: len(probs) for label, probs in problems.items()}
+
+
+def _prompts_or_error(tokenizer: Any, problems: list[dict], cfg: SpeedConfig, name: str) -> list[str]:
+    """The model's prompts; a template that cannot render them (some refuse a system turn) is a ValueError."""
+    from bench.speed_worker import model_prompts
+
+    try:
+        return model_prompts(tokenizer, problems, cfg, name)
+    except Exception as exc:  # noqa: BLE001 - jinja's TemplateError and the template's own raise_exception
+        if isinstance(exc, ValueError) and "chat template" in str(exc):
+            raise
+        raise ValueError(f"model {name}: its chat template cannot render the prompt with --system-prompt "
+                         f"{cfg.system_prompt!r} ({type(exc).__name__}: {exc}); pass --system-prompt '' "
+                         "if the template has no system turn") from None
+
+
+def _context_length(path: str) -> int | None:
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path)
+    config = getattr(config, "text_config", None) or config  # multimodal wrappers keep it one level down
+    return getattr(config, "max_position_embeddings", None)
 
 
 def claim_out(cfg: SpeedConfig, models: list[tuple[str, str]]) -> Any:
     """Lock --out and check its manifest: results of another comparison are never mixed in."""
+    from bench.speed_sets import resolve_sets
     from pruner.manifest import Output, build_manifest, claim_output, file_digest
     from pruner.model_files import model_fingerprint
 
-    data = Path(cfg.data)
+    files = [Path(s.source) for s in resolve_sets(cfg.data) if Path(s.source).is_file()]
     inputs = {"models": {name: model_fingerprint(path) for name, path in models},
-              "data": file_digest(data) if data.is_file() else cfg.data}
+              "data": {s.label: file_digest(Path(s.source)) if Path(s.source).is_file() else s.source
+                       for s in resolve_sets(cfg.data)}}
     config = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _NOT_MEASURED}
     config["models"] = [f"{name}={path}" for name, path in models]
     return claim_output(Output.folder(cfg.out), build_manifest("bench", config, inputs),
                         what=f"benchmark folder {cfg.out}", resume=not cfg.overwrite, overwrite=cfg.overwrite,
-                        inputs=[p for _, p in models if Path(p).exists()] + ([data] if data.is_file() else []))
-
-
-def run_worker(cfg: SpeedConfig) -> None:
-    """Generate every mode for the one model of `cfg.models` and dump per-sample results as JSON."""
-    from pruner.generation import generate, open_llm
-    from pruner.grading import grade
-    from pruner.model_files import load_tokenizer
-    from pruner.problems import load_problems
-    from pruner.prompting import FAST_SOLVING_SUFFIX, build_prompt
-
-    (name, path), = parse_models(cfg.models)
-    problems = load_problems(cfg.data, limit=cfg.limit)
-    tokenizer = load_tokenizer(path)
-    suffix = FAST_SOLVING_SUFFIX if name in cfg.fast_prompt else ""
-    prompts = [build_prompt(tokenizer, p["problem"], suffix=suffix) for p in problems]
-    longest = max(len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts)
-    llm = open_llm(path, max_model_len=longest + cfg.max_new_tokens, seed=cfg.seed, disable_log_stats=False,
-                   log_file=Path(cfg.out) / f"vllm-{name}.log")
-    generate(llm, prompts[: cfg.warmup], max_tokens=cfg.max_new_tokens)  # warm-up, not timed
-    runs = []
-    for mode in cfg.modes:
-        settings = dict(MODES[mode])
-        settings.setdefault("n", cfg.n)
-        start = time.perf_counter()
-        outputs = generate(llm, prompts, max_tokens=cfg.max_new_tokens, seed=cfg.seed, **settings)
-        wall = time.perf_counter() - start
-        samples = [{"problem_id": str(p["id"]), "tokens": len(c.token_ids), "correct": grade(c.text, str(p["answer"])),
-                    "truncated": c.finish_reason == "length", "latency_s": c.latency_s,
-                    "min_tokens": p.get("min_tokens")}
-                   for p, outs in zip(problems, outputs) for c in outs]
-        runs.append({"model": name, "model_path": path, "dataset": cfg.data, "mode": mode,
-                     "n": settings["n"], "wall_time_s": wall, "samples": samples})
-        print(f"{name} {mode}: {len(samples)} samples in {wall:.1f}s", flush=True)
-    Path(cfg.worker_out).write_text(json.dumps(runs))
+                        inputs=[p for _, p in models if Path(p).exists()] + files)
 
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(SpeedConfig, argv, prog="bench/speed.py")
     if cfg.worker_out:
-        return run_worker(cfg)
-    models = parse_models(cfg.models)
-    check_config(cfg, models)
+        from bench.speed_worker import run_worker
+
+        raise SystemExit(run_worker(cfg))
+    cfg, overrides = apply_preset(cfg)
+    for line in overrides:
+        print(f"bench/speed.py: {line}", file=sys.stderr, flush=True)
+    try:
+        models = parse_models(cfg.models)
+        check_config(cfg, models)
+        sizes = check_inputs(cfg, models)
+    except (ValueError, FileNotFoundError) as exc:
+        raise SystemExit(f"bench/speed.py: error: {exc}") from None
+    print("sets: " + ", ".join(f"{label} ({n} problems)" for label, n in sizes.items()), flush=True)
     with claim_out(cfg, models):
-        benchmark(cfg, models)
+        benchmark(cfg, models, overrides)
 
 
-def benchmark(cfg: SpeedConfig, models: list[tuple[str, str]]) -> None:
-    """One worker process per model (fresh vLLM engine each), then the report in --out."""
+def _run_worker(cfg: SpeedConfig, name: str, path: str) -> dict:
+    """One model's worker in a fresh process (one vLLM engine); its result, or SystemExit with its error."""
+    from bench import speed_procs
+
+    raw = Path(cfg.out) / f"raw_{name}.json"
+    raw.unlink(missing_ok=True)
+    worker = dataclasses.replace(cfg, models=[f"{name}={path}"], overwrite=False, worker_out=str(raw),
+                                 fast_prompt=[name] if name in cfg.fast_prompt else [])
+    cmd = [sys.executable, "-m", "bench.speed", *to_argv(worker)]
+    print(f"[{name}] generating with {path}\n$ {shlex.join(cmd)}", flush=True)
+    code = speed_procs.run_worker(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                                  on_start=lambda pid: print(f"[{name}] worker pid {pid}", flush=True))
+    result = json.loads(raw.read_text()) if raw.is_file() else None
+    if result is None or "error" in result:
+        why = result["error"] if result else f"the worker exited with code {code} without a result"
+        where = result.get("log") if result else str(Path(cfg.out) / f"vllm-{name}.log")
+        raise SystemExit(f"bench/speed.py: error: model {name}: {why} (details: {where})")
+    return result
+
+
+def benchmark(cfg: SpeedConfig, models: list[tuple[str, str]], overrides: list[str] = ()) -> None:
+    """One worker process per model (fresh vLLM engine each, all sets), then the report in --out."""
     from bench.speed_report import summarize, write_report
 
     out = Path(cfg.out)
-    runs = []
+    runs, timing = [], {}
     for name, path in models:
-        raw = out / f"raw_{name}.json"
-        # The worker is this benchmark narrowed to one model, in a fresh process (one vLLM engine each).
-        worker = dataclasses.replace(cfg, models=[f"{name}={path}"], overwrite=False, worker_out=str(raw),
-                                     fast_prompt=[name] if name in cfg.fast_prompt else [])
-        print(f"[{name}] generating with {path}", flush=True)
-        run_stage("bench.speed", worker, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
-        runs.extend(json.loads(raw.read_text()))
+        result = _run_worker(cfg, name, path)
+        runs.extend(result["runs"])
+        timing[name] = {"engine_start_s": result["engine_start_s"], "worker_s": result["worker_s"]}
     results = summarize(runs)
+    results["settings"] = {"preset": cfg.preset, "preset_values": SPEED_PRESETS[cfg.preset],
+                           "used": {k: getattr(cfg, k) for k in SPEED_PRESETS[cfg.preset]},
+                           "overrides": list(overrides), "limit": cfg.limit, "seed": cfg.seed}
+    results["timing"] = timing
     table = write_report(results, runs, out)
     print(table)
     print(f"\nwrote {out / 'results.json'}, {out / 'results.md'} and plots in {out} (vLLM logs: {out}/vllm-*.log)")

@@ -153,17 +153,42 @@ class TrainConfig:
 
 # bench/speed.py's flags: here, not in that script, because the demo and bench/paper_comparisons.py build it
 # (and `bench/` is not installed; `pruner.demo` runs it as `python -m bench.speed` from a checkout).
+# Published evaluation settings, by name (`--preset`). A flag left unset takes its preset's value; a flag given
+# explicitly wins, and the benchmark says so. "o1pruner": the O1-Pruner paper (greedy, 8192 tokens, its code's
+# system prompt, its MATH / GSM8K / GaoKao test sets); "dler": DLER and its successors (16 samples at
+# T 0.6 / top-p 0.95, 32k tokens, no system turn as R1 distills expect; Minerva and Olympiad are not in
+# ../shared/data); "embedded": what suits the embedded default model.
+SPEED_PRESETS: dict[str, dict] = {
+    "embedded": dict(data=["embedded:test"], modes=["greedy", "sampled"], n=4, temperature=0.6, top_p=0.95,
+                     max_new_tokens=1024, system_prompt=DEFAULT_SYSTEM_PROMPT),
+    "o1pruner": dict(data=["o1pruner/math_test", "o1pruner/gsm8k", "o1pruner/gaokao"], modes=["greedy"], n=1,
+                     temperature=0.0, top_p=1.0, max_new_tokens=8192, system_prompt=DEFAULT_SYSTEM_PROMPT),
+    "dler": dict(data=["math500", "aime24", "amc23"], modes=["sampled"], n=16, temperature=0.6, top_p=0.95,
+                 max_new_tokens=32768, system_prompt=""),
+}
+
+
+def _preset_help() -> str:
+    shown = "; ".join(f"{name}: " + ", ".join(f"{k}={v!r}" for k, v in values.items())
+                      for name, values in SPEED_PRESETS.items())
+    return f"published settings for every flag left unset (explicit flags win): {shown}"
+
+
 @dataclass
 class SpeedConfig:
     """Inference-time benchmark: base and pruned models side by side, same prompts, same settings."""
 
-    models: list[str] = field(default_factory=list, metadata={"help": "name=path (HF folder or hub id; 'embedded' = the default model); the first is the base of every comparison; none = the embedded base vs the latest runs/*/export"})
+    models: list[str] = field(default_factory=list, metadata={"help": "name=path (HF folder or hub id; 'embedded' = the default model); the first is the base of every comparison; none = the embedded base vs the latest runs/*/export. Names: letters, digits, '.', '_', '-', '+' (they name files in --out)"})
     fast_prompt: list[str] = field(default_factory=list, metadata={"help": "names of models prompted with the paper's fast-solving suffix (the prompt baseline)"})
-    data: str = field(default="embedded:test", metadata={"help": "problems: a file of ../shared/data, embedded:test, or a hub id"})
-    limit: int | None = field(default=None, metadata={"help": "only the first N problems (N >= 1; omit for all)"})
-    modes: list[Literal["greedy", "sampled"]] = field(default_factory=lambda: ["greedy", "sampled"], metadata={"help": "decoding modes to measure"})
-    n: int = field(default=4, metadata={"help": "samples per problem in the sampled mode (pass@1 averaged)"})
-    max_new_tokens: int = field(default=1024, metadata={"help": "max response tokens"})
+    preset: Literal["embedded", "o1pruner", "dler"] = field(default="embedded", metadata={"help": _preset_help()})
+    data: list[str] | None = field(default=None, metadata={"help": "problem sets, one engine start per model for all: math500, gsm8k, aime24, amc23, o1pruner/math_test, o1pruner/gsm8k, o1pruner/gaokao (files of ../shared/data or $O1PRUNER_DATA), embedded:test, a .json/.jsonl/.parquet file, or a hub id org/name[:split]; unset = the preset's"})
+    limit: int | None = field(default=None, metadata={"help": "only the first N problems of each set (N >= 1; omit for all)"})
+    modes: list[Literal["greedy", "sampled"]] | None = field(default=None, metadata={"help": "decoding modes to measure; unset = the preset's"})
+    n: int | None = field(default=None, metadata={"help": "samples per problem in the sampled mode (pass@1 averaged); unset = the preset's"})
+    temperature: float | None = field(default=None, metadata={"help": "sampled mode's temperature; unset = the preset's"})
+    top_p: float | None = field(default=None, metadata={"help": "sampled mode's top-p; unset = the preset's"})
+    max_new_tokens: int | None = field(default=None, metadata={"help": "max response tokens; unset = the preset's"})
+    system_prompt: str | None = field(default=None, metadata={"help": "system prompt ('' for none); unset = the preset's"})
     warmup: int = field(default=8, metadata={"help": "prompts generated before timing starts"})
     seed: int = field(default=0, metadata={"help": "sampling seed"})
     out: str = field(default="runs/default/bench", metadata={"help": "results folder"})

@@ -29,8 +29,9 @@ def test_aes_penalises_accuracy_drops():
     assert waste_removed(100, 90, 100) is None  # nothing removable
 
 
-def _raw(model: str, mode: str, wall: float, samples: list[tuple[int, bool, bool, float]], min_tokens=None) -> dict:
-    return {"model": model, "model_path": f"/m/{model}", "dataset": "d", "mode": mode, "n": 1, "wall_time_s": wall,
+def _raw(model: str, mode: str, wall: float, samples: list[tuple[int, bool, bool, float]], min_tokens=None,
+         dataset: str = "d") -> dict:
+    return {"model": model, "model_path": f"/m/{model}", "dataset": dataset, "mode": mode, "n": 1, "wall_time_s": wall,
             "samples": [{"problem_id": str(i), "tokens": t, "correct": c, "truncated": tr, "latency_s": lat,
                          "min_tokens": min_tokens} for i, (t, c, tr, lat) in enumerate(samples)]}
 
@@ -51,7 +52,7 @@ def test_summary_and_comparisons_from_per_sample_records(tmp_path):
     assert c["aes"] == pytest.approx(0.5 + 3 * (0.25 / 0.75))
     assert c["waste_removed"] == pytest.approx((200 - 100) / (200 - 80))
     table = write_report(results, [base, pruned], tmp_path)
-    assert "| pruned vs base | greedy | 0.500 | 0.500 | +0.250 |" in table
+    assert "| d | pruned | 1.000 | +0.250 [" in table and "| 100.0 | 0.500 [" in table and "| 0.500 |" in table
     assert json.loads((tmp_path / "results.json").read_text())["comparisons"][0]["model"] == "pruned"
     assert (tmp_path / "lengths_greedy.png").stat().st_size > 1000
 
@@ -116,7 +117,7 @@ def test_speed_checks_every_model_and_flag_before_the_first_benchmark(tmp_path, 
 
 
 def test_speed_refuses_an_out_folder_of_another_comparison(tmp_path):
-    from bench.speed import claim_out
+    from bench.speed import apply_preset, claim_out
     from pruner.configs import SpeedConfig
     from pruner import default_model_path
     from pruner.manifest import RunStateError
@@ -124,7 +125,8 @@ def test_speed_refuses_an_out_folder_of_another_comparison(tmp_path):
     models = [("base", str(default_model_path())), ("twin", str(default_model_path()))]
 
     def cfg(**kw):
-        return SpeedConfig(limit=3, modes=["greedy"], max_new_tokens=64, warmup=1, out=str(tmp_path / "b"), **kw)
+        return apply_preset(SpeedConfig(limit=3, modes=["greedy"], max_new_tokens=64, warmup=1,
+                                        out=str(tmp_path / "b"), **kw))[0]
 
     with claim_out(cfg(), models):
         (tmp_path / "b" / "results.json").write_text("{}")
@@ -138,36 +140,41 @@ def test_speed_modes_are_the_configs_choices():
     import typing
 
     from bench.speed import MODES
-    from pruner.configs import SpeedConfig
+    from pruner.configs import SPEED_PRESETS, SpeedConfig
 
-    (choices,) = typing.get_args(typing.get_type_hints(SpeedConfig)["modes"])
-    assert set(typing.get_args(choices)) == set(MODES) == set(SpeedConfig().modes)
+    (choices,) = typing.get_args(typing.get_type_hints(SpeedConfig)["modes"])[:1]
+    (choices,) = typing.get_args(choices)
+    assert set(typing.get_args(choices)) == set(MODES) == set(SPEED_PRESETS["embedded"]["modes"])
 
 
 def test_speed_worker_is_the_benchmark_narrowed_to_one_model(tmp_path, monkeypatch):
     # The per-model worker is run from a SpeedConfig, not from hand-built flags: its command parses back
     # into the same configuration, with the one model, its fast-prompt choice and the file it writes.
-    from bench import speed
-    from pruner.cli import parse_config, to_argv
+    from bench import speed, speed_procs
+    from pruner.cli import parse_config
 
     calls = []
 
-    def fake_run_stage(module, cfg, **kw):
-        calls.append((module, cfg))
-        Path(cfg.worker_out).write_text(json.dumps([_raw(cfg.models[0].split("=")[0], "greedy", 1.0,
-                                                         [(10, True, False, 0.1)])]))
-        return ""
+    def fake_run_worker(cmd, **kw):
+        assert cmd[1:3] == ["-m", "bench.speed"]
+        cfg = parse_config(speed.SpeedConfig, cmd[3:])
+        calls.append(cfg)
+        Path(cfg.worker_out).write_text(json.dumps({"runs": [_raw(cfg.models[0].split("=")[0], "greedy", 1.0,
+                                                                   [(10, True, False, 0.1)])],
+                                                    "engine_start_s": 1.0, "worker_s": 2.0}))
+        return 0
 
-    monkeypatch.setattr(speed, "run_stage", fake_run_stage)
-    cfg = speed.SpeedConfig(models=["base=/m/a", "fast=/m/b"], fast_prompt=["fast"], limit=2, modes=["greedy"],
-                            out=str(tmp_path), overwrite=True)
+    monkeypatch.setattr(speed_procs, "run_worker", fake_run_worker)
+    cfg, _ = speed.apply_preset(speed.SpeedConfig(models=["base=/m/a", "fast=/m/b"], fast_prompt=["fast"], limit=2,
+                                                  modes=["greedy"], out=str(tmp_path), overwrite=True))
     speed.benchmark(cfg, speed.parse_models(cfg.models))
-    assert [m for m, _ in calls] == ["bench.speed", "bench.speed"]
-    base, fast = (c for _, c in calls)
+    base, fast = calls
     assert (base.models, base.fast_prompt, fast.models, fast.fast_prompt) == (["base=/m/a"], [], ["fast=/m/b"], ["fast"])
     assert fast.worker_out == str(tmp_path / "raw_fast.json") and not fast.overwrite and fast.limit == 2
-    assert parse_config(speed.SpeedConfig, to_argv(fast)) == fast
-    assert json.loads((tmp_path / "results.json").read_text())["comparisons"][0]["model"] == "fast"
+    assert fast == dataclasses.replace(cfg, models=["fast=/m/b"], fast_prompt=["fast"], overwrite=False,
+                                       worker_out=fast.worker_out)
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["comparisons"][0]["model"] == "fast" and results["timing"]["fast"]["engine_start_s"] == 1.0
 
 
 def test_every_bench_config_writes_under_runs_by_default():
