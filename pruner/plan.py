@@ -276,7 +276,8 @@ def check_memory_plan(cfg, d, data: dict) -> MemoryPlan:
     import os
     import resource
 
-    tokens = cfg.micro_batch_size * int(sequence_lengths(data).max())
+    # Packed rows hold at most the budget; a padded micro-batch is as wide as its longest sequence.
+    tokens = cfg.micro_batch_tokens or cfg.micro_batch_size * int(sequence_lengths(data).max())
     cuda = d.device.type == "cuda"
     memory = (torch.cuda.get_device_properties(d.device).total_memory if cuda
               else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")) / GIB
@@ -304,7 +305,7 @@ class PlanConfig:
     model: str = field(default="", metadata={"help": "a Hugging Face model folder (instead of --arch)"})
     gpus: int = field(default=1, metadata={"help": "world size (processes, one GPU each)"})
     gpu_memory_gib: float = field(default=80.0, metadata={"help": "memory of one GPU"})
-    micro_batch_tokens: int = field(default=16384, metadata={"help": "tokens in one micro-batch on one rank"})
+    micro_batch_tokens: int = field(default=16384, metadata={"help": "tokens in one micro-batch on one rank: the trainer's packed budget (its --micro-batch-tokens, which its own start-up check uses); for padded micro-batches, --micro-batch-size x the longest sequence"})
     activation_checkpointing: bool = field(default=False, metadata={"help": "recompute decoder blocks in backward"})
     compute_dtype: Literal["bfloat16", "float32"] = field(default="bfloat16", metadata={"help": "the trainer's compute dtype (bfloat16 = its default MixedPrecisionPolicy on CUDA)"})
     json: bool = field(default=False, metadata={"help": "print one JSON object instead of the table"})
