@@ -24,7 +24,7 @@ import torch.nn.functional as F
 NAME = "o1pruner_packed_sdpa"
 PATHS = ("flash-attn varlen", "FlexAttention document mask", "SDPA block mask", "per-sequence SDPA")
 _forced: str | None = None   # tests pin a path (set_path) to compare every backend on the CPU
-_mask_cache: dict[str, tuple[tuple, object]] = {}  # one entry per kind: the current row's mask, shared by all layers
+_mask_cache: dict[str, tuple[torch.Tensor, object]] = {}  # per kind: (the row's cu_seq_lens, its mask), for all layers
 
 
 def select_path(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> str:
@@ -54,11 +54,12 @@ def _document_ids(cu: torch.Tensor, total: int) -> torch.Tensor:
 
 
 def _cached(kind: str, cu: torch.Tensor, build: Callable[[], object]) -> object:
-    """The row's mask, built once per forward (every layer of the row sees the same `cu` tensor)."""
-    key = (cu.data_ptr(), cu.numel(), int(cu[-1]), cu._version)
+    """The row's mask, built once per forward: every layer of the row (and its recomputation under
+    activation checkpointing) gets the same `cu` object. The cache holds that object, so its memory
+    cannot be reused by the next row's boundaries while the entry lives (an address would be unsafe)."""
     hit = _mask_cache.get(kind)
-    if hit is None or hit[0] != key:
-        hit = (key, build())
+    if hit is None or hit[0] is not cu:
+        hit = (cu, build())
         _mask_cache[kind] = hit
     return hit[1]
 

@@ -270,3 +270,16 @@ def test_train_step_packed_equals_padded(loss, level):
     # with one ratio for every sequence (old = new - 0.05) the ratio statistics do not.
     for name in padded.stats if loss == "lh" else ():
         assert packed.stats[name] == pytest.approx(padded.stats[name], rel=1e-5, abs=1e-7), name
+
+
+def test_a_new_row_never_reuses_the_previous_rows_mask():
+    """Two rows of the same size with other boundaries, one after the other: each gets its own mask."""
+    torch.manual_seed(1)
+    packed_attention.set_path("SDPA block mask")
+    q, k, v = (torch.randn(1, 2, 12, 8, dtype=torch.float64) for _ in range(3))
+    for bounds in ([0, 5, 12], [0, 7, 12], [0, 5, 12]):
+        cu = torch.tensor(bounds, dtype=torch.int32)
+        got = packed_attention.packed_attention(q, k, v, cu)
+        expected = torch.cat([torch.nn.functional.scaled_dot_product_attention(
+            q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], is_causal=True) for s, e in zip(bounds[:-1], bounds[1:])], 2)
+        torch.testing.assert_close(got, expected)
