@@ -23,11 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pruner.batching import IGNORE_INDEX, MicroBatch, Plan, collate, plan_epoch
-
-# steps -> ranks -> micro-batches; an empty micro-batch is run as a zero-weighted dummy
-EMPTY: list[int] = []
-
+from pruner.batching import MicroBatch, Plan, collate, plan_epoch
 
 def check_budget(lengths: list[int], budget: int, *, source: str = "the training set",
                  pairs: list[list[int]] | None = None) -> None:
@@ -162,18 +158,3 @@ def packed_logprobs(policy: torch.nn.Module, row: PackedRow) -> torch.Tensor:
     """The policy's token log-probs of a packed row, in the padded [B, T] layout of `row.padded`."""
     logps = policy(row.input_ids, None, row.labels, position_ids=row.position_ids, **row.attention_kwargs())
     return unpack(logps, row)
-
-
-def padding_fraction(plan_or_micros: list, lengths: list[int], packed: bool) -> float:
-    """Fraction of computed positions that are padding: 0 for packed rows, else over padded micro-batches."""
-    if packed:
-        return 0.0
-    computed = sum(len(m) * max(lengths[i] for i in m) for m in plan_or_micros if m)
-    real = sum(lengths[i] for m in plan_or_micros for i in m)
-    return 1 - real / computed if computed else 0.0
-
-
-def labels_ignored(row: PackedRow) -> bool:
-    """True when every sequence boundary of the row is an ignored label (no cross-sequence target)."""
-    ends = row.cu_seq_lens[1:].long() - 1
-    return bool((row.labels[0, ends] == IGNORE_INDEX).all())
