@@ -61,7 +61,7 @@ class StepBenchConfig:
     data: str = field(default="runs/demo/trainset", metadata={"help": "--lengths demo: a training set folder (pruner/dataset.py)"})
     model: str = field(default="", metadata={"help": "--lengths demo: its model folder; empty = the embedded default"})
     global_batch: int = field(default=32, metadata={"help": "--compare packing: sequences per step"})
-    micro_batch_size: int = field(default=4, metadata={"help": "--compare packing: sequences per padded micro-batch"})
+    micro_batch_size: int = field(default=8, metadata={"help": "--compare packing: sequences per padded micro-batch (the trainer's default)"})
     micro_batch_tokens: int = field(default=2048, metadata={"help": "--compare packing: the packed budget"})
     median_tokens: int = field(default=192, metadata={"help": "--lengths lognormal: median sequence length"})
     max_tokens: int = field(default=2048, metadata={"help": "--lengths lognormal: the tail's cut-off"})
