@@ -10,10 +10,17 @@ paper: the policy AND a second reference model forwarded every step; full fp32 l
 Each recipe runs in its own process (`--recipe`), so peak memory is that recipe's alone. Run
 `python bench/train_step.py` (it launches both and writes a JSON + Markdown comparison), or under
 `torchrun --nproc_per_node 1` on a GPU to include FSDP2 as the trainer uses it.
+
+`--compare packing`: the trainer's step with padded micro-batches (`--micro-batch-size`, length-bucketed)
+against packed rows (`--micro-batch-tokens`) at the same global batch, over the same global steps, on
+`--lengths demo` (a training set folder, default the demo's, on its model) or `--lengths lognormal` (a
+long-tail synthetic set on `--preset`): tokens/s, the fraction of computed positions that are padding,
+peak memory and micro-batches per step.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import resource
@@ -48,7 +55,17 @@ class StepBenchConfig:
     warmup: int = field(default=1, metadata={"help": "untimed steps first"})
     device: Literal["auto", "cuda", "cpu"] = field(default="auto", metadata={"help": "'auto' (cuda when available), 'cuda' or 'cpu'"})
     activation_checkpointing: bool = field(default=False, metadata={"help": "recompute decoder blocks in backward"})
-    recipe: Literal["", "ours", "paper"] = field(default="", metadata={"help": "run one recipe in this process (internal); empty = launch both"})
+    recipe: Literal["", "ours", "paper", "padded", "packed"] = field(default="", metadata={"help": "run one recipe in this process (internal); empty = launch both"})
+    compare: Literal["paper", "packing"] = field(default="paper", metadata={"help": "'paper': ours against the paper's recipe; 'packing': padded against packed micro-batches"})
+    lengths: Literal["lognormal", "demo"] = field(default="lognormal", metadata={"help": "--compare packing: 'lognormal' (synthetic long tail on --preset) or 'demo' (the set in --data on --model)"})
+    data: str = field(default="runs/demo/trainset", metadata={"help": "--lengths demo: a training set folder (pruner/dataset.py)"})
+    model: str = field(default="", metadata={"help": "--lengths demo: its model folder; empty = the embedded default"})
+    global_batch: int = field(default=32, metadata={"help": "--compare packing: sequences per step"})
+    micro_batch_size: int = field(default=8, metadata={"help": "--compare packing: sequences per padded micro-batch (the trainer's default)"})
+    micro_batch_tokens: int = field(default=2048, metadata={"help": "--compare packing: the packed budget"})
+    median_tokens: int = field(default=192, metadata={"help": "--lengths lognormal: median sequence length"})
+    max_tokens: int = field(default=2048, metadata={"help": "--lengths lognormal: the tail's cut-off"})
+    packed_path: str = field(default="", metadata={"help": "pin the packed attention (pruner.packed_attention.PATHS); empty = by device"})
     torchrun: bool = field(default=False, metadata={"help": "launch each recipe under torchrun (FSDP2, 1 process)"})
     out: str = field(default="runs/bench/train_step", metadata={"help": "folder for the JSON + Markdown comparison"})
 
@@ -150,10 +167,89 @@ def paper_step(args, d) -> tuple[callable, int]:
     return step, n_params
 
 
+def lognormal_data(vocab: int, sequences: int, median: int, cap: int, seed: int = 1) -> dict:
+    """Long-thought-like lengths (log-normal, sigma 1: median `median`, tail to `cap`); prompts of 1/8."""
+    from pruner.old_logps import attach_response_offsets
+
+    g = torch.Generator().manual_seed(seed)
+    lengths = (torch.randn(sequences, generator=g) + math.log(median)).exp().round().long().clamp(16, cap)
+    offsets = torch.zeros(sequences + 1, dtype=torch.long)
+    offsets[1:] = torch.cumsum(lengths, 0)
+    prompts = (lengths // 8).clamp(min=1)
+    return attach_response_offsets({"input_ids": torch.randint(0, vocab, (int(offsets[-1]),), generator=g),
+                                    "offsets": offsets, "prompt_lengths": prompts, "response_lengths": lengths - prompts,
+                                    "advantages": torch.randn(sequences, generator=g)})
+
+
+def packing_setup(args, d) -> tuple[torch.nn.Module, dict, int]:
+    """The policy (the trainer's, without FSDP on one process) and the data of a packing comparison."""
+    from transformers import AutoModelForCausalLM
+
+    from pruner import packed_attention
+    from pruner.modeling import TokenLogprobs, shard_policy
+
+    if args.lengths == "demo":
+        from pruner.embedded import default_model_path
+        from pruner.old_logps import attach_response_offsets
+        from pruner.trainset import load_trainset
+
+        lm = AutoModelForCausalLM.from_pretrained(args.model or str(default_model_path())).to(d.device)
+        data = attach_response_offsets(load_trainset(Path(args.data)))
+    else:
+        lm = build_model(args.preset, d.device)
+        data = lognormal_data(lm.config.vocab_size, 8 * args.global_batch, args.median_tokens, args.max_tokens)
+    packed_attention.enable(lm)
+    packed_attention.set_path(args.packed_path or None)
+    return shard_policy(TokenLogprobs(lm), d), data, sum(p.numel() for p in lm.parameters())
+
+
+def packing_recipe(args, d) -> dict:
+    """Time the trainer's step over the same global steps, padded or packed; tokens are real tokens."""
+    from pruner import packed_attention
+    from pruner.batching import plan_epoch, sequence_lengths
+    from pruner.old_logps import compute_response_logprobs
+    from pruner.packing import plan_packed_epoch
+    from pruner.step import LossSpec, train_step
+
+    policy, data, n_params = packing_setup(args, d)
+    lengths = sequence_lengths(data).tolist()
+    packed = args.recipe == "packed"
+    common = dict(global_batch=args.global_batch, world_size=1, seed=0, epoch=0)
+    plan = (plan_packed_epoch(lengths, micro_batch_tokens=args.micro_batch_tokens, **common) if packed
+            else plan_epoch(lengths, micro_batch=args.micro_batch_size, **common))
+    plan = plan[:args.warmup + args.steps]
+    old = compute_response_logprobs(policy, data, d, micro_batch=args.micro_batch_size, pad_id=0, show_progress=False)
+    opt = torch.optim.AdamW(policy.parameters(), lr=1e-6)
+    seconds, tokens, computed, micros = 0.0, 0, 0, 0
+    for i, step_plan in enumerate(plan):
+        t = time.perf_counter()
+        train_step(policy, opt, data, step_plan, spec=LossSpec("lh"), d=d, pad_id=0, old_logps_flat=old,
+                   max_grad_norm=10.0, packed=packed)
+        if d.device.type == "cuda":
+            torch.cuda.synchronize()
+        if i < args.warmup:
+            continue
+        seconds += time.perf_counter() - t
+        batches = [m for m in step_plan[0] if m]
+        tokens += sum(lengths[j] for m in batches for j in m)
+        computed += sum(sum(lengths[j] for j in m) if packed else len(m) * max(lengths[j] for j in m) for m in batches)
+        micros += len(step_plan[0])
+    return {"recipe": args.recipe, "lengths": args.lengths, "params": n_params, "tokens_per_s": tokens / seconds,
+            "step_time_s": seconds / args.steps, "padding_fraction": 1 - tokens / computed,
+            "micro_batches_per_step": micros / args.steps, "tokens_per_step": tokens / args.steps,
+            "longest": max(lengths), "peak_memory_gib": _peak(d.device),
+            "attention": packed_attention.select_path(d.device) if packed else "transformers sdpa (padding mask)"}
+
+
 def run_recipe(args) -> dict:
     from pruner import distributed
 
     d = distributed.init(args.device)
+    if args.recipe in ("padded", "packed"):
+        result = {**packing_recipe(args, d), "device": torch.cuda.get_device_name(d.device)
+                  if d.device.type == "cuda" else platform.processor() or "cpu"}
+        distributed.shutdown()
+        return result
     step, n_params = (ours_step if args.recipe == "ours" else paper_step)(args, d)
     times = []
     for i in range(args.warmup + args.steps):
@@ -180,35 +276,62 @@ def run_recipe(args) -> dict:
     return result
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_config(StepBenchConfig, argv, prog="python bench/train_step.py")
-    if args.recipe:
-        print("RESULT " + json.dumps(run_recipe(args)), flush=True)
-        return
-    results = []
-    for recipe in ("ours", "paper"):
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"] \
-            if args.torchrun else [sys.executable]
-        cmd = launcher + [__file__, *to_argv(StepBenchConfig(**{**vars(args), "recipe": recipe, "torchrun": False}))]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(
-            [str(ROOT), str(ROOT / "kernels"), os.environ.get("PYTHONPATH", "")])})
-        line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
-        if proc.returncode or line is None:
-            sys.exit(f"{recipe} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-        results.append(json.loads(line[len("RESULT "):]))
+def launch(args, recipe: str) -> dict:
+    """One recipe in a fresh process (its peak memory is its own); its RESULT line."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"] \
+        if args.torchrun else [sys.executable]
+    cmd = launcher + [__file__, *to_argv(StepBenchConfig(**{**vars(args), "recipe": recipe, "torchrun": False}))]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(ROOT), str(ROOT / "kernels"), os.environ.get("PYTHONPATH", "")])})
+    line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+    if proc.returncode or line is None:
+        sys.exit(f"{recipe} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    return json.loads(line[len("RESULT "):])
+
+
+def packing_report(args, results: list[dict]) -> tuple[dict, list[str]]:
+    padded, packed = results
+    summary = {"runs": results, "speedup": packed["tokens_per_s"] / padded["tokens_per_s"],
+               "peak_memory_ratio": packed["peak_memory_gib"] / padded["peak_memory_gib"]}
+    lines = ["| micro-batches | tokens/s | padding | peak memory (GiB) | micro-batches/step | attention |",
+             "|---|---:|---:|---:|---:|---|"]
+    lines += [f"| {r['recipe']} | {r['tokens_per_s']:.0f} | {r['padding_fraction']:.1%} | {r['peak_memory_gib']:.2f} "
+              f"| {r['micro_batches_per_step']:.1f} | {r['attention']} |" for r in results]
+    what = (f"{args.data} on {args.model or 'the embedded model'}" if args.lengths == "demo" else
+            f"log-normal lengths, median {args.median_tokens}, cap {args.max_tokens}, {args.preset}")
+    lines.append(f"\npacked is {summary['speedup']:.2f}x the padded tokens/s at {summary['peak_memory_ratio']:.2f}x its "
+                 f"peak memory ({what}; global batch {args.global_batch}, padded {args.micro_batch_size} sequences, "
+                 f"packed {args.micro_batch_tokens} tokens per micro-batch; longest {padded['longest']}; "
+                 f"{results[0]['device']})")
+    return summary, lines
+
+
+def paper_report(args, results: list[dict]) -> tuple[dict, list[str]]:
     ours, paper = results
     summary = {"runs": results, "speedup": paper["step_time_s"] / ours["step_time_s"],
                "peak_memory_ratio": ours["peak_memory_gib"] / paper["peak_memory_gib"]}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    tag = f"train_step_{args.preset}_{'cuda' if torch.cuda.is_available() else 'cpu'}"
-    (out / f"{tag}.json").write_text(json.dumps(summary, indent=2))
     lines = ["| recipe | step time (s) | tokens/s | peak memory (GiB) |", "|---|---|---|---|"]
     lines += [f"| {r['recipe']} | {r['step_time_s']:.3f} | {r['tokens_per_s']:.0f} | {r['peak_memory_gib']:.2f} |"
               for r in results]
     lines.append(f"\nours is {summary['speedup']:.2f}x faster per step at "
                  f"{summary['peak_memory_ratio']:.2f}x the paper recipe's peak memory "
                  f"({args.preset}, batch {args.batch} x {args.seq} tokens, {results[0]['device']})")
+    return summary, lines
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_config(StepBenchConfig, argv, prog="python bench/train_step.py")
+    if args.recipe:
+        print("RESULT " + json.dumps(run_recipe(args)), flush=True)
+        return
+    packing = args.compare == "packing"
+    results = [launch(args, recipe) for recipe in (("padded", "packed") if packing else ("ours", "paper"))]
+    summary, lines = (packing_report if packing else paper_report)(args, results)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    name = f"packing_{args.lengths}" if packing else f"train_step_{args.preset}"
+    tag = f"{name}_{'cuda' if torch.cuda.is_available() else 'cpu'}"
+    (out / f"{tag}.json").write_text(json.dumps(summary, indent=2))
     (out / f"{tag}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -103,7 +103,8 @@ class TrainConfig:
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     max_grad_norm: float = field(default=10.0, metadata={"help": "gradient clipping norm (the paper: 10)"})
     global_batch_size: int = field(default=32, metadata={"help": "sequences per optimizer step over all processes"})
-    micro_batch_size: int = field(default=8, metadata={"help": "sequences per forward/backward on one process"})
+    micro_batch_size: int = field(default=8, metadata={"help": "sequences per forward/backward on one process (right-padded); not used when --micro-batch-tokens is set"})
+    micro_batch_tokens: int = field(default=0, metadata={"help": "padding-free training: each micro-batch is one packed row of at most N prompt+response tokens (position ids restart per sequence, no attention across sequences), balanced by tokens over processes; also the old-log-prob pass. Rule: when N > 0 it replaces --micro-batch-size, which is then ignored (the step still holds --global-batch-size sequences). N must hold the longest sequence (a DPO pair: both). 0 = padded micro-batches of --micro-batch-size"})
     temperature: float | None = field(default=None, metadata={"help": "temperature the log-probs are taken at; default = the sampling temperature recorded in the training set's meta (1.0 when it has none)"})
     seed: int = field(default=0, metadata={"help": "seed of the data order and of torch"})
     device: Literal["auto", "cuda", "cpu"] = field(default="auto", metadata={"help": "'auto' (cuda when available), 'cuda' or 'cpu'"})
@@ -146,7 +147,9 @@ class TrainConfig:
                              f"{self.ratio_level!r} (choose 'sequence' or 'token') is not a choice")
         if self.until_round > self.rounds:
             raise ValueError(f"--until-round {self.until_round} is past the last round (--rounds {self.rounds})")
-        if self.global_batch_size % self.micro_batch_size:
+        if self.micro_batch_tokens < 0:
+            raise ValueError(f"--micro-batch-tokens must not be negative, got {self.micro_batch_tokens}")
+        if not self.micro_batch_tokens and self.global_batch_size % self.micro_batch_size:
             raise ValueError(f"--global-batch-size {self.global_batch_size} is not divisible by "
                              f"--micro-batch-size {self.micro_batch_size}")
 

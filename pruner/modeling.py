@@ -21,7 +21,8 @@ from pruner.distributed import Dist, broadcast_buffers, decoder_blocks, print0
 
 
 class TokenLogprobs(nn.Module):
-    """forward(input_ids, attention_mask, labels) -> log pi(label_t | prefix) [B, T] fp32 (0 where ignored).
+    """forward(input_ids, attention_mask, labels[, position_ids, packed-row boundaries]) -> log pi(label_t | prefix)
+    [B, T] fp32 (0 where ignored).
 
     `attention_mask` None: no padding, causal attention alone (the trainer passes None for its unpadded
     micro-batches, so transformers neither syncs to inspect a mask nor builds one)."""
@@ -37,10 +38,13 @@ class TokenLogprobs(nn.Module):
         if getattr(head, "bias", None) is not None:
             raise ValueError(f"{type(lm).__name__}'s LM head has a bias, which the fused log-prob kernel does not take")
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                labels: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor,
+                position_ids: torch.Tensor | None = None, **attention_kwargs: object) -> torch.Tensor:
+        # A packed row (pruner/packing.py) comes with position_ids restarting per sequence and its
+        # boundaries in `attention_kwargs`, which transformers hands to every attention call.
         body = self.lm.get_decoder()
-        hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        hidden = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+                      **attention_kwargs).last_hidden_state
         # Inside the root FSDP forward the head's weight is the unsharded tensor, and its gradient
         # flows back into FSDP's reduce-scatter like any other parameter's.
         # Tied models (Qwen2.5-0.5B/1.5B) share this tensor with the embedding; FSDP2 manages it once.

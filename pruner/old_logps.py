@@ -29,6 +29,7 @@ from safetensors.torch import save_file
 
 from pruner.batching import collate, response_offsets, sequence_lengths
 from pruner.distributed import Dist, all_reduce_sum, barrier, broadcast, decided_by_main, print0, raise_together
+from pruner.packing import pack_collate, pack_for_inference, packed_logprobs
 from pruner.model_files import model_fingerprint
 
 
@@ -49,20 +50,41 @@ def cache_path(trainset: Path, model_key: str, temperature: float, data_key: str
     return trainset / f"old_logps-{model_key}-t{temperature:g}-{data_key}.safetensors"
 
 
-@torch.no_grad()
-def compute_response_logprobs(policy: torch.nn.Module, data: dict, d: Dist, *, micro_batch: int,
-                              pad_id: int, show_progress: bool = True) -> torch.Tensor:
-    """Flat fp32 tensor of `policy`'s log-probs of every response token, in sample order (see
-    response_offsets)."""
-    lengths = sequence_lengths(data).tolist()
+def _my_batches(lengths: list[int], world_size: int, rank: int, micro_batch: int,
+                micro_batch_tokens: int) -> tuple[list[list[int] | None], list[int]]:
+    """This rank's micro-batches (None: a repeat of `spare`, run only to join FSDP's collectives),
+    the same number on every rank; packed bins of <= `micro_batch_tokens` tokens when it is set."""
+    if micro_batch_tokens:
+        mine = pack_for_inference(lengths, micro_batch_tokens, world_size)[rank]
+        return [m or None for m in mine], next(m for m in mine if m)
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     batches = [order[i:i + micro_batch] for i in range(0, len(order), micro_batch)]
+    rounds = -(-len(batches) // world_size)
+    return [batches[r * world_size + rank] if r * world_size + rank < len(batches) else None
+            for r in range(rounds)], batches[0]
+
+
+@torch.no_grad()
+def _response_logps(policy: torch.nn.Module, data: dict, indices: list[int], d: Dist, pad_id: int,
+                    packed: bool) -> torch.Tensor:
+    """[B, T] log-probs of `indices`, aligned with their labels (padded layout either way)."""
+    if packed:
+        return packed_logprobs(policy, pack_collate(data, indices, pad_id=pad_id).to(d.device))
+    host = collate(data, indices, pad_id=pad_id)
+    batch = host.to(d.device)  # no mask without padding: no host sync in transformers (pruner/step.py)
+    return policy(batch.input_ids, batch.attention_mask if host.padded else None, batch.labels)
+
+
+@torch.no_grad()
+def compute_response_logprobs(policy: torch.nn.Module, data: dict, d: Dist, *, micro_batch: int,
+                              pad_id: int, show_progress: bool = True, micro_batch_tokens: int = 0) -> torch.Tensor:
+    """Flat fp32 tensor of `policy`'s log-probs of every response token, in sample order (see
+    response_offsets). `micro_batch_tokens` > 0: packed rows of at most that many tokens."""
+    lengths = sequence_lengths(data).tolist()
     offsets = data["response_offsets"]
     flat = torch.zeros(int(offsets[-1]), dtype=torch.float32)
     # FSDP's collectives need every rank to run the same number of forwards: pad with repeats.
-    rounds = -(-len(batches) // d.world_size)
-    mine = [batches[r * d.world_size + d.rank] if r * d.world_size + d.rank < len(batches) else None
-            for r in range(rounds)]
+    mine, spare = _my_batches(lengths, d.world_size, d.rank, micro_batch, micro_batch_tokens)
     iterator = mine
     if show_progress and d.is_main:
         from tqdm.auto import tqdm
@@ -71,9 +93,7 @@ def compute_response_logprobs(policy: torch.nn.Module, data: dict, d: Dist, *, m
     was_training = policy.training
     policy.eval()
     for indices in iterator:
-        host = collate(data, indices if indices is not None else batches[0], pad_id=pad_id)
-        batch = host.to(d.device)  # no mask without padding: no host sync in transformers (pruner/step.py)
-        logps = policy(batch.input_ids, batch.attention_mask if host.padded else None, batch.labels).float().cpu()
+        logps = _response_logps(policy, data, indices or spare, d, pad_id, bool(micro_batch_tokens)).float().cpu()
         if indices is None:
             continue
         for row, i in enumerate(indices):
@@ -90,7 +110,7 @@ def compute_response_logprobs(policy: torch.nn.Module, data: dict, d: Dist, *, m
 
 def old_logprobs(policy: torch.nn.Module, data: dict, trainset: Path, model_path: str, d: Dist, *,
                  temperature: float, micro_batch: int, pad_id: int, may_compute: bool = True,
-                 run_dir: Path | None = None) -> tuple[torch.Tensor, Path, bool]:
+                 run_dir: Path | None = None, micro_batch_tokens: int = 0) -> tuple[torch.Tensor, Path, bool]:
     """The old log-probs of `trainset` (sampled by `model_path`, whose weights `policy` holds now):
     the cached table, or computed and cached. Returns (table, cache file, loaded from the cache).
     `may_compute=False` (the policy has moved since the set was sampled): a missing cache is an error.
@@ -122,7 +142,8 @@ def old_logprobs(policy: torch.nn.Module, data: dict, trainset: Path, model_path
         raise FileNotFoundError(f"{places[0]}: the old log-probs of {trainset} are not cached (or the cache is "
                                 "damaged) and the policy has been updated since that set was sampled; resume from "
                                 "the checkpoint at the round's start")
-    flat = compute_response_logprobs(policy, data, d, micro_batch=micro_batch, pad_id=pad_id)
+    flat = compute_response_logprobs(policy, data, d, micro_batch=micro_batch, pad_id=pad_id,
+                                     micro_batch_tokens=micro_batch_tokens)
     meta = {"model": model_path, "temperature": str(temperature), "trainset": json.dumps(str(trainset)),
             "model_key": model_key, "data_key": data_key}
     path = decided_by_main(lambda: write_cache(flat, places, meta))

@@ -331,7 +331,8 @@ def check_memory_plan(cfg, d, data: dict) -> MemoryPlan:
     import os
     import resource
 
-    tokens = cfg.micro_batch_size * int(sequence_lengths(data).max())
+    # Packed rows hold at most the budget; a padded micro-batch is as wide as its longest sequence.
+    tokens = cfg.micro_batch_tokens or cfg.micro_batch_size * int(sequence_lengths(data).max())
     cuda = d.device.type == "cuda"
     memory = (torch.cuda.get_device_properties(d.device).total_memory if cuda
               else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")) / GIB
@@ -339,7 +340,7 @@ def check_memory_plan(cfg, d, data: dict) -> MemoryPlan:
     plan = plan_for(load_config(model=cfg.model), gpus=d.world_size, gpu_memory_gib=memory, micro_batch_tokens=tokens,
                     activation_checkpointing=cfg.activation_checkpointing,
                     compute_dtype="bfloat16" if bf16 else "float32", device=d.device.type, name=cfg.model,
-                    micro_batch_size=cfg.micro_batch_size)
+                    micro_batch_size=1 if cfg.micro_batch_tokens else cfg.micro_batch_size)  # a packed row: no mask
     print0(f"memory plan: {plan.per_rank['total'] / GIB:.2f} GiB per rank of {memory:.1f} GiB "
            f"({'fits' if plan.fits else 'does NOT fit'}; python -m pruner.plan --model {cfg.model} for the table)")
     if d.is_main:
@@ -360,7 +361,7 @@ class PlanConfig:
     model: str = field(default="", metadata={"help": "a Hugging Face model folder (instead of --arch)"})
     gpus: int = field(default=1, metadata={"help": "world size (processes, one GPU each)"})
     gpu_memory_gib: float = field(default=80.0, metadata={"help": "memory of one GPU"})
-    micro_batch_tokens: int = field(default=16384, metadata={"help": "tokens in one micro-batch on one rank"})
+    micro_batch_tokens: int = field(default=16384, metadata={"help": "tokens in one micro-batch on one rank: the trainer's packed budget (its --micro-batch-tokens, which its own start-up check uses); for padded micro-batches, --micro-batch-size x the longest sequence"})
     micro_batch_size: int = field(default=1, metadata={"help": "sequences in that micro-batch, padded to one width (> 1 adds the padded [B,1,T,T] attention-mask estimate)"})
     activation_checkpointing: bool = field(default=False, metadata={"help": "recompute decoder blocks in backward"})
     compute_dtype: Literal["bfloat16", "float32"] = field(default="bfloat16", metadata={"help": "the trainer's compute dtype (bfloat16 = its default MixedPrecisionPolicy on CUDA)"})

@@ -23,7 +23,7 @@ if __package__ in (None, ""):  # `python pruner/train.py` / torchrun: make the p
 import torch
 from transformers import AutoConfig
 
-from pruner import distributed
+from pruner import distributed, packed_attention
 from pruner.batching import check_batch_sizes, plan_epoch, sequence_lengths, steps_per_epoch
 from pruner.checkpoint import export_hf, load_checkpoint, resume_checkpoint, save_checkpoint
 from pruner.cli import parse_config
@@ -36,6 +36,7 @@ from pruner.metrics import MetricsLogger, peak_memory_gib, plot_metrics
 from pruner.model_files import load_tokenizer, tokenizer_fingerprint
 from pruner.modeling import prepare_model
 from pruner.onpolicy import export_round_model, resample, round_configs
+from pruner.packing import check_budget, check_packed_batch, plan_packed_epoch
 from pruner.plan import check_memory_plan
 from pruner.old_logps import attach_response_offsets, old_logprobs
 from pruner.step import LossSpec, StepResult, train_step
@@ -109,17 +110,21 @@ def train(cfg: TrainConfig) -> Path | None:
 def start_run(cfg: TrainConfig, d: Dist, data: dict, pad_id: int) -> tuple[Run, torch.Tensor]:
     """The policy, the optimizer and its schedule, the first set's old log-probs (by the unmodified
     model), and the state of the latest checkpoint under --resume."""
-    accum = check_batch_sizes(cfg.global_batch_size, cfg.micro_batch_size, d.world_size, 2 if cfg.loss == "dpo" else 1)
     print0(f"o1-pruner: {d.world_size} process(es) on {d.device}, loss={cfg.loss}, ratio={cfg.ratio_level}, "
-           f"lr={cfg.lr:g}, global batch {cfg.global_batch_size} = {cfg.micro_batch_size} x {d.world_size} x {accum}")
+           f"lr={cfg.lr:g}, global batch {cfg.global_batch_size} = {_micro_batches(cfg, d.world_size)}")
     policy = prepare_model(cfg.model, d, temperature=cfg.temperature, liger=cfg.liger,
                            activation_checkpointing=cfg.activation_checkpointing,
                            mixed_precision=cfg.mixed_precision, meta_init=cfg.meta_init)
+    if cfg.micro_batch_tokens:
+        packed_attention.enable(policy.lm)
+        dtype = torch.bfloat16 if d.device.type == "cuda" and cfg.mixed_precision and d.enabled else torch.float32
+        print0(f"packed attention: {packed_attention.select_path(d.device, dtype)} ({packed_attention.NAME})")
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     # Before the first update: the policy is still the one that sampled the set, so its log-probs ARE the old ones.
     old_logps = _old_logprobs(policy, data, Path(cfg.data), cfg.model, cfg, d, pad_id)
-    plan_args = dict(global_batch=cfg.global_batch_size, micro_batch=cfg.micro_batch_size,
-                     world_size=d.world_size, seed=cfg.seed)
+    plan_args = dict(global_batch=cfg.global_batch_size, world_size=d.world_size, seed=cfg.seed,
+                     **({"micro_batch_tokens": cfg.micro_batch_tokens} if cfg.micro_batch_tokens
+                        else {"micro_batch": cfg.micro_batch_size}))
     steps_per_round = _steps_per_epoch(data, plan_args) * cfg.epochs
     total_steps = min(steps_per_round * cfg.rounds, cfg.max_steps or steps_per_round * cfg.rounds)
     scheduler = cosine_with_warmup(optimizer, total_steps, cfg.warmup_ratio, cfg.min_lr_ratio)
@@ -178,8 +183,9 @@ def train_round(run: Run, data: dict, old_logps: torch.Tensor, round_index: int)
     per_epoch = _steps_per_epoch(data, run.plan_args)
     for epoch in range((run.step - first) // per_epoch, math.ceil((last - first) / per_epoch)):
         # an epoch's order is a function of (seed, round, epoch): a resumed run rebuilds it
-        plan = plan_epoch(sequence_lengths(data).tolist(), epoch=epoch + 1000 * round_index, pairs=data.get("pairs"),
-                          **run.plan_args)
+        planner = plan_packed_epoch if run.cfg.micro_batch_tokens else plan_epoch
+        plan = planner(sequence_lengths(data).tolist(), epoch=epoch + 1000 * round_index, pairs=data.get("pairs"),
+                       **run.plan_args)
         epoch_start = first + epoch * per_epoch
         for step_plan in plan[run.step - epoch_start:last - epoch_start]:
             if not _step(run, data, old_logps, step_plan, round_index, epoch):
@@ -191,7 +197,8 @@ def _step(run: Run, data: dict, old_logps: torch.Tensor, step_plan: list, round_
     """One optimizer step, its metrics row and checkpoint. False: stop here (--stop-after)."""
     cfg, t_step = run.cfg, time.perf_counter()
     result = train_step(run.policy, run.optimizer, data, step_plan, spec=run.spec, d=run.d,
-                        pad_id=run.pad_id, old_logps_flat=old_logps, max_grad_norm=cfg.max_grad_norm)
+                        pad_id=run.pad_id, old_logps_flat=old_logps, max_grad_norm=cfg.max_grad_norm,
+                        packed=bool(cfg.micro_batch_tokens))
     run.step += 1
     lr = _advance_schedule(run.scheduler)
     run.bad_steps = _count_bad_steps(result, run.bad_steps, run.step, cfg.max_bad_steps, run.logger)
@@ -254,6 +261,15 @@ def _step_row(result: StepResult, data: dict, step_plan: list, *, step: int, rou
             "peak_memory_gib": peak_memory_gib(device), **result.stats}
 
 
+def _micro_batches(cfg: TrainConfig, world_size: int) -> str:
+    """How a global batch splits, for the first log line."""
+    if cfg.micro_batch_tokens:
+        return (f"packed rows of <= {cfg.micro_batch_tokens} tokens, balanced over {world_size} process(es) "
+                "(--micro-batch-tokens; --micro-batch-size is not used)")
+    accum = check_batch_sizes(cfg.global_batch_size, cfg.micro_batch_size, world_size, 2 if cfg.loss == "dpo" else 1)
+    return f"{cfg.micro_batch_size} x {world_size} x {accum}"
+
+
 def _steps_per_epoch(data: dict, plan_args: dict) -> int:
     return steps_per_epoch(len(data["prompt_lengths"]), global_batch=plan_args["global_batch"], pairs=data.get("pairs"))
 
@@ -263,7 +279,7 @@ def _old_logprobs(policy: torch.nn.Module, data: dict, trainset: Path, model: st
     t0 = time.perf_counter()
     flat, cache, hit = old_logprobs(policy, data, trainset, model, d, temperature=cfg.temperature,
                                     micro_batch=cfg.micro_batch_size, pad_id=pad_id, may_compute=may_compute,
-                                    run_dir=Path(cfg.out))
+                                    run_dir=Path(cfg.out), micro_batch_tokens=cfg.micro_batch_tokens)
     print0(f"old log-probs (the sampling policy's): {'loaded' if hit else 'computed'} {flat.numel()} tokens in "
            f"{time.perf_counter() - t0:.1f}s ({cache})")
     return flat
@@ -314,7 +330,11 @@ def check_inputs(cfg: TrainConfig, data: dict, world_size: int, source: str = ""
     causal LM whose vocabulary holds the set's tokens, a DPO run has pairs, the set fills one global
     batch, the batch divides over the ranks."""
     source = source or cfg.data
-    check_batch_sizes(cfg.global_batch_size, cfg.micro_batch_size, world_size, 2 if cfg.loss == "dpo" else 1)
+    if cfg.micro_batch_tokens:  # every sequence (a DPO pair: both) must fit the budget
+        check_budget(sequence_lengths(data).tolist(), cfg.micro_batch_tokens, source=source, pairs=data.get("pairs"))
+        check_packed_batch(cfg.global_batch_size, world_size, 2 if cfg.loss == "dpo" else 1)
+    else:
+        check_batch_sizes(cfg.global_batch_size, cfg.micro_batch_size, world_size, 2 if cfg.loss == "dpo" else 1)
     if cfg.loss == "dpo" and "pairs" not in data:
         raise ValueError(f"{source}: --loss dpo needs a preference-pair training set (pruner/dataset.py --kind dpo)")
     config = AutoConfig.from_pretrained(cfg.model)
