@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from pruner.configs import PresampleConfig
-from pruner.manifest import Output, build_manifest, bytes_digest, file_digest, model_inputs
+from pruner.manifest import Output, build_manifest, bytes_digest, file_digest, model_inputs, write_manifest
 
 SAMPLES_FORMAT = "o1-pruner-samples/1"
 MERGE_COMMAND = "python pruner/presample.py --merge OUT SHARD..."
@@ -191,6 +191,14 @@ def samples_manifest(cfg: PresampleConfig, model_id: str, tokenizer: Any) -> dic
     return build_manifest("presample", dataclasses.asdict(cfg), inputs, volatile=VOLATILE,
                           samples_format=SAMPLES_FORMAT, model=model_id,
                           tokenizer_fingerprint=inputs["tokenizer"], sampling=sampling_settings(cfg))
+
+
+def record_contents(out: Path, summary: dict[str, Any]) -> None:
+    """The meta's `contents` (not compared on resume): what the file holds now, whatever this run's --limit."""
+    path = meta_path(out)
+    meta = json.loads(path.read_text())
+    meta["contents"] = {"problems": summary["problems"], "samples": summary["samples"]}
+    write_manifest(path, meta)
 
 
 def read_meta(paths: list[Path]) -> dict[str, Any]:
