@@ -30,7 +30,7 @@ import sys
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 MANIFEST_FORMAT = "o1-pruner-manifest/1"
 COMPARED = ("format", "stage", "config", "inputs")   # what must match; anything else is informational
@@ -257,6 +257,7 @@ class Output:
     lock: Path
     paths: list[Path] = field(default_factory=list)
     incidental: tuple[str, ...] = ()  # kept for callers; STAGE_FILES' work patterns now decide what holds results
+    owns: Callable[[Path], bool] | None = None  # a file output: is an existing file one this stage wrote?
 
     @classmethod
     def folder(cls, folder: str | os.PathLike, incidental: tuple[str, ...] = ()) -> "Output":
@@ -279,8 +280,10 @@ class Output:
         owned: list[Path] = []
         foreign: list[Path] = []
         for p in self.existing():
-            in_folder = p.parent in self.paths
-            mine = not in_folder or any(fnmatch.fnmatchcase(p.name, pat) for pat in owned_names)
+            if p.parent in self.paths:
+                mine = any(fnmatch.fnmatchcase(p.name, pat) for pat in owned_names)
+            else:
+                mine = self.owns is None or self.owns(p)
             (owned if mine else foreign).append(p)
         return owned, foreign
 

@@ -173,8 +173,24 @@ def lock_path(out: Path) -> Path:
 
 
 def samples_output(out: Path) -> Output:
-    """The samples file's manifest is its `.meta.json`; --overwrite deletes the file and its summary."""
-    return Output(manifest=meta_path(out), lock=lock_path(out), paths=[out, summary_path(out)])
+    """The samples file's manifest is its `.meta.json`; --overwrite deletes the file and its summary, and
+    refuses a file at `out` that is not a samples file (a user's file named by mistake)."""
+    return Output(manifest=meta_path(out), lock=lock_path(out), paths=[out, summary_path(out)],
+                  owns=_looks_like_samples)
+
+
+def _looks_like_samples(path: Path) -> bool:
+    """An empty file, or one whose first line is a sample record (the summary is ours by name)."""
+    if path.name.endswith(".summary.json"):
+        return True
+    with path.open("rb") as fh:
+        first = fh.readline(1 << 20)
+    if not first.strip():
+        return True
+    try:
+        return isinstance(rec := json.loads(first), dict) and "problem_id" in rec
+    except ValueError:
+        return False
 
 
 def sampling_settings(cfg: PresampleConfig) -> dict[str, Any]:

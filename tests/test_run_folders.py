@@ -63,6 +63,19 @@ def test_overwrite_never_replaces_another_stages_run(tmp_path: Path) -> None:
     assert (folder / "trainset.safetensors").read_text() == "set"
 
 
+def test_presampling_overwrite_refuses_a_file_that_is_not_a_samples_file(tmp_path: Path) -> None:
+    from pruner.samples import samples_output
+
+    out = tmp_path / "notes.jsonl"
+    out.write_text("my notes\n")
+    with pytest.raises(RunStateError, match=r"no presample run writes \(notes\.jsonl\)"):
+        claim_output(samples_output(out), _m("presample"), what="samples", resume=False, overwrite=True)
+    assert out.read_text() == "my notes\n"
+    out.write_text('{"problem_id": "1", "sample_index": 0}\n')   # a samples file without its meta: replaced
+    claim_output(samples_output(out), _m("presample"), what="samples", resume=False, overwrite=True).release()
+    assert not out.exists()
+
+
 # ---------------------------------------------------------------------- failed starts (issue 26)
 
 FAILED_START = {  # stage: (what a failed start leaves besides its manifest, what completed work looks like)
@@ -100,6 +113,29 @@ def test_a_failed_start_with_the_users_files_beside_it_is_not_taken_over(tmp_pat
     (folder / "notes.txt").write_text("mine")
     with pytest.raises(RunStateError, match="config.n: was 1, now 2"):
         claim_output(Output.folder(folder), _m("bench", n=2), what="folder", resume=False, overwrite=False)
+
+
+def test_a_benchmark_that_failed_before_any_result_is_taken_over(tmp_path: Path, capsys) -> None:
+    """bench/speed.py's own claim: the rerun differs only in the model path that was wrong."""
+    import dataclasses
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from bench.speed import claim_out
+    from pruner.configs import SpeedConfig
+
+    wrong, right = tmp_path / "wrong", tmp_path / "right"
+    for folder, text in ((wrong, '{"a": 1}'), (right, '{"a": 2}')):
+        folder.mkdir()
+        (folder / "config.json").write_text(text)
+    cfg = SpeedConfig(limit=3, modes=["greedy"], out=str(tmp_path / "bench"))
+    with claim_out(cfg, [("base", str(wrong))]):
+        (tmp_path / "bench" / "vllm-base.log").write_text("engine failed")   # then the worker died
+    with claim_out(dataclasses.replace(cfg), [("base", str(right))]):
+        (tmp_path / "bench" / "raw_base.json").write_text("[]")
+    assert "taking it over" in capsys.readouterr().err
+    with pytest.raises(RunStateError, match="inputs.models.base"):   # now it holds a result
+        claim_out(cfg, [("base", str(wrong))])
 
 
 def test_a_failed_presampling_start_is_taken_over(tmp_path: Path, capsys) -> None:
