@@ -10,8 +10,12 @@ output before any heavy work:
 2. a manifest: the stage's resolved configuration plus fingerprints of its inputs (model and
    tokenizer, input files by content hash, upstream manifests). An output whose manifest differs
    is refused, naming the differing fields, unless `overwrite` starts afresh (the old outputs are
-   deleted first, never mixed with the new ones). An identical manifest continues (`resume`);
-   stages whose re-run is not a continuation (the trainer without `--resume`) refuse that too.
+   deleted first, never mixed with the new ones; only what a run of the stage writes, `STAGE_FILES`,
+   so a user's files are never deleted). An identical manifest continues (`resume`); stages whose
+   re-run is not a continuation (the trainer without `--resume`) refuse that too. An output that
+   holds no completed work (a failed start) is taken over instead of refused: the manifest protects
+   work, not failed attempts. Inputs whose content is fingerprinted are not compared by path
+   (`LOCATED`): a moved run folder or a re-pathed model continues.
 
 Fields that may differ between a run and its continuation (how often to checkpoint, where to
 stop, progress bars, ...) are left out of the manifest by each stage's `VOLATILE` list.
