@@ -70,6 +70,18 @@ def compare(predicted: str, ground_truth: str, budget_s: float) -> bool:
         signal.signal(signal.SIGALRM, previous)
 
 
+def _cpu_backstop(budget_s: float) -> None:
+    """The kernel ends this process (SIGXCPU) if one comparison spins in C code well past its budget, where
+    neither the alarm nor, once the caller has died, anyone else can stop it."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    _, hard = resource.getrlimit(resource.RLIMIT_CPU)
+    soft = int(usage.ru_utime + usage.ru_stime + budget_s) + 3
+    if hard == resource.RLIM_INFINITY or soft <= hard:
+        resource.setrlimit(resource.RLIMIT_CPU, (soft, hard))
+
+
 def serve(requests: IO[bytes], replies: IO[str]) -> None:
     """Answer requests until end of input."""
     import math_verify  # noqa: F401 - the slow import happens before "ready", outside any comparison's budget
@@ -80,6 +92,7 @@ def serve(requests: IO[bytes], replies: IO[str]) -> None:
     for line in requests:
         try:
             request = json.loads(line)
+            _cpu_backstop(float(request["budget"]))
             equal = compare(str(request["pred"]), str(request["gold"]), float(request["budget"]))
         except _Budget:  # the alarm fired between comparisons' try blocks
             equal = False
