@@ -118,9 +118,7 @@ def test_a_failed_start_with_the_users_files_beside_it_is_not_taken_over(tmp_pat
 def test_a_benchmark_that_failed_before_any_result_is_taken_over(tmp_path: Path, capsys) -> None:
     """bench/speed.py's own claim: the rerun differs only in the model path that was wrong."""
     import dataclasses
-    import sys
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from bench.speed import claim_out
     from pruner.configs import SpeedConfig
 
@@ -193,6 +191,7 @@ def test_trainer_failed_before_its_first_step_does_not_hold_the_folder(tiny_mode
     with pytest.raises(Exception):  # noqa: B017 - whatever the loader raises for missing weights
         train_main(["--model", str(wrong), *common])
     failed_left_a_manifest = (out / "manifest.json").exists()
+    print("FAILED-START-LEFT-MANIFEST", failed_left_a_manifest)
     capsys.readouterr()
     train_main(["--model", str(tiny_model_dir), *common])
     assert (out / "checkpoints").is_dir() and (out / "metrics.jsonl").read_text().strip()
