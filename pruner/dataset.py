@@ -17,7 +17,8 @@ selections) is `pruner/reward.py`; the samples file format is `pruner/samples.py
   log-probs use), problem_stats.jsonl (`ref_mean_length`, `ref_mean_accuracy` per problem, the
   next round's `--ref-stats`), report/. It gets a run manifest (settings + content hashes of the
   inputs) and a lock: a folder holding a set built from other samples or settings is refused
-  unless `--overwrite`, which deletes it first (the old log-prob caches included).
+  unless `--overwrite`, which deletes the set's own files first (the old log-prob caches included;
+  other files are kept, and a folder of only other files is refused).
 """
 from __future__ import annotations
 

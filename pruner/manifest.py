@@ -10,8 +10,12 @@ output before any heavy work:
 2. a manifest: the stage's resolved configuration plus fingerprints of its inputs (model and
    tokenizer, input files by content hash, upstream manifests). An output whose manifest differs
    is refused, naming the differing fields, unless `overwrite` starts afresh (the old outputs are
-   deleted first, never mixed with the new ones). An identical manifest continues (`resume`);
-   stages whose re-run is not a continuation (the trainer without `--resume`) refuse that too.
+   deleted first, never mixed with the new ones; only what a run of the stage writes, `STAGE_FILES`,
+   so a user's files are never deleted). An identical manifest continues (`resume`); stages whose
+   re-run is not a continuation (the trainer without `--resume`) refuse that too. An output that
+   holds no completed work (a failed start) is taken over instead of refused: the manifest protects
+   work, not failed attempts. Inputs whose content is fingerprinted are not compared by path
+   (`LOCATED`): a moved run folder or a re-pathed model continues.
 
 Fields that may differ between a run and its continuation (how often to checkpoint, where to
 stop, progress bars, ...) are left out of the manifest by each stage's `VOLATILE` list.
@@ -20,15 +24,17 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import fnmatch
 import hashlib
 import json
 import os
 import shutil
 import socket
+import sys
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 MANIFEST_FORMAT = "o1-pruner-manifest/1"
 COMPARED = ("format", "stage", "config", "inputs")   # what must match; anything else is informational
@@ -58,12 +64,12 @@ def json_digest(obj: Any) -> str:
 
 
 def manifest_digest(path: str | os.PathLike) -> str | None:
-    """Fingerprint of an upstream manifest: its compared fields only (so re-claims do not change it)."""
+    """Fingerprint of an upstream manifest: its compared fields only (so re-claims, and moving the
+    upstream's inputs, do not change it)."""
     p = Path(path)
     if not p.exists():
         return None
-    data = json.loads(p.read_text())
-    return json_digest({k: data.get(k) for k in COMPARED})
+    return json_digest(_compared(json.loads(p.read_text())))
 
 
 def model_inputs(model: str, tokenizer: Any = None) -> dict[str, str]:
@@ -76,14 +82,38 @@ def model_inputs(model: str, tokenizer: Any = None) -> dict[str, str]:
     return inputs
 
 
+# Config keys naming an input whose content the stage's `inputs` fingerprint (model files, the training
+# set's tensors and manifest, the problems file, the reference statistics): compared by that fingerprint,
+# not by the path string, so a run folder moved together with its inputs, or the same model named by a
+# relative path, continues. The resolved paths are kept under "located", for readers only.
+LOCATED: dict[str, tuple[str, ...]] = {"train": ("model", "data"), "presample": ("model", "problems"),
+                                       "dataset": ("ref_stats",), "bench": ("data",)}
+
+
+def _resolved(value: Any) -> Any:
+    if isinstance(value, str) and value and Path(value).expanduser().exists():
+        return str(Path(value).expanduser().resolve())
+    return value
+
+
 def build_manifest(stage: str, config: dict[str, Any], inputs: dict[str, Any], *,
                    volatile: Iterable[str] = (), **extra: Any) -> dict[str, Any]:
-    """A manifest: `config` without its `volatile` keys, the input fingerprints, and `extra` fields
-    kept for readers (not compared)."""
-    skip = set(volatile)
+    """A manifest: `config` without its `volatile` keys and the `LOCATED` ones (their content is in
+    `inputs`), the input fingerprints, and `extra` fields kept for readers (not compared)."""
+    skip = set(volatile) | set(LOCATED.get(stage, ()))
     return {"format": MANIFEST_FORMAT, "stage": stage,
             "config": {k: v for k, v in sorted(config.items()) if k not in skip},
-            "inputs": inputs, **extra}
+            "inputs": inputs, "located": {k: _resolved(config[k]) for k in LOCATED.get(stage, ()) if k in config},
+            **extra}
+
+
+def _compared(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The fields a continuation must match; `LOCATED` keys left out also where an older manifest has them."""
+    view = {k: manifest.get(k) for k in COMPARED}
+    located = LOCATED.get(str(manifest.get("stage")), ())
+    if isinstance(view["config"], dict):
+        view["config"] = {k: v for k, v in view["config"].items() if k not in located}
+    return view
 
 
 def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
@@ -97,8 +127,7 @@ def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
 
 def diff_manifests(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """'field: was X, now Y' for every compared field that differs (dotted names)."""
-    a = _flatten({k: old.get(k) for k in COMPARED})
-    b = _flatten({k: new.get(k) for k in COMPARED})
+    a, b = _flatten(_compared(old)), _flatten(_compared(new))
     return [f"{key}: was {a.get(key)!r}, now {b.get(key)!r}" for key in sorted(set(a) | set(b)) if a.get(key) != b.get(key)]
 
 
@@ -206,14 +235,33 @@ def release_all() -> None:
 
 # ------------------------------------------------------------------------------------------- claim
 
+# What a run of each folder stage writes into its output (name patterns of the folder's entries), and
+# which of those hold completed work. `--overwrite` deletes only the first kind; a folder whose
+# entries hold no completed work (a run that failed before its first checkpoint or result) is taken
+# over by the next run. A file output (the samples file) names its files exactly instead.
+STAGE_FILES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "dataset": (("trainset.safetensors", "meta.json", "problem_stats.jsonl", "report", "old_logps-*.safetensors",
+                 "old_logps-*.tmp", "manifest.json.tmp"),
+                ("trainset.safetensors",)),
+    "train": (("checkpoints", "export", "export.tmp", "metrics.jsonl", "metrics.png", "config.json",
+               "memory_plan.json", "tensorboard", "round-*", "old_logps-*", "manifest.json.tmp"),
+              ("checkpoints/step-*", "export", "metrics.jsonl", "round-*")),
+    "bench": (("results.json", "results.md", "raw_*.json", "vllm-*.log", "lengths_*.png", "manifest.json.tmp"),
+              ("results.json", "raw_*.json")),
+}
+_SHOWN = 5  # foreign files named in a refusal
+
+
 @dataclass
 class Output:
-    """Where a stage's manifest and lock live, and the paths `overwrite` deletes."""
+    """Where a stage's manifest and lock live, and the paths `overwrite` deletes (a folder: only the
+    entries its stage writes, `STAGE_FILES`)."""
 
     manifest: Path
     lock: Path
     paths: list[Path] = field(default_factory=list)
-    incidental: tuple[str, ...] = ()  # names written at start-up: deleted by overwrite, but hold no results
+    incidental: tuple[str, ...] = ()  # kept for callers; STAGE_FILES' work patterns now decide what holds results
+    owns: Callable[[Path], bool] | None = None  # a file output: is an existing file one this stage wrote?
 
     @classmethod
     def folder(cls, folder: str | os.PathLike, incidental: tuple[str, ...] = ()) -> "Output":
@@ -225,10 +273,44 @@ class Output:
         found: list[Path] = []
         for p in self.paths:
             if p.is_dir():
-                found += [c for c in p.iterdir() if c not in (self.lock, self.manifest)]
+                found += sorted(c for c in p.iterdir() if c not in (self.lock, self.manifest))
             elif p.exists() and p != self.lock and p != self.manifest:
                 found.append(p)
         return found
+
+    def split(self, stage: str) -> tuple[list[Path], list[Path]]:
+        """(entries a run of `stage` writes, foreign entries) of what exists."""
+        owned_names = STAGE_FILES.get(stage, (("*",), ()))[0]
+        owned: list[Path] = []
+        foreign: list[Path] = []
+        for p in self.existing():
+            if p.parent in self.paths:
+                mine = any(fnmatch.fnmatchcase(p.name, pat) for pat in owned_names)
+            else:
+                mine = self.owns is None or self.owns(p)
+            (owned if mine else foreign).append(p)
+        return owned, foreign
+
+    def has_work(self, stage: str) -> bool:
+        """Whether the output holds completed work (a checkpoint, samples, results), not just a failed start."""
+        patterns = STAGE_FILES[stage][1] if stage in STAGE_FILES else ("*",)
+        for index, path in enumerate(self.paths):
+            if path.is_dir():
+                hits = (hit for pattern in patterns for hit in path.glob(pattern) if not hit.name.endswith(".tmp"))
+                if any(hit not in (self.lock, self.manifest) and _non_empty(hit) for hit in hits):
+                    return True
+            elif index == 0 and path.is_file() and path.stat().st_size > 0:  # a file output's data file
+                return True
+        return False
+
+
+def _non_empty(path: Path) -> bool:
+    return any(path.iterdir()) if path.is_dir() else path.stat().st_size > 0
+
+
+def _names(paths: list[Path]) -> str:
+    shown = ", ".join(p.name + ("/" if p.is_dir() else "") for p in paths[:_SHOWN])
+    return shown + (f" and {len(paths) - _SHOWN} more" if len(paths) > _SHOWN else "")
 
 
 def _delete(paths: list[Path]) -> None:
@@ -261,10 +343,12 @@ def claim_output(output: Output, manifest: dict[str, Any], *, what: str, resume:
                  legacy_hint: str = "", inputs: Iterable[str | os.PathLike] = ()) -> OutputLock:
     """Lock the output and reconcile its manifest with this run's; returns the held lock.
 
-    `resume=True`: an identical manifest continues. `overwrite=True`: existing outputs are
-    deleted and this run starts afresh. Otherwise outputs from any other (or, without `resume`,
-    the same) configuration are refused with the differing fields named. Outputs without a
-    manifest at all (older versions, hand-made files) are refused unless `overwrite`. `inputs`:
+    `resume=True`: an identical manifest continues. `overwrite=True`: what a run of this stage
+    wrote (`STAGE_FILES`) is deleted and this run starts afresh; other files are kept, and a
+    folder of other files without a manifest is refused. Otherwise outputs from any other (or,
+    without `resume`, the same) configuration are refused with the differing fields named, unless
+    they hold no completed work (a failed start): those are taken over, with a message. Outputs
+    without a manifest (older versions, hand-made files) are refused unless `overwrite`. `inputs`:
     local files/folders this run reads, which must not lie inside its output.
     """
     if resume and overwrite:
@@ -272,25 +356,63 @@ def claim_output(output: Output, manifest: dict[str, Any], *, what: str, resume:
     _check_inputs_outside(output, inputs)
     lock = OutputLock(output.lock, what).acquire()
     try:
-        existing = output.existing()
-        present = [p for p in existing if p.name not in output.incidental]
-        old = json.loads(output.manifest.read_text()) if output.manifest.exists() else None
-        if overwrite:
-            _delete(existing + ([output.manifest] if old is not None else []))
-        elif present and old is None:
-            raise RunStateError(f"{what} already holds files without a run manifest ({output.manifest} is "
-                                f"missing), so they cannot be checked against this run. {legacy_hint}"
-                                "Pass --overwrite to delete them and start afresh, or choose another output.")
-        elif present:
-            diffs = diff_manifests(old, manifest)
-            if diffs:
-                raise RunStateError(f"{what} holds another run; its manifest {output.manifest} differs in "
-                                    + "; ".join(diffs) + ". Use another output, or --overwrite to replace it.")
-            if not resume:
-                raise RunStateError(f"{what} already holds a run with this configuration: pass --resume to "
-                                    "continue it or --overwrite to start afresh.")
+        _reconcile(output, manifest, what=what, resume=resume, overwrite=overwrite, legacy_hint=legacy_hint)
         write_manifest(output.manifest, manifest)
     except BaseException:
         lock.release()
         raise
     return lock
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _reconcile(output: Output, manifest: dict[str, Any], *, what: str, resume: bool, overwrite: bool,
+               legacy_hint: str) -> None:
+    """Delete, take over, continue or refuse (raises RunStateError naming why and what to do)."""
+    stage = str(manifest.get("stage", ""))
+    owned, foreign = output.split(stage)
+    old = json.loads(output.manifest.read_text()) if output.manifest.exists() else None
+    if old is not None and old.get("stage") not in (None, stage):
+        raise RunStateError(f"{what} holds a {old.get('stage')} run (its manifest {output.manifest}), not a {stage} "
+                            "run: choose another output.")
+    if overwrite:
+        if foreign and old is None:
+            raise RunStateError(f"{what} holds files that no {stage} run writes ({_names(foreign)}) and no run "
+                                "manifest: --overwrite deletes only a run's own files, so it will not empty this "
+                                "folder. Choose another output, or move those files away.")
+        _delete(owned + ([output.manifest] if old is not None else []))
+        if foreign:
+            _say(f"{what}: --overwrite kept {len(foreign)} file(s) that no {stage} run writes: {_names(foreign)}")
+        return
+    present = [p for p in owned + foreign if p.name not in output.incidental]
+    refusal = _refusal(output, old, manifest, what, resume, legacy_hint, present, foreign)
+    if refusal is None:
+        return
+    if old is not None and not foreign and not output.has_work(stage):  # a failed start of a run of ours
+        _delete(owned)
+        _say(f"{what}: taking it over: it holds no completed work (no checkpoint, samples or results), only a "
+             f"failed attempt's {_names(owned) if owned else 'manifest'}.")
+        return
+    raise RunStateError(refusal)
+
+
+def _refusal(output: Output, old: dict[str, Any] | None, manifest: dict[str, Any], what: str, resume: bool,
+             legacy_hint: str, present: list[Path], foreign: list[Path]) -> str | None:
+    """Why this run may not continue in the output as it stands (None: it may)."""
+    if not present and (old is None or resume):
+        return None
+    if old is None:
+        remedy = ("Choose another output, or move them away." if foreign else
+                  "Pass --overwrite to delete them and start afresh, or choose another output.")
+        return (f"{what} already holds files without a run manifest ({_names(present)}; {output.manifest} is "
+                f"missing), so they cannot be checked against this run. {legacy_hint}{remedy}")
+    diffs = diff_manifests(old, manifest)
+    if diffs:
+        return (f"{what} holds another run; its manifest {output.manifest} differs in " + "; ".join(diffs)
+                + ". Use another output, or --overwrite to replace it.")
+    if not resume:
+        return (f"{what} already holds a run with this configuration: pass --resume to continue it or "
+                "--overwrite to start afresh.")
+    return None

@@ -14,13 +14,45 @@ def is_local_model(path: str | os.PathLike) -> bool:
     return p.is_dir() and any((p / name).exists() for name in ("config.json", "tokenizer.json", "tokenizer_config.json"))
 
 
+# A tokenizer's vocabulary lives in one of these (fast, SentencePiece, BPE, WordPiece, tiktoken); a folder
+# with none of them (weights copied without the tokenizer) failed deep inside a tokenizer backend.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+                   "sentencepiece.bpe.model", "*.tiktoken")
+
+
+def check_tokenizer_files(folder: Path) -> None:
+    """A local model folder must hold a tokenizer's vocabulary; the error names the files looked for."""
+    if any(next(folder.glob(name), None) is not None for name in TOKENIZER_FILES):
+        return
+    config = folder / "tokenizer_config.json"
+    if config.is_file() and "auto_map" in json.loads(config.read_text(encoding="utf-8") or "{}"):
+        return  # a tokenizer class of the model's own code: its file names are its own
+    held = sorted(p.name for p in folder.iterdir())[:12]
+    raise FileNotFoundError(f"{folder}: no tokenizer files (looked for {', '.join(TOKENIZER_FILES)}); the folder "
+                            f"holds {held}. Copy the tokenizer files of the model it was trained from into it.")
+
+
 def load_tokenizer(path_or_id: str | os.PathLike, **kwargs: Any) -> Any:
     """The model's own (fast) tokenizer; a local folder never triggers a hub lookup."""
     from transformers import AutoTokenizer
 
     if is_local_model(path_or_id):
+        check_tokenizer_files(Path(path_or_id).expanduser())
         kwargs.setdefault("local_files_only", True)
     return AutoTokenizer.from_pretrained(str(path_or_id), **kwargs)
+
+
+def check_tokenizer_fits(model: str, tokenizer: Any) -> None:
+    """Every id the tokenizer can produce must have an embedding row: a larger tokenizer ended in an
+    IndexError inside the engine, 44 s in. Read from config.json, before any engine starts."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    rows = getattr(text, "vocab_size", None)
+    if rows and len(tokenizer) > rows:
+        raise ValueError(f"{model}: its tokenizer has {len(tokenizer)} tokens, more than the {rows} rows of the "
+                         "model's embedding (config.json vocab_size): the tokenizer is not this model's")
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:

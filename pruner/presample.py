@@ -42,8 +42,8 @@ from pruner.manifest import claim_output  # noqa: E402
 from pruner.problems import check_limit, load_problems  # noqa: E402
 from pruner.prompting import build_prompt  # noqa: E402
 from pruner.samples import (NO_META_HINT, append_records, complete_problems, make_record, meta_path,  # noqa: E402
-                            read_samples, rewrite_samples, samples_manifest, samples_output, summarize,
-                            summary_path)
+                            read_samples, record_contents, rewrite_samples, samples_manifest, samples_output,
+                            summarize, summary_path)
 
 
 def problem_seed(seed: int, problem_id: str) -> int:
@@ -126,7 +126,7 @@ def run(cfg: PresampleConfig, *, llm: Any = None) -> dict[str, Any]:
 
     `llm`: an already open engine (e.g. a caller sampling several sets with one model).
     """
-    from pruner.model_files import load_tokenizer
+    from pruner.model_files import check_tokenizer_fits, load_tokenizer
 
     t_start = time.perf_counter()
     cfg = validate(cfg)
@@ -136,6 +136,7 @@ def run(cfg: PresampleConfig, *, llm: Any = None) -> dict[str, Any]:
                              id_field=cfg.id_field, limit=cfg.limit)
     problems = problems[shard_index::shard_count]
     tokenizer = load_tokenizer(cfg.model)
+    check_tokenizer_fits(cfg.model, tokenizer)
     prompts, prompt_ids = _prompts(cfg, problems, tokenizer)
     model_id = str(Path(cfg.model).resolve()) if Path(cfg.model).exists() else cfg.model
     local_inputs = [p for p in (cfg.model, cfg.problems) if Path(p).exists()]
@@ -156,13 +157,14 @@ def run(cfg: PresampleConfig, *, llm: Any = None) -> dict[str, Any]:
         if vllm_log_path(cfg).exists():
             summary["vllm_log"] = str(vllm_log_path(cfg))
         summary_path(out).write_text(json.dumps(summary, indent=2) + "\n")
+        record_contents(out, summary)
     print(json.dumps(summary, indent=2))
     return summary
 
 
 def _sample_pending(cfg: PresampleConfig, out: Path, problems: list[dict], prompts: list[str],
                     prompt_ids: list[list[int]], llm: Any) -> tuple[list[dict], int, float]:
-    """Resume what is on disk, sample the rest; returns (this run's records, new samples, generation seconds)."""
+    """Resume what is on disk, sample the rest; returns (the file's records, new samples, generation seconds)."""
     from tqdm import tqdm
 
     from pruner.generation import generate, open_llm
@@ -204,10 +206,13 @@ def _sample_pending(cfg: PresampleConfig, out: Path, problems: list[dict], promp
                 new += added
                 bar.update(added)
         bar.close()
-    # `records` is the file as it now stands (what was kept, then every chunk appended): no re-read
-    kept_ids = {str(p["id"]) for p in problems}
-    final = [r for r in records if str(r["problem_id"]) in kept_ids]
-    return final, new, gen_s
+    # `records` is the file as it now stands (what was kept, then every chunk appended): no re-read. The
+    # summary describes all of it: a narrowed --limit on a resume keeps the problems sampled before.
+    beyond = {str(r["problem_id"]) for r in records} - {str(p["id"]) for p in problems}
+    if beyond:
+        print(f"{out} also holds {len(beyond)} problem(s) beyond this run's --limit: kept, and counted in its "
+              "summary and meta", file=sys.stderr)
+    return records, new, gen_s
 
 
 def main(argv: list[str] | None = None) -> Any:

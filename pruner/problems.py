@@ -20,6 +20,9 @@ log = logging.getLogger(__name__)
 PROBLEM_FIELDS = ("problem", "question", "prompt", "input")
 ANSWER_FIELDS = ("answer", "ground_truth_answer", "final_answer", "gt_answer", "target")
 ID_FIELDS = ("id", "unique_id", "idx", "problem_id")
+# A math problem is well under 10,000 characters; a 10 MB "problem" is a broken file, and tokenizing it
+# took 43 s before the context check could refuse it. Refused on reading, before any tokenizer work.
+MAX_PROBLEM_CHARS = 200_000
 _GSM8K_FINAL = re.compile(r"####\s*(.+?)\s*$", re.S)
 
 
@@ -56,6 +59,8 @@ def _iter_file(path: Path) -> Iterator[tuple[str, Any]]:
         with path.open("rb") as fh:
             for lineno, raw in enumerate(fh, 1):
                 line = _decode(raw, path, lineno)
+                if lineno == 1:
+                    line = line.removeprefix("\ufeff")  # a UTF-8 BOM (Windows editors write one)
                 if not line.strip():
                     continue
                 try:
@@ -65,7 +70,7 @@ def _iter_file(path: Path) -> Iterator[tuple[str, Any]]:
     elif suffix == ".json":
         raw = path.read_bytes()
         try:
-            data = json.loads(raw.decode("utf-8"))
+            data = json.loads(raw.decode("utf-8-sig"))  # -sig: a UTF-8 BOM is accepted
         except UnicodeDecodeError as exc:
             line = raw[: exc.start].count(b"\n") + 1
             raise ProblemFormatError(f"{path}:{line}: invalid UTF-8 (byte {exc.start} of the file)") from None
@@ -143,6 +148,9 @@ def _parse_record(where: str, index: int, record: Any, stem: str,
     problem = record[p_field]
     if not isinstance(problem, str) or not problem.strip():
         raise ProblemFormatError(f"{where}: field {p_field!r} must be a non-empty string")
+    if len(problem) > MAX_PROBLEM_CHARS:
+        raise ProblemFormatError(f"{where}: field {p_field!r} holds {len(problem)} characters, over the limit of "
+                                 f"{MAX_PROBLEM_CHARS} (a math problem is a few thousand): a broken record?")
     answer = _normalise_answer(record.get(a_field)) if a_field is not None else None
     i_field = _pick(record, id_field, ID_FIELDS)
     raw_id = record.get(i_field) if i_field is not None else None
@@ -182,10 +190,12 @@ def load_problems(
     problems: list[dict] = []
     skipped: list[str] = []
     seen_ids: set[str] = set()
+    fields: set[str] = set()
     for index, (where, record) in enumerate(records):
         pid, problem, i_field = _parse_record(where, index, record, stem, (problem_field, answer_field, id_field))
         if problem is None:
             skipped.append(pid)
+            fields.update(record)
             continue
         if pid in seen_ids:
             raise ProblemFormatError(f"{where}: duplicate id {pid!r} in field {i_field!r}")
@@ -193,7 +203,19 @@ def load_problems(
         problems.append(problem)
         if limit is not None and len(problems) >= limit:
             break
+    if not problems:
+        _refuse_empty(source_str, len(skipped), fields, answer_field)
     if skipped:
         shown = ", ".join(skipped[:10]) + (" ..." if len(skipped) > 10 else "")
         log.warning("%s: skipped %d record(s) without a usable answer: %s", source_str, len(skipped), shown)
     return problems
+
+
+def _refuse_empty(source: str, skipped: int, fields: set[str], answer_field: str | None) -> None:
+    """No problem at all is an error before any engine starts (not a run of 0 samples), naming what the file has."""
+    if not skipped:
+        raise ProblemFormatError(f"{source}: no problems in the file")
+    wanted = repr(answer_field) if answer_field else "any of " + "/".join(ANSWER_FIELDS)
+    raise ProblemFormatError(f"{source}: none of its {skipped} record(s) has a usable answer (looked for {wanted}, "
+                             f"non-empty); its records have the fields {sorted(fields)}: name the answer field "
+                             "with --answer-field")

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from pruner.configs import PresampleConfig
-from pruner.manifest import Output, build_manifest, bytes_digest, file_digest, model_inputs
+from pruner.manifest import Output, build_manifest, bytes_digest, file_digest, model_inputs, write_manifest
 
 SAMPLES_FORMAT = "o1-pruner-samples/1"
 MERGE_COMMAND = "python pruner/presample.py --merge OUT SHARD..."
@@ -173,8 +173,24 @@ def lock_path(out: Path) -> Path:
 
 
 def samples_output(out: Path) -> Output:
-    """The samples file's manifest is its `.meta.json`; --overwrite deletes the file and its summary."""
-    return Output(manifest=meta_path(out), lock=lock_path(out), paths=[out, summary_path(out)])
+    """The samples file's manifest is its `.meta.json`; --overwrite deletes the file and its summary, and
+    refuses a file at `out` that is not a samples file (a user's file named by mistake)."""
+    return Output(manifest=meta_path(out), lock=lock_path(out), paths=[out, summary_path(out)],
+                  owns=_looks_like_samples)
+
+
+def _looks_like_samples(path: Path) -> bool:
+    """An empty file, or one whose first line is a sample record (the summary is ours by name)."""
+    if path.name.endswith(".summary.json"):
+        return True
+    with path.open("rb") as fh:
+        first = fh.readline(1 << 20)
+    if not first.strip():
+        return True
+    try:
+        return isinstance(rec := json.loads(first), dict) and "problem_id" in rec
+    except ValueError:
+        return False
 
 
 def sampling_settings(cfg: PresampleConfig) -> dict[str, Any]:
@@ -191,6 +207,14 @@ def samples_manifest(cfg: PresampleConfig, model_id: str, tokenizer: Any) -> dic
     return build_manifest("presample", dataclasses.asdict(cfg), inputs, volatile=VOLATILE,
                           samples_format=SAMPLES_FORMAT, model=model_id,
                           tokenizer_fingerprint=inputs["tokenizer"], sampling=sampling_settings(cfg))
+
+
+def record_contents(out: Path, summary: dict[str, Any]) -> None:
+    """The meta's `contents` (not compared on resume): what the file holds now, whatever this run's --limit."""
+    path = meta_path(out)
+    meta = json.loads(path.read_text())
+    meta["contents"] = {"problems": summary["problems"], "samples": summary["samples"]}
+    write_manifest(path, meta)
 
 
 def read_meta(paths: list[Path]) -> dict[str, Any]:
