@@ -104,9 +104,14 @@ def safe_filename(label: str) -> str:
 
 def load_set(problem_set: ProblemSet, limit: int | None) -> list[dict]:
     """A set's problems; a set in which no record has a usable answer is an error here, before any engine."""
-    from pruner.problems import ANSWER_FIELDS, load_problems
+    from pruner.problems import ANSWER_FIELDS, NoUsableAnswerError, load_problems
 
-    problems = load_problems(problem_set.source, limit=limit)
+    try:
+        problems = load_problems(problem_set.source, limit=limit)
+    except NoUsableAnswerError as exc:  # its hint names pre-sampling's --answer-field, which this script lacks
+        raise ValueError(f"--data {problem_set.label} ({problem_set.source}): no problem with a usable answer "
+                         f"(none of the fields {'/'.join(ANSWER_FIELDS)} holds one; its records have the fields "
+                         f"{exc.fields}), so nothing can be graded") from None
     if not problems:
         raise ValueError(f"--data {problem_set.label} ({problem_set.source}): no problem with a usable answer "
                          f"(none of the fields {'/'.join(ANSWER_FIELDS)} holds one), so nothing can be graded")

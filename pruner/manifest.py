@@ -244,7 +244,7 @@ STAGE_FILES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
                  "old_logps-*.tmp", "manifest.json.tmp"),
                 ("trainset.safetensors",)),
     "train": (("checkpoints", "export", "export.tmp", "metrics.jsonl", "metrics.png", "config.json",
-               "memory_plan.json", "tensorboard", "round-*", "old_logps-*", "manifest.json.tmp"),
+               "memory_plan.json", "tensorboard", "round-*", "old_logps-*", "old_logps", "manifest.json.tmp"),
               ("checkpoints/step-*", "export", "metrics.jsonl", "round-*")),
     "bench": (("results.json", "results.md", "raw_*.json", "vllm-*.log", "lengths_*.png", "manifest.json.tmp"),
               ("results.json", "raw_*.json")),

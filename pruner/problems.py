@@ -30,6 +30,14 @@ class ProblemFormatError(ValueError):
     """A malformed problem file; the message names file:line and the field."""
 
 
+class NoUsableAnswerError(ProblemFormatError):
+    """A problem file in which no record has a usable answer; `fields`: the fields its records do have."""
+
+    def __init__(self, message: str, fields: list[str]):
+        super().__init__(message)
+        self.fields = fields
+
+
 def _normalise_answer(value: Any) -> str | None:
     """Answer as a string; GSM8K's worked solution `... #### 42` becomes `42`."""
     if value is None or isinstance(value, bool):
@@ -216,6 +224,6 @@ def _refuse_empty(source: str, skipped: int, fields: set[str], answer_field: str
     if not skipped:
         raise ProblemFormatError(f"{source}: no problems in the file")
     wanted = repr(answer_field) if answer_field else "any of " + "/".join(ANSWER_FIELDS)
-    raise ProblemFormatError(f"{source}: none of its {skipped} record(s) has a usable answer (looked for {wanted}, "
-                             f"non-empty); its records have the fields {sorted(fields)}: name the answer field "
-                             "with --answer-field")
+    raise NoUsableAnswerError(f"{source}: none of its {skipped} record(s) has a usable answer (looked for {wanted}, "
+                              f"non-empty); its records have the fields {sorted(fields)}: name the answer field "
+                              "with --answer-field", sorted(fields))

@@ -126,7 +126,7 @@ def test_a_benchmark_that_failed_before_any_result_is_taken_over(tmp_path: Path,
     for folder, text in ((wrong, '{"a": 1}'), (right, '{"a": 2}')):
         folder.mkdir()
         (folder / "config.json").write_text(text)
-    cfg = SpeedConfig(limit=3, modes=["greedy"], out=str(tmp_path / "bench"))
+    cfg = SpeedConfig(data=["embedded:test"], limit=3, modes=["greedy"], out=str(tmp_path / "bench"))
     with claim_out(cfg, [("base", str(wrong))]):
         (tmp_path / "bench" / "vllm-base.log").write_text("engine failed")   # then the worker died
     with claim_out(dataclasses.replace(cfg), [("base", str(right))]):
