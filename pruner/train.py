@@ -25,10 +25,10 @@ from transformers import AutoConfig
 
 from pruner import distributed, packed_attention
 from pruner.batching import check_batch_sizes, plan_epoch, sequence_lengths, steps_per_epoch
-from pruner.checkpoint import export_hf, load_checkpoint, resume_checkpoint, save_checkpoint
+from pruner.checkpoint import export_hf, latest_checkpoint, load_checkpoint, resume_checkpoint, save_checkpoint
 from pruner.cli import parse_config
 from pruner.configs import TrainConfig
-from pruner.distributed import Dist, broadcast_object, print0
+from pruner.distributed import Dist, broadcast_object, decided_by_main, print0
 from pruner.embedded import default_model_path
 from pruner.manifest import (Output, OutputLock, RunStateError, build_manifest, claim_output, file_digest,
                              manifest_digest, model_inputs, release_all)
@@ -164,7 +164,7 @@ def check_round_placement(cfg: TrainConfig, d: Dist) -> None:
 def hand_over(run: Run, round_index: int) -> None:
     """The end of round `round_index - 1` under the round driver: a checkpoint at this step (the next
     launch resumes from it) and the policy exported as the round's sampling model; then exit."""
-    latest = latest_checkpoint(run.out / "checkpoints")
+    latest = decided_by_main(lambda: latest_checkpoint(run.out / "checkpoints"))  # every rank saves, or none
     if latest is None or not latest.name.endswith(f"{run.step:07d}"):
         save_checkpoint(run.out / "checkpoints", run.step, run.policy, run.optimizer, run.scheduler,
                         {"round": round_index - 1}, run.d, keep=run.cfg.keep_checkpoints)
