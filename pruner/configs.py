@@ -10,9 +10,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from pruner.prompting import DEFAULT_SYSTEM_PROMPT
-
 LOSSES = ("lh", "sft", "dpo")
+
+# The prompt flags of every stage that prompts a model (pruner/families.py resolves them).
+SYSTEM_PROMPT_HELP = ("system prompt ('' for none); default: what the model folder records (o1pruner_sampling.json), "
+                      "else the model family's (boxed-answer prompt; none for DeepSeek-R1 distills)")
+SUFFIX_HELP = ("text appended to every problem; default: the model folder's record, else the family's (R1 distills: "
+               "the boxed-answer instruction)")
+THINK_HELP = ("thinking mode: on (open a <think> block after the prompt; Qwen3: enable_thinking), off, or auto "
+              "(the model folder's record, else the family's)")
 
 
 def parse_shard(shard: str) -> tuple[int, int]:
@@ -38,9 +44,9 @@ class PresampleConfig:
     top_p: float = field(default=0.8, metadata={"help": "nucleus sampling top-p (the paper's code: 0.8)"})
     max_new_tokens: int = field(default=1024, metadata={"help": "max response tokens (1024 suits the embedded model; the paper uses 8192)"})
     seed: int = field(default=0, metadata={"help": "base seed; each problem samples with a seed derived from it and the problem id"})
-    system_prompt: str = field(default=DEFAULT_SYSTEM_PROMPT, metadata={"help": "system prompt ('' for none, e.g. R1 distills)"})
-    suffix: str = field(default="", metadata={"help": "text appended to every problem (e.g. the fast-solving baseline)"})
-    think: Literal["auto", "on", "off"] = field(default="auto", metadata={"help": "open a <think> block after the prompt: auto (if the template uses it), on, off"})
+    system_prompt: str | None = field(default=None, metadata={"help": SYSTEM_PROMPT_HELP})
+    suffix: str | None = field(default=None, metadata={"help": SUFFIX_HELP})
+    think: Literal["auto", "on", "off"] = field(default="auto", metadata={"help": THINK_HELP})
     tensor_parallel_size: int = field(default=1, metadata={"help": "GPUs per model replica"})
     data_parallel_size: int = field(default=1, metadata={"help": "model replicas on this node (where vLLM supports it)"})
     shard: str = field(default="0/1", metadata={"help": "i/n: this process samples problems i, i+n, ... (multi-node); output gets a .shard<i>of<n> suffix"})
@@ -155,6 +161,9 @@ class SpeedConfig:
     models: list[str] = field(default_factory=list, metadata={"help": "name=path (HF folder or hub id; 'embedded' = the default model); the first is the base of every comparison; none = the embedded base vs the latest runs/*/export"})
     fast_prompt: list[str] = field(default_factory=list, metadata={"help": "names of models prompted with the paper's fast-solving suffix (the prompt baseline)"})
     data: str = field(default="embedded:test", metadata={"help": "problems: a file of ../shared/data, embedded:test, or a hub id"})
+    system_prompt: str | None = field(default=None, metadata={"help": SYSTEM_PROMPT_HELP + "; a model without a record takes the first record among --models"})
+    suffix: str | None = field(default=None, metadata={"help": SUFFIX_HELP})
+    think: Literal["auto", "on", "off"] = field(default="auto", metadata={"help": THINK_HELP})
     limit: int | None = field(default=None, metadata={"help": "only the first N problems (N >= 1; omit for all)"})
     modes: list[Literal["greedy", "sampled"]] = field(default_factory=lambda: ["greedy", "sampled"], metadata={"help": "decoding modes to measure"})
     n: int = field(default=4, metadata={"help": "samples per problem in the sampled mode (pass@1 averaged)"})
