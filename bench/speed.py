@@ -78,6 +78,26 @@ def check_config(cfg: SpeedConfig, models: list[tuple[str, str]]) -> None:
         raise ValueError(f"--fast-prompt names {sorted(unknown)} are not among --models {names}")
 
 
+def model_prompts(cfg: SpeedConfig, models: list[tuple[str, str]]) -> dict[str, dict]:
+    """Each model's resolved prompt flags (pruner/families.py: flags, the folder's record, the family's)."""
+    from pruner.families import comparison_prompts
+
+    settings = comparison_prompts(models, system_prompt=cfg.system_prompt, suffix=cfg.suffix, think=cfg.think)
+    return {name: s.record() for name, s in settings.items()}
+
+
+def worker_prompts(cfg: SpeedConfig, name: str, path: str, problems: list[dict], tokenizer: Any) -> list[list[int]]:
+    """The token ids vLLM gets for the worker's model: rendered as pre-sampling renders them."""
+    from pruner.families import resolve_prompt
+    from pruner.prompting import FAST_SOLVING_SUFFIX
+
+    settings = resolve_prompt(tokenizer, model=path if Path(path).is_dir() else None, system_prompt=cfg.system_prompt,
+                              suffix=cfg.suffix, think=cfg.think)
+    if name in cfg.fast_prompt:
+        settings = dataclasses.replace(settings, suffix=settings.suffix + FAST_SOLVING_SUFFIX)
+    return settings.prompts(tokenizer, [p["problem"] for p in problems])[1]
+
+
 def claim_out(cfg: SpeedConfig, models: list[tuple[str, str]]) -> Any:
     """Lock --out and check its manifest: results of another comparison are never mixed in."""
     from pruner.manifest import Output, build_manifest, claim_output, file_digest
@@ -97,25 +117,25 @@ def run_worker(cfg: SpeedConfig) -> None:
     """Generate every mode for the one model of `cfg.models` and dump per-sample results as JSON."""
     from pruner.generation import generate, open_llm
     from pruner.grading import grade
-    from pruner.model_files import load_tokenizer
+    from pruner.model_files import eos_token_ids, load_tokenizer
     from pruner.problems import load_problems
-    from pruner.prompting import FAST_SOLVING_SUFFIX, build_prompt
 
     (name, path), = parse_models(cfg.models)
     problems = load_problems(cfg.data, limit=cfg.limit)
     tokenizer = load_tokenizer(path)
-    suffix = FAST_SOLVING_SUFFIX if name in cfg.fast_prompt else ""
-    prompts = [build_prompt(tokenizer, p["problem"], suffix=suffix) for p in problems]
-    longest = max(len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts)
+    prompts = worker_prompts(cfg, name, path, problems, tokenizer)
+    stop_ids = eos_token_ids(tokenizer, path if Path(path).is_dir() else None)
+    longest = max(len(p) for p in prompts)
     llm = open_llm(path, max_model_len=longest + cfg.max_new_tokens, seed=cfg.seed, disable_log_stats=False,
                    log_file=Path(cfg.out) / f"vllm-{name}.log")
-    generate(llm, prompts[: cfg.warmup], max_tokens=cfg.max_new_tokens)  # warm-up, not timed
+    generate(llm, prompts[: cfg.warmup], max_tokens=cfg.max_new_tokens, stop_token_ids=stop_ids)  # warm-up
     runs = []
     for mode in cfg.modes:
         settings = dict(MODES[mode])
         settings.setdefault("n", cfg.n)
         start = time.perf_counter()
-        outputs = generate(llm, prompts, max_tokens=cfg.max_new_tokens, seed=cfg.seed, **settings)
+        outputs = generate(llm, prompts, max_tokens=cfg.max_new_tokens, seed=cfg.seed, stop_token_ids=stop_ids,
+                           **settings)
         wall = time.perf_counter() - start
         samples = [{"problem_id": str(p["id"]), "tokens": len(c.token_ids), "correct": grade(c.text, str(p["answer"])),
                     "truncated": c.finish_reason == "length", "latency_s": c.latency_s,
@@ -133,11 +153,12 @@ def main(argv: list[str] | None = None) -> None:
         return run_worker(cfg)
     models = parse_models(cfg.models)
     check_config(cfg, models)
+    prompts = model_prompts(cfg, models)  # before any engine: a template that cannot take the prompt fails here
     with claim_out(cfg, models):
-        benchmark(cfg, models)
+        benchmark(cfg, models, prompts)
 
 
-def benchmark(cfg: SpeedConfig, models: list[tuple[str, str]]) -> None:
+def benchmark(cfg: SpeedConfig, models: list[tuple[str, str]], prompts: dict[str, dict] | None = None) -> None:
     """One worker process per model (fresh vLLM engine each), then the report in --out."""
     from bench.speed_report import summarize, write_report
 
@@ -147,7 +168,8 @@ def benchmark(cfg: SpeedConfig, models: list[tuple[str, str]]) -> None:
         raw = out / f"raw_{name}.json"
         # The worker is this benchmark narrowed to one model, in a fresh process (one vLLM engine each).
         worker = dataclasses.replace(cfg, models=[f"{name}={path}"], overwrite=False, worker_out=str(raw),
-                                     fast_prompt=[name] if name in cfg.fast_prompt else [])
+                                     fast_prompt=[name] if name in cfg.fast_prompt else [],
+                                     **(prompts or {}).get(name, {}))
         print(f"[{name}] generating with {path}", flush=True)
         run_stage("bench.speed", worker, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
         runs.extend(json.loads(raw.read_text()))

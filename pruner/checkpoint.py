@@ -20,6 +20,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_state_dict)
 
 from pruner.distributed import Dist, barrier
+from pruner.families import write_model_record
 
 _PREFIX = "step-"
 
@@ -82,8 +83,13 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     return trainer
 
 
-def export_hf(model: nn.Module, out: Path, source: str, d: Dist, *, prefix: str = "lm.") -> Path | None:
-    """Write a Hugging Face folder (config, safetensors, tokenizer, generation config) on rank 0."""
+def export_hf(model: nn.Module, out: Path, source: str, d: Dist, *, prefix: str = "lm.",
+              sampling: dict | None = None) -> Path | None:
+    """Write a Hugging Face folder (config, safetensors, tokenizer, generation config) on rank 0.
+
+    `sampling`: the training set's sampling block, written as `o1pruner_sampling.json` so that the
+    benchmark and later rounds prompt the model as its training data was sampled.
+    """
     from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors.torch import save_file
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
@@ -117,6 +123,7 @@ def export_hf(model: nn.Module, out: Path, source: str, d: Dist, *, prefix: str 
         GenerationConfig.from_pretrained(source).save_pretrained(tmp)
     except OSError:  # the source had none: derive one from the config so vLLM sees the EOS token
         GenerationConfig.from_model_config(config).save_pretrained(tmp)
+    write_model_record(tmp, sampling)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     barrier()

@@ -202,3 +202,22 @@ def describe(settings: PromptSettings, first_prompt: str, first_ids: list[int]) 
     """The log lines every stage prints: family, where the settings came from, the first rendered prompt."""
     return (f"prompt: family {settings.family} ({settings.sources}); first prompt, {len(first_ids)} tokens, "
             f"ids {first_ids[:4]}...:\n{first_prompt}")
+
+
+def comparison_prompts(models: list[tuple[str, str]], *, system_prompt: str | None = None, suffix: str | None = None,
+                       think: str = "auto") -> dict[str, PromptSettings]:
+    """Each model's settings for a side-by-side run (the benchmark): flags, else the model's own
+    record, else the first record among `models` (a base model is prompted as its pruned export's
+    data was sampled), else the family's. Loads only tokenizers: errors come before any engine."""
+    from pruner.model_files import load_tokenizer
+
+    records = [(str(Path(path) / SAMPLING_FILE), read_model_record(path)) for _, path in models
+               if Path(path).is_dir()]
+    source, first = next(((s, r) for s, r in records if r), ("", None))
+    settings = {}
+    for name, path in models:
+        settings[name] = resolve_prompt(load_tokenizer(path), model=path if Path(path).is_dir() else None,
+                                        system_prompt=system_prompt, suffix=suffix, think=think, fallback=first,
+                                        fallback_source=source)
+        print(f"[{name}] prompt: family {settings[name].family} ({settings[name].sources})", flush=True)
+    return settings

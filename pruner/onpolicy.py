@@ -92,7 +92,7 @@ def resample(policy: nn.Module, first_trainset: Path, out: Path, round_index: in
     if d.is_main:  # a partial or foreign round: start it afresh
         shutil.rmtree(folder, ignore_errors=True)
     barrier()
-    export_hf(policy, model_dir, source_model, d)
+    export_hf(policy, model_dir, source_model, d, sampling=read_meta(first_trainset).get("sampling"))
     if d.is_main:
         run_stage("pruner.presample", presample)
         run_stage("pruner.dataset", dataset)

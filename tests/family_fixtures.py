@@ -147,14 +147,32 @@ def tokenizer_folder(family: str, folder: Path, template: str | None = None) -> 
     tok.chat_template = template or spec["template"]
     folder.mkdir(parents=True, exist_ok=True)
     tok.save_pretrained(folder)
-    gen = {"bos_token_id": spec["bos_id"], "eos_token_id": spec["generation_eos"], "do_sample": True}
-    (folder / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    _config(spec).save_pretrained(folder)  # config.json only: the stages read the context length from it
+    _generation_config(folder, spec)
     return folder
 
 
-def model_folder(family: str, folder: Path, *, layers: int = 2, hidden: int = 64, eos_logit: float = 8.0,
+def _generation_config(folder: Path, spec: dict[str, Any]) -> None:
+    """The family's generation_config.json: Qwen's lists both EOS ids, the tokenizer names one."""
+    gen = {"bos_token_id": spec["bos_id"], "eos_token_id": spec["generation_eos"], "do_sample": True}
+    (folder / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+
+
+def _config(spec: dict[str, Any], layers: int = 2, hidden: int = 128) -> Any:
+    from transformers import Qwen2Config
+
+    eos = spec["generation_eos"] if isinstance(spec["generation_eos"], list) else [spec["generation_eos"]]
+    # head_dim 64: vLLM's CPU attention rejects smaller heads
+    return Qwen2Config(vocab_size=VOCAB_ROWS, hidden_size=hidden, intermediate_size=2 * hidden,
+                       num_hidden_layers=layers, num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64,
+                       head_dim=64, max_position_embeddings=4096, tie_word_embeddings=False,
+                       bos_token_id=spec["bos_id"], eos_token_id=eos[0], torch_dtype="float32")
+
+
+def model_folder(family: str, folder: Path, *, layers: int = 2, hidden: int = 128, eos_logit: float = 8.0,
                  padded_logit: float = 6.0, seed: int = 0) -> Path:
-    """A random-weight Qwen2 model of `family` (2 layers, 151,936 rows) with its tokenizer.
+    """A random-weight Qwen2 model of `family` (2 layers, head_dim 64 as vLLM's CPU attention
+    wants, 151,936 rows) with its tokenizer.
 
     Random logits are near uniform over 151,936 ids, so a sample would never end: hidden dimension 0
     carries a constant (every embedding row has it), and the output rows of the EOS ids and of three
@@ -162,15 +180,12 @@ def model_folder(family: str, folder: Path, *, layers: int = 2, hidden: int = 64
     generation_config's extra one) and contain ids only the model's padded rows can produce.
     """
     import torch
-    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+    from transformers import AutoTokenizer, Qwen2ForCausalLM
 
     tokenizer_folder(family, folder)
     spec = FAMILIES[family]
     eos_ids = spec["generation_eos"] if isinstance(spec["generation_eos"], list) else [spec["generation_eos"]]
-    config = Qwen2Config(vocab_size=VOCAB_ROWS, hidden_size=hidden, intermediate_size=2 * hidden,
-                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=4096, tie_word_embeddings=False, bos_token_id=spec["bos_id"],
-                         eos_token_id=eos_ids[0], torch_dtype="float32")
+    config = _config(spec, layers, hidden)
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(config)
     with torch.no_grad():
@@ -184,4 +199,5 @@ def model_folder(family: str, folder: Path, *, layers: int = 2, hidden: int = 64
         for i in (n_tokens + 7, VOCAB_ROWS - 100, VOCAB_ROWS - 1):
             head[i, 0] = padded_logit * scale
     model.save_pretrained(folder, safe_serialization=True)
+    _generation_config(folder, spec)  # save_pretrained wrote one from the config's single EOS
     return folder
