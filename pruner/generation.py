@@ -285,9 +285,9 @@ def generate(
     outputs = llm.generate(inputs, sampling, use_tqdm=use_tqdm)
     for p, out in zip(prompts, outputs):
         # token ids go in untouched: an engine that tokenized (and added a BOS) would break prompt identity
-        if isinstance(p, list) and out.prompt_token_ids is not None and list(out.prompt_token_ids) != p:
-            raise RuntimeError(f"vLLM changed a prompt's token ids: sent {p[:6]}..., it used "
-                               f"{list(out.prompt_token_ids)[:6]}...")
+        used = getattr(out, "prompt_token_ids", None)
+        if isinstance(p, list) and used is not None and list(used) != p:
+            raise RuntimeError(f"vLLM changed a prompt's token ids: sent {p[:6]}..., it used {list(used)[:6]}...")
     return [[Completion(text=c.text, token_ids=list(c.token_ids), finish_reason=c.finish_reason,
                         latency_s=_latency(out)) for c in out.outputs] for out in outputs]
 
