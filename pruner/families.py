@@ -96,7 +96,6 @@ class PromptSettings:
         texts = [self.render(tokenizer, p) for p in problems]
         ids = [encode_prompt(tokenizer, t) for t in texts]
         if texts:
-            log.info("%s", describe(self, texts[0], ids[0]))
             print(describe(self, texts[0], ids[0]), file=sys.stderr, flush=True)
         return texts, ids
 
@@ -112,6 +111,11 @@ def read_model_record(model: str | os.PathLike | None) -> dict[str, Any] | None:
         raise ValueError(f"{path}: not valid JSON ({exc}); delete it or re-export the model") from None
     if not isinstance(record, dict):
         raise ValueError(f"{path}: expected a JSON object (the training set's sampling block)")
+    for key in ("system_prompt", "suffix"):
+        if not isinstance(record.get(key, ""), (str, type(None))):
+            raise ValueError(f"{path}: field {key} must be a string, got {record[key]!r}")
+    if record.get("think", "auto") not in ("on", "off", "auto", None):
+        raise ValueError(f"{path}: field think must be on, off or auto, got {record['think']!r}")
     return record
 
 

@@ -224,3 +224,16 @@ def test_flags_given_to_the_benchmark_override_the_models_record(family_dirs, tm
     flagged = _benchmark_ids([("pruned", str(pruned))], problems, system_prompt="Other.")
     _, expected = _presample_ids(family_dirs["qwq"], problems, tmp_path, system_prompt="Other.", suffix="\nBe brief.")
     assert flagged["pruned"] == expected
+
+
+def test_a_malformed_model_record_names_its_file_and_field(family_dirs, tmp_path):
+    from pruner.families import SAMPLING_FILE, resolve_prompt
+
+    folder = tmp_path / "export"
+    shutil.copytree(family_dirs["qwen3"], folder)
+    (folder / SAMPLING_FILE).write_text(json.dumps({"think": "maybe"}))
+    with pytest.raises(ValueError, match=rf"{SAMPLING_FILE}: field think must be on, off or auto"):
+        resolve_prompt(_tok(folder), model=folder)
+    (folder / SAMPLING_FILE).write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        resolve_prompt(_tok(folder), model=folder)
