@@ -65,15 +65,22 @@ def _check_samples(family: str, model: Path, records: list[dict], tok) -> dict:
     eos = eos_token_ids(tok, model)
     stops = [r for r in records if r["finish_reason"] == "stop"]
     assert stops, "no sample stopped: EOS never sampled"
+    partial = 0
     for r in records:
         ids = r["response_token_ids"]
         assert not set(ids[:-1]) & set(eos), "an EOS inside a response: the engine did not stop on it"
         assert r["finish_reason"] != "stop" or ids[-1] in eos, (ids[-3:], eos)
-        assert tok.decode(ids, skip_special_tokens=True) == r["response"]
+        decoded = tok.decode(ids, skip_special_tokens=True)
+        # vLLM's streaming detokenizer holds back the bytes of a character not yet complete and drops them when
+        # the sample ends; a full decode shows them as U+FFFD. That is the one difference allowed, at the end.
+        assert decoded.startswith(r["response"]) and not decoded[len(r["response"]):].strip("\ufffd"), \
+            (decoded[-30:], r["response"][-30:])
+        partial += decoded != r["response"]
     padded = sum(1 for r in records for t in r["response_token_ids"] if t >= len(tok))
     assert padded, "no id from the padded rows was sampled"
     return {"samples": len(records), "stopped_on": sorted({r["response_token_ids"][-1] for r in stops}),
-            "truncated": len(records) - len(stops), "padded_row_ids": padded, "first_prompt_ids": first[:4]}
+            "truncated": len(records) - len(stops), "padded_row_ids": padded, "first_prompt_ids": first[:4],
+            "decode_equals_text": len(records) - partial, "text_lacks_trailing_partial_utf8": partial}
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
