@@ -237,3 +237,14 @@ def test_a_malformed_model_record_names_its_file_and_field(family_dirs, tmp_path
     (folder / SAMPLING_FILE).write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         resolve_prompt(_tok(folder), model=folder)
+
+
+def test_a_template_that_drops_the_system_turn_is_refused_too(family_dirs):
+    from pruner.families import resolve_prompt
+
+    tok = _tok(family_dirs["qwen2.5-math"])
+    tok.chat_template = NO_SYSTEM.replace("{{- raise_exception('System role not supported') }}", "")
+    tok.chat_template = tok.chat_template.replace("{%- for m in messages %}", "{%- for m in messages if m.role != 'system' %}")
+    with pytest.raises(ValueError, match="cannot render a system turn \\(it leaves the system message out\\)"):
+        resolve_prompt(tok, system_prompt="Reason step by step.")
+    assert resolve_prompt(tok, system_prompt="").render(tok, "1+1").startswith("<|im_start|>user\n")
