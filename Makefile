@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast demo gpu-wheels clean
+.PHONY: install test test-fast rehearsal demo gpu-wheels clean
 
 install: $(STAMP)
 
@@ -28,6 +28,11 @@ test: install
 # The unit tier only (no vLLM engine, torchrun job or ahead-of-time compile): a developer's quick loop.
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow" tests
+
+# The four stages (pre-sampling, training set, training, speed benchmark) on a random-weight 2-layer Qwen2 of each
+# model family, with Qwen's real vocabulary; results and times in runs/rehearsal/results.json. Not in `make test`.
+rehearsal: install
+	$(BIN)/python -m pytest -q -m rehearsal tests/test_rehearsal.py
 
 demo: install
 	$(BIN)/python -m pruner.demo

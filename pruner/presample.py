@@ -40,7 +40,7 @@ if __package__ in (None, ""):  # `python pruner/presample.py` runs without the p
 from pruner.configs import PresampleConfig, parse_shard  # noqa: E402
 from pruner.manifest import claim_output  # noqa: E402
 from pruner.problems import check_limit, load_problems  # noqa: E402
-from pruner.prompting import build_prompt  # noqa: E402
+from pruner.families import PromptSettings, resolve_prompt  # noqa: E402
 from pruner.samples import (NO_META_HINT, append_records, complete_problems, make_record, meta_path,  # noqa: E402
                             read_samples, record_contents, rewrite_samples, samples_manifest, samples_output,
                             summarize, summary_path)
@@ -94,14 +94,22 @@ def validate(cfg: PresampleConfig) -> PresampleConfig:
     return cfg
 
 
-def _prompts(cfg: PresampleConfig, problems: list[dict], tokenizer: Any) -> tuple[list[str], list[list[int]]]:
-    """Every problem's prompt (chat template, system prompt, suffix, think block) and its token ids."""
-    think = None if cfg.think == "auto" else cfg.think == "on"
-    prompts = [build_prompt(tokenizer, p["problem"], system_prompt=cfg.system_prompt or None,
-                            suffix=cfg.suffix, think=think) for p in problems]
-    prompt_ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in prompts]
+def resolve_prompting(cfg: PresampleConfig, tokenizer: Any) -> tuple[PresampleConfig, PromptSettings]:
+    """The config with its prompt flags resolved (flags, the model's record, the family's defaults),
+    so the samples' meta records exactly how every prompt was made."""
+    settings = resolve_prompt(tokenizer, model=cfg.model if Path(cfg.model).is_dir() else None,
+                              system_prompt=cfg.system_prompt, suffix=cfg.suffix, think=cfg.think)
+    return dataclasses.replace(cfg, **settings.record()), settings
+
+
+def _prompts(cfg: PresampleConfig, problems: list[dict], tokenizer: Any) -> tuple[PresampleConfig, list[str],
+                                                                                 list[list[int]]]:
+    """The resolved config, and every problem's prompt (chat template, system prompt, suffix, think block)
+    with the token ids vLLM gets."""
+    cfg, settings = resolve_prompting(cfg, tokenizer)
+    prompts, prompt_ids = settings.prompts(tokenizer, [p["problem"] for p in problems])
     _check_prompt_lengths(cfg, problems, prompt_ids)
-    return prompts, prompt_ids
+    return cfg, prompts, prompt_ids
 
 
 def _check_prompt_lengths(cfg: PresampleConfig, problems: list[dict], prompt_ids: list[list[int]]) -> None:
@@ -126,7 +134,7 @@ def run(cfg: PresampleConfig, *, llm: Any = None) -> dict[str, Any]:
 
     `llm`: an already open engine (e.g. a caller sampling several sets with one model).
     """
-    from pruner.model_files import check_tokenizer_fits, load_tokenizer
+    from pruner.model_files import check_tokenizer_fits, eos_token_ids, load_tokenizer
 
     t_start = time.perf_counter()
     cfg = validate(cfg)
@@ -137,7 +145,8 @@ def run(cfg: PresampleConfig, *, llm: Any = None) -> dict[str, Any]:
     problems = problems[shard_index::shard_count]
     tokenizer = load_tokenizer(cfg.model)
     check_tokenizer_fits(cfg.model, tokenizer)
-    prompts, prompt_ids = _prompts(cfg, problems, tokenizer)
+    cfg, prompts, prompt_ids = _prompts(cfg, problems, tokenizer)
+    stop_ids = eos_token_ids(tokenizer, cfg.model if Path(cfg.model).is_dir() else None)
     model_id = str(Path(cfg.model).resolve()) if Path(cfg.model).exists() else cfg.model
     local_inputs = [p for p in (cfg.model, cfg.problems) if Path(p).exists()]
     lock = claim_output(samples_output(out), samples_manifest(cfg, model_id, tokenizer), what=f"samples file {out}",
@@ -145,7 +154,7 @@ def run(cfg: PresampleConfig, *, llm: Any = None) -> dict[str, Any]:
                         inputs=local_inputs)
     with lock:
         try:
-            final, new, gen_s = _sample_pending(cfg, out, problems, prompts, prompt_ids, llm)
+            final, new, gen_s = _sample_pending(cfg, out, problems, prompts, prompt_ids, llm, stop_ids)
         except BaseException:
             if not out.exists() or out.stat().st_size == 0:  # e.g. the engine failed: no empty file + meta left
                 out.unlink(missing_ok=True)
@@ -163,7 +172,7 @@ def run(cfg: PresampleConfig, *, llm: Any = None) -> dict[str, Any]:
 
 
 def _sample_pending(cfg: PresampleConfig, out: Path, problems: list[dict], prompts: list[str],
-                    prompt_ids: list[list[int]], llm: Any) -> tuple[list[dict], int, float]:
+                    prompt_ids: list[list[int]], llm: Any, stop_ids: list[int]) -> tuple[list[dict], int, float]:
     """Resume what is on disk, sample the rest; returns (the file's records, new samples, generation seconds)."""
     from tqdm import tqdm
 
@@ -194,7 +203,7 @@ def _sample_pending(cfg: PresampleConfig, out: Path, problems: list[dict], promp
                 chunk = slice(start, start + cfg.chunk_problems)
                 t0 = time.perf_counter()
                 outputs = generate(llm, prompt_ids[chunk], n=cfg.k, temperature=cfg.temperature, top_p=cfg.top_p,
-                                   max_tokens=cfg.max_new_tokens,
+                                   max_tokens=cfg.max_new_tokens, stop_token_ids=stop_ids,
                                    seed=[problem_seed(cfg.seed, str(p["id"])) for p in pending[chunk]])
                 gen_s += time.perf_counter() - t0
                 chunk_records = [_record(problem, index, prompt, ids, completion)

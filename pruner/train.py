@@ -40,7 +40,7 @@ from pruner.packing import check_budget, check_packed_batch, plan_packed_epoch
 from pruner.plan import check_memory_plan
 from pruner.old_logps import attach_response_offsets, old_logprobs
 from pruner.step import LossSpec, StepResult, train_step
-from pruner.trainset import TENSORS, load_trainset
+from pruner.trainset import TENSORS, load_trainset, read_meta
 
 PAPER_LR = 2e-7          # the paper's code for 7B models
 EMBEDDED_LR = 2e-5       # the embedded default: a 1M-parameter model trained from scratch moves far faster
@@ -242,7 +242,8 @@ def _finish(run: Run, *, final: bool) -> Path | None:
         return None
     exported = None
     if run.cfg.export:
-        exported = export_hf(run.policy, run.out / "export", run.cfg.model, run.d)
+        exported = export_hf(run.policy, run.out / "export", run.cfg.model, run.d,
+                             sampling=read_meta(run.cfg.data).get("sampling"))
         print0(f"exported Hugging Face model to {run.out / 'export'}")
     if run.d.is_main and (run.out / "metrics.jsonl").exists():
         plot_metrics(run.out / "metrics.jsonl", run.out / "metrics.png")

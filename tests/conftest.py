@@ -163,3 +163,14 @@ def _triton_interpret_unchanged():
     yield
     if message := _interpret_changed():
         pytest.fail(f"{message} by this test: every later Triton test would run without the interpreter")
+
+
+# --- The rehearsal (tests/test_rehearsal.py, `make rehearsal`) runs only when asked for by marker ---
+def pytest_collection_modifyitems(config, items):
+    """Leave `rehearsal` tests out unless `-m` names them: `make test` and CI do not run them."""
+    if "rehearsal" in (config.getoption("markexpr") or ""):
+        return
+    kept = [item for item in items if item.get_closest_marker("rehearsal") is None]
+    if len(kept) < len(items):
+        config.hook.pytest_deselected(items=[item for item in items if item.get_closest_marker("rehearsal")])
+        items[:] = kept

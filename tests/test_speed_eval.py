@@ -106,7 +106,7 @@ def test_a_template_without_a_system_turn_and_a_system_prompt_are_refused_before
         extra.unlink(missing_ok=True)
     out = tmp_path / "out"
     proc = _speed("--models", f"base={model}", "--max-new-tokens", "8", "--out", str(out))
-    assert proc.returncode != 0 and "model base: its chat template cannot render the prompt" in proc.stderr, proc.stderr
+    assert proc.returncode != 0 and "this chat template cannot render a system turn" in proc.stderr, proc.stderr
     assert "System role not supported" in proc.stderr and "Traceback" not in proc.stderr and not out.exists()
 
 
@@ -163,12 +163,14 @@ def test_a_preset_fills_what_is_unset_and_explicit_flags_win_out_loud():
     cfg, notes = apply_preset(parse_config(SpeedConfig, ["--preset", "dler", "--n", "2", "--top-p", "0.95"]))
     dler = SPEED_PRESETS["dler"]
     assert (cfg.n, cfg.top_p, cfg.temperature, cfg.max_new_tokens, cfg.system_prompt, cfg.data, cfg.modes) == \
-        (2, 0.95, dler["temperature"], dler["max_new_tokens"], "", dler["data"], dler["modes"])
+        (2, 0.95, dler["temperature"], dler["max_new_tokens"], None, dler["data"], dler["modes"])
+    # a preset's system prompt is recorded, not forced: each model is prompted as it was sampled (families)
     assert notes == ["--n 2 overrides preset dler's 16"]  # an explicit value equal to the preset's is no override
     for name, values in SPEED_PRESETS.items():
         assert {"max_new_tokens", "n", "temperature", "top_p", "system_prompt"} <= values.keys()
         filled, notes = apply_preset(SpeedConfig(preset=name))
-        assert notes == [] and all(getattr(filled, k) == v for k, v in values.items())
+        assert notes == [] and all(getattr(filled, k) == v for k, v in values.items() if k != "system_prompt")
+        assert filled.system_prompt is None
     assert apply_preset(SpeedConfig())[0].max_new_tokens == 1024  # the embedded default is unchanged
 
 
