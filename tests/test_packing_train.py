@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -16,30 +15,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def _uneven_samples(path: Path, model_dir: Path, problems: int = 8, k: int = 4) -> Path:
     """Responses from 2 to ~300 tokens: a few long ones among many short, as long-thought outputs are."""
-    from conftest import write_samples_meta
-    from transformers import AutoTokenizer
+    from test_train import _write_samples
 
-    from pruner.prompting import build_prompt
-
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
-    rng = random.Random(7)
-    words = [w for w in tok.get_vocab() if w.isalnum()][:50] or ["a", "b"]
-    with path.open("w") as f:
-        for p in range(problems):
-            prompt = build_prompt(tok, f"problem {p}")
-            prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
-            for s in range(k):
-                n = rng.choice([1, 2, 3, 5, 8, 150]) if s else rng.choice([1, 120])
-                text = " ".join(rng.choice(words) for _ in range(n))
-                ids = tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-                correct = rng.random() < 0.5
-                f.write(json.dumps({
-                    "problem_id": f"p{p}", "sample_index": s, "prompt": prompt, "prompt_token_ids": prompt_ids,
-                    "response": text, "response_tokens": len(ids), "response_token_ids": ids,
-                    "finish_reason": "stop", "extracted_answer": "1" if correct else "2", "correct": correct,
-                    "answer": "1"}) + "\n")
-    write_samples_meta(path, tok, model=model_dir, k=k)
-    return path
+    return _write_samples(path, model_dir, problems, k, seed=7,
+                          words_in=lambda rng, s: rng.choice([1, 2, 3, 5, 8, 150]) if s else rng.choice([1, 120]))
 
 
 @pytest.fixture(scope="module")

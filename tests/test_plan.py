@@ -43,7 +43,11 @@ def _saved_bytes(config, tokens: int, dtype: torch.dtype, checkpointing: bool) -
     lm = AutoModelForCausalLM.from_config(config, dtype=dtype)
     if checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    lm.train()
+    return saved_by_forward(lm.train(), torch.randint(0, config.vocab_size, (1, tokens)), None)
+
+
+def saved_by_forward(lm, ids: torch.Tensor, mask: torch.Tensor | None) -> int:
+    """Bytes the decoder's forward saves for backward, beyond the parameters (each storage once)."""
     params = {p.untyped_storage().data_ptr() for p in lm.parameters()}
     seen: dict[int, int] = {}
 
@@ -52,7 +56,7 @@ def _saved_bytes(config, tokens: int, dtype: torch.dtype, checkpointing: bool) -
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        lm.get_decoder()(input_ids=torch.randint(0, config.vocab_size, (1, tokens)), use_cache=False)
+        lm.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False)
     return sum(n for ptr, n in seen.items() if ptr not in params)
 
 

@@ -66,17 +66,9 @@ def _saved(config, ids: torch.Tensor, mask: torch.Tensor | None) -> int:
 
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
-    lm = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).train()
-    params = {p.untyped_storage().data_ptr() for p in lm.parameters()}
-    seen: dict[int, int] = {}
+    from test_plan import saved_by_forward
 
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        lm.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False)
-    return sum(n for ptr, n in seen.items() if ptr not in params)
+    return saved_by_forward(AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).train(), ids, mask)
 
 
 def test_the_padded_mask_estimate_is_not_below_what_autograd_keeps():

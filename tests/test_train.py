@@ -15,8 +15,10 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _write_samples(path: Path, model_dir: Path, problems: int = 12, k: int = 4, seed: int = 0) -> Path:
-    """Samples in pre-sampling's format: prompts through the chat template, responses of varied length."""
+def _write_samples(path: Path, model_dir: Path, problems: int = 12, k: int = 4, seed: int = 0,
+                   words_in=lambda rng, s: rng.randint(3, 24)) -> Path:
+    """Samples in pre-sampling's format: prompts through the chat template, responses of varied length
+    (`words_in(rng, sample_index)` words each)."""
     from conftest import write_samples_meta
     from transformers import AutoTokenizer
 
@@ -30,7 +32,7 @@ def _write_samples(path: Path, model_dir: Path, problems: int = 12, k: int = 4, 
             prompt = build_prompt(tok, f"problem {p}")
             prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
             for s in range(k):
-                text = " ".join(rng.choice(words) for _ in range(rng.randint(3, 24)))
+                text = " ".join(rng.choice(words) for _ in range(words_in(rng, s)))
                 ids = tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
                 correct = rng.random() < 0.5
                 f.write(json.dumps({
