@@ -29,11 +29,33 @@ def demo(folder: Path) -> str:
         lines += [f"Pre-sampling: {s['samples']:,} samples of {s['problems']:,} problems, accuracy {s['accuracy']:.3f}, "
                   f"mean {s['mean_length']:.1f} tokens; {rate if rate is not None else 'n/a'} samples/s while "
                   f"generating, {s.get('samples_per_s') or 'n/a'} over the stage (engine start included).", ""]
-    lines += [(run / "bench" / "results.md").read_text().strip(), "",
-              f"Wall time per stage (`{run.name}/demo_timing.json`; {timing['nproc']} training process(es) x "
+    lines += [(run / "bench" / "results.md").read_text().strip(), ""]
+    note = out_of_depth_note(_json(run / "bench" / "results.json"))
+    if note:
+        lines += [note, ""]
+    lines += [f"Wall time per stage (`{run.name}/demo_timing.json`; {timing['nproc']} training process(es) x "
               f"{timing['omp_num_threads']} threads, checkpoint every {timing['ckpt_every']} steps):", ""]
     lines.append(timing_table(timing["stages"], timing["total_s"]))
     return "\n".join(lines)
+
+
+def out_of_depth_note(results: dict) -> str:
+    """What the real sets' rows of a demo benchmark mean: the embedded model is out of its depth there
+    (figures from the run's own results.json); empty for a run on the embedded sets alone."""
+    runs = results.get("runs", [])
+    base = runs[0]["model"] if runs else None
+    real = [r for r in runs if not r["dataset"].startswith("embedded:")]
+    if not real:
+        return ""
+    sets = list(dict.fromkeys(r["dataset"] for r in real))
+    base_acc = [r["accuracy"] for r in real if r["model"] == base]
+    truncated = [r["truncation_rate"] for r in real if r["model"] != base]
+    sizes = ", ".join(f"{name} {next(r['problems'] for r in real if r['dataset'] == name)}" for name in sets)
+    return (f"The embedded model was made for its arithmetic chains only: on the real sets ({sizes} problems) it is "
+            f"out of its depth, base accuracy {min(base_acc):.3f} to {max(base_acc):.3f}. Their rows (and so the "
+            f"average) say how the pruned model behaves off its training distribution (truncated "
+            f"{min(truncated):.1%} to {max(truncated):.1%} of its samples there), not what pruning keeps; "
+            "`embedded:test` is the measure of the method.")
 
 
 def profile(folder: Path) -> str:

@@ -2,6 +2,7 @@
 
     python bench/speed.py                                   # embedded base vs the latest training run
     python bench/speed.py --data embedded:test math500 gsm8k --limit 50
+    python bench/speed.py --data embedded:test math500 gsm8k --set-limit math500=100 gsm8k=100
     python bench/speed.py --preset o1pruner --models base=Qwen/QwQ-32B-Preview pruned=runs/qwq/train/export
 
 Each model is generated with vLLM in its own worker process (vLLM engines do not share a process
@@ -86,11 +87,9 @@ def apply_preset(cfg: SpeedConfig) -> tuple[SpeedConfig, list[str]]:
 
 def check_config(cfg: SpeedConfig, models: list[tuple[str, str]]) -> None:
     """Every flag, model and set checked before the first engine starts (cfg: preset applied)."""
-    from bench.speed_sets import resolve_sets
+    from bench.speed_sets import resolve_sets, set_limits
     from pruner.presample import check_model
-    from pruner.problems import check_limit
 
-    check_limit(cfg.limit, "--limit")
     for flag, value, low in (("--n", cfg.n, 1), ("--max-new-tokens", cfg.max_new_tokens, 1),
                              ("--warmup", cfg.warmup, 0), ("--temperature", cfg.temperature, 0)):
         if value < low:
@@ -107,7 +106,7 @@ def check_config(cfg: SpeedConfig, models: list[tuple[str, str]]) -> None:
     unknown = set(cfg.fast_prompt) - set(names)
     if unknown:
         raise ValueError(f"--fast-prompt names {sorted(unknown)} are not among --models {names}")
-    resolve_sets(cfg.data)
+    set_limits(resolve_sets(cfg.data), cfg.data, cfg.limit, cfg.set_limit)
 
 
 def check_inputs(cfg: SpeedConfig, models: list[tuple[str, str]], prompts: dict[str, dict] | None = None
@@ -115,10 +114,10 @@ def check_inputs(cfg: SpeedConfig, models: list[tuple[str, str]], prompts: dict[
     """Load every set (a set with no usable answer fails here) and check each model's context against its
     longest prompt + --max-new-tokens: what a worker would find only after its engine started.
     Returns problems per set."""
-    from bench.speed_sets import load_set, resolve_sets
+    from bench.speed_sets import load_sets
     from pruner.model_files import load_tokenizer
 
-    problems = {s.label: load_set(s, cfg.limit) for s in resolve_sets(cfg.data)}
+    problems = load_sets(cfg.data, cfg.limit, cfg.set_limit)
     for name, path in models:
         context = _context_length(path)
         if context is None:
@@ -242,7 +241,8 @@ def benchmark(cfg: SpeedConfig, models: list[tuple[str, str]], overrides: list[s
     results = summarize(runs)
     results["settings"] = {"preset": cfg.preset, "preset_values": SPEED_PRESETS[cfg.preset],
                            "used": {k: getattr(cfg, k) for k in SPEED_PRESETS[cfg.preset]},
-                           "overrides": list(overrides), "limit": cfg.limit, "seed": cfg.seed}
+                           "overrides": list(overrides), "limit": cfg.limit, "set_limit": list(cfg.set_limit),
+                           "seed": cfg.seed}
     results["timing"] = timing
     table = write_report(results, runs, out)
     print(table)

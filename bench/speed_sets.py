@@ -102,6 +102,35 @@ def safe_filename(label: str) -> str:
     return f"{cleaned}-{hashlib.sha1(label.encode()).hexdigest()[:8]}"
 
 
+def set_limits(sets: list[ProblemSet], names: list[str], limit: int | None, per_set: list[str]) -> dict[str, int | None]:
+    """How many problems of each set to take: `--set-limit NAME=N` for the sets it names, `--limit` for the rest.
+    NAME is a set as `--data` names it (or its label); an entry naming no set of `--data` is a ValueError."""
+    from pruner.problems import check_limit
+
+    check_limit(limit, "--limit")
+    limits: dict[str, int | None] = {s.label: limit for s in sets}
+    label_of = {**{s.label: s.label for s in sets}, **dict(zip(names, (s.label for s in sets)))}
+    seen: set[str] = set()
+    for entry in per_set:
+        name, sep, count = entry.rpartition("=")
+        if not sep or not name or not count.isdigit():
+            raise ValueError(f"--set-limit entries look like NAME=N (N a positive number of problems), got {entry!r}")
+        if name not in label_of:
+            raise ValueError(f"--set-limit {entry!r}: {name!r} is not one of the sets of --data ({', '.join(names)})")
+        if label_of[name] in seen:
+            raise ValueError(f"--set-limit names the set {name!r} twice")
+        seen.add(label_of[name])
+        limits[label_of[name]] = check_limit(int(count), f"--set-limit {name}")
+    return limits
+
+
+def load_sets(names: list[str], limit: int | None, per_set: list[str]) -> dict[str, list[dict]]:
+    """Every set of `--data`, each cut to its limit (`set_limits`), by label."""
+    sets = resolve_sets(names)
+    limits = set_limits(sets, names, limit, per_set)
+    return {s.label: load_set(s, limits[s.label]) for s in sets}
+
+
 def load_set(problem_set: ProblemSet, limit: int | None) -> list[dict]:
     """A set's problems; a set in which no record has a usable answer is an error here, before any engine."""
     from pruner.problems import ANSWER_FIELDS, NoUsableAnswerError, load_problems

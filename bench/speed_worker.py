@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.speed_procs import exit_with_parent
-from bench.speed_sets import load_set, resolve_sets
+from bench.speed_sets import load_sets, resolve_sets
 from pruner.configs import SpeedConfig
 
 THINK_END = "</think>"
@@ -88,7 +88,7 @@ def benchmark_model(cfg: SpeedConfig, name: str, path: str) -> dict[str, Any]:
 
     start = time.perf_counter()
     sets = resolve_sets(cfg.data)
-    problems = {s.label: load_set(s, cfg.limit) for s in sets}
+    problems = load_sets(cfg.data, cfg.limit, cfg.set_limit)
     tokenizer = load_tokenizer(path)
     prompts = {label: model_prompts(tokenizer, probs, cfg, name, path) for label, probs in problems.items()}
     stop_ids = eos_token_ids(tokenizer, path if Path(path).is_dir() else None)  # generation_config's EOS ids too

@@ -194,6 +194,7 @@ class SpeedConfig:
     preset: Literal["embedded", "o1pruner", "dler"] = field(default="embedded", metadata={"help": _preset_help()})
     data: list[str] | None = field(default=None, metadata={"help": "problem sets, one engine start per model for all: math500, gsm8k, aime24, amc23, o1pruner/math_test, o1pruner/gsm8k, o1pruner/gaokao (files of ../shared/data or $O1PRUNER_DATA), embedded:test, a .json/.jsonl/.parquet file, or a hub id org/name[:split]; unset = the preset's"})
     limit: int | None = field(default=None, metadata={"help": "only the first N problems of each set (N >= 1; omit for all)"})
+    set_limit: list[str] = field(default_factory=list, metadata={"help": "NAME=N: only the first N problems of the set NAME of --data, in place of --limit for it (e.g. math500=100)"})
     modes: list[Literal["greedy", "sampled"]] | None = field(default=None, metadata={"help": "decoding modes to measure; unset = the preset's"})
     n: int | None = field(default=None, metadata={"help": "samples per problem in the sampled mode (pass@1 averaged); unset = the preset's"})
     temperature: float | None = field(default=None, metadata={"help": "sampled mode's temperature; unset = the preset's"})

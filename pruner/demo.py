@@ -1,7 +1,8 @@
 """`make demo`: the whole method end to end on the embedded default, on a laptop CPU.
 
 pre-sampling (vLLM) -> training set (length-harmonizing reward) -> `torchrun` training (FSDP2)
--> `bench/speed.py` (base vs pruned, same prompts) -> the before/after table.
+-> `bench/speed.py` (base vs pruned, same prompts; the embedded test split plus real math sets, on
+which the embedded model is out of its depth) -> the before/after table.
 
 Each stage is built as its own configuration (`pruner.configs`) and run
 in a fresh process by `pruner.cli.run_stage`, which prints the command first: the same command a
@@ -14,8 +15,10 @@ The demo runs from a checkout: the benchmark is a script of `bench/`, which is n
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,7 +41,11 @@ class DemoConfig:
     # 0.990 vs 0.998 against the base's 0.959; greedy identical -- in 4.0 instead of 8.1 minutes (issue 16).
     train_problems: int = field(default=600, metadata={"help": "training problems to pre-sample (of 1,200)"})
     lr: float = field(default=4e-5, metadata={"help": "the trainer's peak learning rate for this run"})
-    test_problems: int = field(default=400, metadata={"help": "test problems in the benchmark"})
+    test_problems: int = field(default=400, metadata={"help": "test problems of the embedded set in the benchmark"})
+    # The embedded model only knows its arithmetic chains: on real sets it is out of its depth (accuracy near 0), so
+    # their rows show how pruning behaves off its training distribution (length, truncation), not what it keeps.
+    real_sets: list[str] = field(default_factory=lambda: ["math500", "gsm8k"], metadata={"help": "real math sets benchmarked beside the embedded test split (bench/speed.py --data names; ../shared/data); skipped with a note when their files are missing; none: --real-sets with no value"})
+    real_problems: int = field(default=100, metadata={"help": "problems of each real set in the benchmark"})
     # One process with every core beats two with one each on this 0.5M-parameter model: the
     # collectives cost more than the halved work saves (2 processes: 0.85-0.91x the tokens/s on
     # 2 quiet cores, issue 16; 0.8-1.0x on a loaded machine). tests/test_demo.py runs 2.
@@ -67,12 +74,35 @@ def stages(cfg: DemoConfig) -> list[Stage]:
     trainset = DatasetConfig(samples=presample.out, out=str(run / "trainset"), lam=cfg.lam)
     train = TrainConfig(data=trainset.out, out=str(run / "train"), resume=True, ckpt_every=cfg.ckpt_every, lr=cfg.lr,
                         micro_batch_tokens=cfg.micro_batch_tokens)
-    bench = SpeedConfig(models=["base=embedded", f"pruned={Path(train.out) / 'export'}"], limit=cfg.test_problems,
+    bench = SpeedConfig(models=["base=embedded", f"pruned={Path(train.out) / 'export'}"],
+                        data=["embedded:test", *cfg.real_sets], limit=cfg.test_problems,
+                        set_limit=[f"{name}={cfg.real_problems}" for name in cfg.real_sets],
                         out=str(run / "bench"), overwrite=True)
     torchrun = ("-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={cfg.nproc}")
     return [Stage("pre-sampling", "pruner.presample", presample), Stage("training set", "pruner.dataset", trainset),
             Stage("training (torchrun)", "pruner.train", train, torchrun),
             Stage("benchmark (bench/speed.py)", "bench.speed", bench)]
+
+
+def available_real_sets(cfg: DemoConfig) -> DemoConfig:
+    """`cfg` with the real sets whose files are here (a clone without ../shared/data has none), each
+    missing one named on the console; an unknown name is an error before any stage starts."""
+    if str(ROOT) not in sys.path:  # the demo runs from a checkout; bench/ is not installed
+        sys.path.insert(0, str(ROOT))
+    from bench.speed_sets import KNOWN_SETS, resolve_set
+
+    unknown = [name for name in cfg.real_sets if name not in KNOWN_SETS]
+    if unknown:
+        raise SystemExit(f"python -m pruner.demo: error: --real-sets {unknown} are not known sets "
+                         f"({', '.join(KNOWN_SETS)})")
+    present = []
+    for name in cfg.real_sets:
+        try:
+            resolve_set(name)
+            present.append(name)
+        except FileNotFoundError as exc:
+            print(f"demo: benchmarking without {name}: {exc}", flush=True)
+    return dataclasses.replace(cfg, real_sets=present)
 
 
 def stage_env(nproc: int) -> dict[str, str]:
@@ -118,7 +148,7 @@ def write_timing(cfg: DemoConfig, timings: list[dict], env: dict[str, str], tota
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = parse_config(DemoConfig, argv, prog="python -m pruner.demo")
+    cfg = available_real_sets(parse_config(DemoConfig, argv, prog="python -m pruner.demo"))
     env = stage_env(cfg.nproc)
     start = time.perf_counter()
     timings = [run_timed(stage, env) for stage in stages(cfg)]

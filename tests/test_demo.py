@@ -25,6 +25,9 @@ def test_demo_stages_are_configs_that_chain_and_round_trip():
     assert trainset.config.samples == presample.config.out == "r/samples.jsonl"
     assert train.config.data == trainset.config.out and bench.config.models[1] == f"pruned={train.config.out}/export"
     assert (presample.config.limit, trainset.config.lam, train.config.lr, bench.config.limit) == (8, 5.0, 1e-5, 4)
+    # the embedded test split and the real sets in one benchmark, the real ones cut to --real-problems
+    assert bench.config.data == ["embedded:test", "math500", "gsm8k"]
+    assert bench.config.set_limit == ["math500=100", "gsm8k=100"]
     assert train.config.resume and bench.config.overwrite and presample.config.chunk_problems == 128
     assert train.launcher == ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
     assert presample.launcher == trainset.launcher == bench.launcher == ()
@@ -38,6 +41,20 @@ def test_demo_defaults_are_the_documented_ones():
     cfg = demo.DemoConfig()
     assert (cfg.run, cfg.train_problems, cfg.lr, cfg.k, cfg.nproc, cfg.ckpt_every) == ("runs/demo", 600, 4e-5, 8, 1, 100)
     assert dataclasses.replace(cfg) == parse_config(demo.DemoConfig, [])
+
+
+def test_demo_benchmarks_the_real_sets_it_finds_and_names_the_missing(tmp_path, monkeypatch, capsys):
+    cfg = parse_config(demo.DemoConfig, ["--real-sets", "math500", "aime24", "--real-problems", "7"])
+    assert demo.available_real_sets(cfg).real_sets == ["math500", "aime24"]  # ../shared/data holds both
+    monkeypatch.setenv("O1PRUNER_DATA", str(tmp_path))  # a clone without the shared data
+    (tmp_path / "math500.jsonl").write_text("")
+    kept = demo.available_real_sets(cfg)
+    assert kept.real_sets == ["math500"] and kept.real_problems == 7
+    assert "benchmarking without aime24" in capsys.readouterr().out
+    assert demo.stages(kept)[3].config.data == ["embedded:test", "math500"]
+    assert demo.stages(parse_config(demo.DemoConfig, ["--real-sets"]))[3].config.data == ["embedded:test"]
+    with pytest.raises(SystemExit, match=r"--real-sets \['math5000'\] are not known sets"):
+        demo.available_real_sets(parse_config(demo.DemoConfig, ["--real-sets", "math5000"]))
 
 
 def test_demo_stage_env_and_timing_table(monkeypatch):
@@ -60,7 +77,7 @@ def test_tiny_demo_with_two_training_processes_writes_its_stage_times(tmp_path):
     pytest.importorskip("vllm")
     run = tmp_path / "demo"
     out = subprocess.run([sys.executable, "-m", "pruner.demo", "--run", str(run), "--train-problems", "8",
-                          "--test-problems", "4", "--nproc", "2", "--ckpt-every", "2"],
+                          "--test-problems", "4", "--real-problems", "3", "--nproc", "2", "--ckpt-every", "2"],
                          cwd=ROOT, capture_output=True, text=True, timeout=850)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     timing = json.loads((run / "demo_timing.json").read_text())
@@ -71,6 +88,9 @@ def test_tiny_demo_with_two_training_processes_writes_its_stage_times(tmp_path):
     assert all(f"$ {s['command']}" in out.stdout for s in timing["stages"])
     assert "--nproc_per_node=2 -m pruner.train" in timing["stages"][2]["command"]
     assert "| total |" in out.stdout and (run / "bench" / "results.json").is_file()
+    results = json.loads((run / "bench" / "results.json").read_text())
+    assert {(r["dataset"], r["problems"]) for r in results["runs"]} == {("embedded:test", 4), ("math500", 3),
+                                                                         ("gsm8k", 3)}
     assert list((run / "train" / "checkpoints").iterdir())
 
 

@@ -115,11 +115,25 @@ def test_adopted_demo_renders_with_stamp_and_stage_split(tmp_path):
     assert "stale" not in text and text.startswith("top\n") and text.endswith("bottom\n")
     assert "| base | greedy | 0.990 |" in text and "| pre-sampling | 80.0 | 40% |" in text
     assert "adopted a run that finished 2026-01-02T03:04:05Z" in text and "123.4 samples/s" in text and "| total | 200.0 (3.3 min) | |" in text
+    assert "out of its depth" not in text  # the embedded set alone
     meta = json.loads((out / "figures.json").read_text())
     assert meta["commit"] and meta["date"] in text and meta["figures"]["demo"]["wall_s"] == 200.0
     assert not (tmp_path / "curated" / "demo" / "run" / "samples.jsonl").exists()
     assert (tmp_path / "curated" / "demo" / "run" / "bench" / "results.md").is_file()
     assert "<!-- figures:demo -->" in (tmp_path / "curated" / "figures.md").read_text()
+
+
+def test_the_demo_says_where_the_embedded_model_is_out_of_its_depth():
+    def run(model, dataset, accuracy, truncation):
+        return {"model": model, "dataset": dataset, "accuracy": accuracy, "truncation_rate": truncation,
+                "problems": 400 if dataset.startswith("embedded") else 100}
+    results = {"runs": [run("base", "embedded:test", 1.0, 0.0), run("base", "math500", 0.01, 0.015),
+                        run("base", "gsm8k", 0.04, 0.0), run("pruned", "embedded:test", 1.0, 0.0),
+                        run("pruned", "math500", 0.02, 0.12), run("pruned", "gsm8k", 0.03, 0.06)]}
+    note = render.out_of_depth_note(results)
+    assert "real sets (math500 100, gsm8k 100 problems)" in note and "base accuracy 0.010 to 0.040" in note
+    assert "truncated 6.0% to 12.0%" in note  # the pruned model's, not the base's
+    assert render.out_of_depth_note({"runs": results["runs"][:1] + results["runs"][3:4]}) == ""
 
 
 def test_adopting_an_unfinished_demo_is_a_clear_error(tmp_path):

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from bench.speed_report import markdown, summarize, write_report
-from bench.speed_sets import KNOWN_SETS, check_model_name, data_root, resolve_set, resolve_sets, safe_filename
+from bench.speed_sets import (KNOWN_SETS, check_model_name, data_root, resolve_set, resolve_sets, safe_filename,
+                              set_limits)
 from bench.speed_stats import Paired, bootstrap, includes
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,6 +57,23 @@ def test_known_set_names_map_to_the_shared_files_and_unknown_names_list_them():
         resolve_sets(["embedded:test", "embedded:test"])
 
 
+def test_set_limit_overrides_limit_for_the_sets_it_names(tmp_path):
+    data = tmp_path / "mine.jsonl"
+    data.write_text(json.dumps({"problem": "1+1?", "answer": "2"}) + "\n")
+    names = ["embedded:test", str(data), "embedded:train"]
+    sets = resolve_sets(names)
+    # by the name given to --data or by the set's label (a file's stem)
+    assert set_limits(sets, names, 40, ["embedded:test=400", "mine=3"]) == {
+        "embedded:test": 400, "mine": 3, "embedded:train": 40}
+    assert set_limits(sets, names, None, [f"{data}=5"]) == {"embedded:test": None, "mine": 5, "embedded:train": None}
+    for bad, message in ((["math500=3"], "'math500' is not one of the sets of --data"),
+                         (["mine=0"], "--set-limit mine must be a positive number"),
+                         (["mine"], "look like NAME=N"), (["mine=x"], "look like NAME=N"),
+                         (["mine=2", f"{data}=3"], "names the set")):
+        with pytest.raises(ValueError, match=message):
+            set_limits(sets, names, None, bad)
+
+
 def test_names_that_become_files_cannot_leave_the_output_folder(tmp_path):
     for bad in ("../escape", "..", ".hidden", "a/b", "a\\b", "", "x" * 65, "a b"):
         with pytest.raises(ValueError, match="names files in --out"):
@@ -83,6 +101,7 @@ def test_a_model_name_with_dots_and_slashes_is_refused_before_anything_is_writte
 
 @pytest.mark.parametrize("args, message", [
     (["--data", "mathh500"], "is not a known set: use one of math500"),
+    (["--set-limit", "math500=5"], "--set-limit 'math500=5': 'math500' is not one of the sets of --data"),
     (["--max-new-tokens", "100000"], "--max-new-tokens 100000 does not fit model base's context of 2048 tokens"),
     (["--max-new-tokens", "2040"], "exceeds model base's context of 2048 tokens"),
 ])
@@ -353,12 +372,13 @@ def test_one_engine_start_per_model_for_every_set(tmp_path):
                             for i in range(3)))
     out = tmp_path / "out"
     proc = _speed("--models", "base=embedded", "twin=embedded", "--data", "embedded:test", str(data), "--limit", "2",
-                  "--modes", "greedy", "--warmup", "1", "--out", str(out), timeout=900)
+                  "--set-limit", "mine=3", "--modes", "greedy", "--warmup", "1", "--out", str(out), timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "--data ['embedded:test', '" in proc.stderr and "overrides preset embedded's" in proc.stderr
     results = json.loads((out / "results.json").read_text())
     assert [(r["model"], r["dataset"]) for r in results["runs"]] == [
         ("base", "embedded:test"), ("base", "mine"), ("twin", "embedded:test"), ("twin", "mine")]
+    assert [r["samples"] for r in results["runs"]] == [2, 3, 2, 3]  # --limit, and --set-limit for mine
     assert [c["token_ratio"] for c in results["comparisons"]] == [1.0, 1.0]  # the same model, greedy
     assert all(includes(c["accuracy_delta_ci"], 0.0) for c in results["comparisons"] + results["average_comparisons"])
     assert results["settings"]["preset"] == "embedded" and results["settings"]["used"]["max_new_tokens"] == 1024
