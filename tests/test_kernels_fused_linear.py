@@ -98,6 +98,34 @@ def test_all_ignored_and_logp_only(backend):
         assert_close_to_ref(h2.grad, h64.grad, None, f"d_hidden (frozen weight, {tuning})")
 
 
+@pytest.mark.parametrize("scored", [0, 1, 9, 31])
+def test_torch_backend_computes_only_the_rows_with_a_label(scored, monkeypatch):
+    # Prompt and padding rows were run through the [N, V] GEMM both ways for nothing; now only scored rows are.
+    from o1pruner_kernels import fused_linear as fl
+
+    gen = torch.Generator().manual_seed(scored)
+    h = noncontiguous(torch.randn(31, 29, generator=gen, dtype=torch.float64), "transposed").float().requires_grad_()
+    w = torch.randn(97, 29, generator=gen).requires_grad_()
+    y = torch.full((31,), -100)
+    keep = torch.randperm(31, generator=gen)[:scored]
+    y[keep] = torch.randint(0, 97, (scored,), generator=gen)
+    seen = []
+    real = fl._chunk_logits
+    monkeypatch.setattr(fl, "_chunk_logits", lambda rows, *a: seen.append(rows.shape[0]) or real(rows, *a))
+    g_lp, g_ent = torch.randn(31, generator=gen), torch.randn(31, generator=gen)
+    lp, ent = fused_linear_logprobs(h, w, y, return_entropy=True, temperature=0.8, backend="torch", chunk_size=4)
+    (lp * g_lp + ent * g_ent).sum().backward()
+    assert sum(seen) == 2 * scored  # forward and backward, each over the scored rows only
+    h64, w64 = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    ref_lp, ref_ent = fused_linear_logprobs_reference(h64, w64, y, 0.8)
+    (ref_lp * g_lp.double() + ref_ent * g_ent.double()).sum().backward()
+    assert_close_to_ref(lp, ref_lp, None, "logp")
+    assert_close_to_ref(ent, ref_ent, None, "entropy")
+    assert_close_to_ref(h.grad, h64.grad, None, "d_hidden")
+    assert_close_to_ref(w.grad, w64.grad, None, "d_weight")
+    assert (h.grad[y < 0] == 0).all() and (lp[y < 0] == 0).all() and (ent[y < 0] == 0).all()
+
+
 def test_rejects_bad_arguments():
     h, w, y = torch.randn(4, 8), torch.randn(10, 8), torch.zeros(4, dtype=torch.long)
     with pytest.raises(ValueError):

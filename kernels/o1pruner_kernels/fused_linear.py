@@ -152,6 +152,20 @@ class TritonFusedLinearLogprobs(torch.autograd.Function):
         return _input_grads(dh, dw, h, w)
 
 
+def _scored_rows_only(h, w, y, valid, inv_t, ignore_index, chunk, with_entropy):
+    """The torch backend on the rows that carry a label, scattered back to all N rows (0 elsewhere).
+    Prompt and padding rows cost an [N, V] GEMM each way but contribute nothing (their gradient is 0),
+    so they are dropped before it, as Cut Cross-Entropy does; copying N x D rows is cheap next to
+    the logits' N x V. The index ops are differentiable: ignored rows get d_hidden 0."""
+    rows = valid.nonzero().squeeze(1)
+    if rows.numel() == valid.numel():
+        return TorchFusedLinearLogprobs.apply(h, w, y, inv_t, ignore_index, chunk, with_entropy)
+    logp, ent = TorchFusedLinearLogprobs.apply(h.index_select(0, rows), w, y.index_select(0, rows), inv_t,
+                                               ignore_index, chunk, with_entropy)
+    scatter = lambda t: t.new_zeros(valid.shape).index_copy(0, rows, t)  # noqa: E731
+    return scatter(logp), scatter(ent)
+
+
 def fused_linear_logprobs(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -165,7 +179,8 @@ def fused_linear_logprobs(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """log softmax(hidden @ weight.T / temperature)[label] per token, fp32, shape labels.shape.
 
-    Never builds the [N, V] logits. Ignored labels give log-prob 0, entropy 0, gradient 0.
+    Never builds the [N, V] logits. Ignored labels give log-prob 0, entropy 0, gradient 0 (the torch
+    backend computes only the rows with a label: prompt and padding rows cost nothing).
     `return_entropy=True` also returns the (differentiable) entropy of the tempered softmax.
     Tuning: torch backend `chunk_size` (rows per chunk) or `chunk_bytes` (fp32 logits budget per
     chunk); Triton backend `block_n`, `block_v`, `block_d`, `splits`, `num_warps`, `num_stages`,
@@ -193,8 +208,9 @@ def fused_linear_logprobs(
     if resolve_backend(backend, hidden, weight, labels) == "torch":
         flt.check_tuning_keys(tuning)
         chunk = _chunk_rows(h.shape[0], V, tuning.get("chunk_size"), tuning.get("chunk_bytes"))
-        check_label_range(y, valid_label_mask(y, ignore_index), V)
-        logp, ent = TorchFusedLinearLogprobs.apply(h, w, y, 1.0 / temperature, ignore_index, chunk, return_entropy)
+        valid = valid_label_mask(y, ignore_index)
+        check_label_range(y, valid, V)
+        logp, ent = _scored_rows_only(h, w, y, valid, 1.0 / temperature, ignore_index, chunk, return_entropy)
     else:
         cfg = flt._config(tuning, dtype)
         if should_check_labels(h):
