@@ -283,3 +283,21 @@ def test_a_new_row_never_reuses_the_previous_rows_mask():
         expected = torch.cat([torch.nn.functional.scaled_dot_product_attention(
             q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], is_causal=True) for s, e in zip(bounds[:-1], bounds[1:])], 2)
         torch.testing.assert_close(got, expected)
+
+
+def test_the_deep_cpu_preset_has_a_head_share_of_the_families_it_stands_for():
+    # bench/train_step.py --preset cpu-deep measures packing, which changes only the decoder's work: its LM head must
+    # weigh per token what a real model's does (Qwen2.5-1.5B .. 0.5B), not cpu-small's ~70%.
+    from pruner.presets import ARCHITECTURES
+
+    def head_share(arch: str) -> float:
+        a = ARCHITECTURES[arch]
+        d, kv = a["hidden_size"], a["num_key_value_heads"] * d_head(a)
+        layer = 2 * d * d + 2 * d * kv + 3 * d * a["intermediate_size"]  # q, o; k, v; gate, up, down
+        return d * a["vocab_size"] / (d * a["vocab_size"] + a["num_hidden_layers"] * layer)
+
+    def d_head(a: dict) -> int:
+        return a["hidden_size"] // a["num_attention_heads"]
+
+    assert head_share("qwen2.5-1.5b") < head_share("cpu-deep") < head_share("qwen2.5-0.5b") < 0.3
+    assert head_share("cpu-small") > 0.65
