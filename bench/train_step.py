@@ -14,7 +14,8 @@ Each recipe runs in its own process (`--recipe`), so peak memory is that recipe'
 `--compare packing`: the trainer's step with padded micro-batches (`--micro-batch-size`, length-bucketed)
 against packed rows (`--micro-batch-tokens`) at the same global batch, over the same global steps, on
 `--lengths demo` (a training set folder, default the demo's, on its model) or `--lengths lognormal` (a
-long-tail synthetic set on `--preset`): tokens/s, the fraction of computed positions that are padding,
+long-tail synthetic set on `--preset`; `cpu-deep` weighs its LM head per token as Qwen2.5-0.5B/1.5B do,
+`cpu-small`'s head dominates its step): tokens/s, the fraction of computed positions that are padding,
 peak memory and micro-batches per step.
 """
 from __future__ import annotations
