@@ -91,6 +91,8 @@ def available_real_sets(cfg: DemoConfig) -> DemoConfig:
         sys.path.insert(0, str(ROOT))
     from bench.speed_sets import KNOWN_SETS, resolve_set
 
+    if cfg.real_problems < 1:
+        raise SystemExit(f"python -m pruner.demo: error: --real-problems must be >= 1, got {cfg.real_problems}")
     unknown = [name for name in cfg.real_sets if name not in KNOWN_SETS]
     if unknown:
         raise SystemExit(f"python -m pruner.demo: error: --real-sets {unknown} are not known sets "

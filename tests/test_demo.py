@@ -55,6 +55,8 @@ def test_demo_benchmarks_the_real_sets_it_finds_and_names_the_missing(tmp_path, 
     assert demo.stages(parse_config(demo.DemoConfig, ["--real-sets"]))[3].config.data == ["embedded:test"]
     with pytest.raises(SystemExit, match=r"--real-sets \['math5000'\] are not known sets"):
         demo.available_real_sets(parse_config(demo.DemoConfig, ["--real-sets", "math5000"]))
+    with pytest.raises(SystemExit, match="--real-problems must be >= 1, got 0"):
+        demo.available_real_sets(parse_config(demo.DemoConfig, ["--real-problems", "0"]))
 
 
 def test_demo_stage_env_and_timing_table(monkeypatch):
