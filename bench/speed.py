@@ -37,9 +37,6 @@ from pruner.cli import parse_config, to_argv  # noqa: E402
 from pruner.configs import SPEED_PRESETS, SpeedConfig  # noqa: E402
 
 PROMPT_KEYS = ("system_prompt",)  # a preset records them; each model is prompted as it was sampled
-
-# The settings of each of SpeedConfig.modes' choices (sampled: the config's n, temperature and top-p).
-MODES = {"greedy": dict(n=1, temperature=0.0, top_p=1.0), "sampled": dict()}
 # Fields that say where results go or how a worker reports, not what is measured: left out of the manifest.
 _NOT_MEASURED = ("out", "overwrite", "worker_out")
 
@@ -114,10 +111,10 @@ def check_inputs(cfg: SpeedConfig, models: list[tuple[str, str]], prompts: dict[
     """Load every set (a set with no usable answer fails here) and check each model's context against its
     longest prompt + --max-new-tokens: what a worker would find only after its engine started.
     Returns problems per set."""
-    from bench.speed_sets import load_sets
+    from bench.speed_sets import load_sets, resolve_sets
     from pruner.model_files import load_tokenizer
 
-    problems = load_sets(cfg.data, cfg.limit, cfg.set_limit)
+    problems = load_sets(resolve_sets(cfg.data), cfg.data, cfg.limit, cfg.set_limit)
     for name, path in models:
         context = _context_length(path)
         if context is None:
@@ -127,8 +124,8 @@ def check_inputs(cfg: SpeedConfig, models: list[tuple[str, str]], prompts: dict[
                              f"{context} tokens (max_position_embeddings of {path})")
         tokenizer = load_tokenizer(path)
         model_cfg = dataclasses.replace(cfg, **(prompts or {}).get(name, {}))
-        for label, probs in problems.items():
-            lengths = [len(ids) for ids in _prompts_or_error(tokenizer, probs, model_cfg, name, path)]
+        for label, ids in _prompts_or_error(tokenizer, problems, model_cfg, name, path).items():
+            probs, lengths = problems[label], [len(x) for x in ids]
             worst = max(range(len(lengths)), key=lengths.__getitem__)
             if lengths[worst] + cfg.max_new_tokens > context:
                 raise ValueError(f"--data {label}, problem {probs[worst]['id']}: prompt of {lengths[worst]} tokens + "
@@ -137,13 +134,14 @@ def check_inputs(cfg: SpeedConfig, models: list[tuple[str, str]], prompts: dict[
     return {label: len(probs) for label, probs in problems.items()}
 
 
-def _prompts_or_error(tokenizer: Any, problems: list[dict], cfg: SpeedConfig, name: str,
-                      path: str) -> list[list[int]]:
-    """The model's prompt ids; a template that cannot render them (some refuse a system turn) is a ValueError."""
-    from bench.speed_worker import model_prompts
+def _prompts_or_error(tokenizer: Any, problems: dict[str, list[dict]], cfg: SpeedConfig, name: str,
+                      path: str) -> dict[str, list[list[int]]]:
+    """The model's prompt ids of every set; a template that cannot render them (some refuse a system turn)
+    is a ValueError."""
+    from bench.speed_worker import set_prompts
 
     try:
-        return model_prompts(tokenizer, problems, cfg, name, path)
+        return set_prompts(tokenizer, problems, cfg, name, path)
     except Exception as exc:  # noqa: BLE001 - jinja's TemplateError and the template's own raise_exception
         if isinstance(exc, ValueError) and "chat template" in str(exc):
             raise
@@ -175,10 +173,11 @@ def claim_out(cfg: SpeedConfig, models: list[tuple[str, str]]) -> Any:
     from pruner.manifest import Output, build_manifest, claim_output, file_digest
     from pruner.model_files import model_fingerprint
 
-    files = [Path(s.source) for s in resolve_sets(cfg.data) if Path(s.source).is_file()]
+    sets = resolve_sets(cfg.data)
+    files = [Path(s.source) for s in sets if Path(s.source).is_file()]
     inputs = {"models": {name: model_fingerprint(path) for name, path in models},
               "data": {s.label: file_digest(Path(s.source)) if Path(s.source).is_file() else s.source
-                       for s in resolve_sets(cfg.data)}}
+                       for s in sets}}
     config = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _NOT_MEASURED}
     config["models"] = [f"{name}={path}" for name, path in models]
     return claim_output(Output.folder(cfg.out), build_manifest("bench", config, inputs),

@@ -124,9 +124,9 @@ def set_limits(sets: list[ProblemSet], names: list[str], limit: int | None, per_
     return limits
 
 
-def load_sets(names: list[str], limit: int | None, per_set: list[str]) -> dict[str, list[dict]]:
-    """Every set of `--data`, each cut to its limit (`set_limits`), by label."""
-    sets = resolve_sets(names)
+def load_sets(sets: list[ProblemSet], names: list[str], limit: int | None, per_set: list[str]
+              ) -> dict[str, list[dict]]:
+    """The sets `resolve_sets(names)` gave, each cut to its limit (`set_limits`), by label."""
     limits = set_limits(sets, names, limit, per_set)
     return {s.label: load_set(s, limits[s.label]) for s in sets}
 
@@ -141,7 +141,4 @@ def load_set(problem_set: ProblemSet, limit: int | None) -> list[dict]:
         raise ValueError(f"--data {problem_set.label} ({problem_set.source}): no problem with a usable answer "
                          f"(none of the fields {'/'.join(ANSWER_FIELDS)} holds one; its records have the fields "
                          f"{exc.fields}), so nothing can be graded") from None
-    if not problems:
-        raise ValueError(f"--data {problem_set.label} ({problem_set.source}): no problem with a usable answer "
-                         f"(none of the fields {'/'.join(ANSWER_FIELDS)} holds one), so nothing can be graded")
     return problems

@@ -22,11 +22,13 @@ from pruner.configs import SpeedConfig
 THINK_END = "</think>"
 
 
+# The settings of each of SpeedConfig.modes' choices (sampled: the config's n, temperature and top-p).
+MODES = {"greedy": dict(n=1, temperature=0.0, top_p=1.0), "sampled": dict()}
+
+
 def mode_settings(cfg: SpeedConfig, mode: str) -> dict[str, Any]:
     """Sampling settings of a mode: greedy is one deterministic answer; sampled takes the config's n, T, top-p."""
-    if mode == "greedy":
-        return dict(n=1, temperature=0.0, top_p=1.0)
-    return dict(n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p)
+    return dict(MODES[mode]) or dict(n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p)
 
 
 def model_prompts(tokenizer: Any, problems: list[dict], cfg: SpeedConfig, name: str, path: str) -> list[list[int]]:
@@ -41,6 +43,18 @@ def model_prompts(tokenizer: Any, problems: list[dict], cfg: SpeedConfig, name: 
     if name in cfg.fast_prompt:
         settings = dataclasses.replace(settings, suffix=settings.suffix + FAST_SOLVING_SUFFIX)
     return settings.prompts(tokenizer, [p["problem"] for p in problems])[1]
+
+
+def set_prompts(tokenizer: Any, problems: dict[str, list[dict]], cfg: SpeedConfig, name: str, path: str
+                ) -> dict[str, list[list[int]]]:
+    """`model_prompts` of every set, by label, resolved and rendered in one call (the family's checks and
+    warnings once per model, not once per set)."""
+    joined = [p for probs in problems.values() for p in probs]
+    ids = model_prompts(tokenizer, joined, cfg, name, path)
+    out, start = {}, 0
+    for label, probs in problems.items():
+        out[label], start = ids[start:start + len(probs)], start + len(probs)
+    return out
 
 
 def think_end_ids(tokenizer: Any) -> list[int] | None:
@@ -88,9 +102,9 @@ def benchmark_model(cfg: SpeedConfig, name: str, path: str) -> dict[str, Any]:
 
     start = time.perf_counter()
     sets = resolve_sets(cfg.data)
-    problems = load_sets(cfg.data, cfg.limit, cfg.set_limit)
+    problems = load_sets(sets, cfg.data, cfg.limit, cfg.set_limit)
     tokenizer = load_tokenizer(path)
-    prompts = {label: model_prompts(tokenizer, probs, cfg, name, path) for label, probs in problems.items()}
+    prompts = set_prompts(tokenizer, problems, cfg, name, path)
     stop_ids = eos_token_ids(tokenizer, path if Path(path).is_dir() else None)  # generation_config's EOS ids too
     longest = max(len(ids) for ps in prompts.values() for ids in ps)
     engine_start = time.perf_counter()

@@ -246,9 +246,9 @@ def run_recipe(args) -> dict:
     from pruner import distributed
 
     d = distributed.init(args.device)
+    device = torch.cuda.get_device_name(d.device) if d.device.type == "cuda" else platform.processor() or "cpu"
     if args.recipe in ("padded", "packed"):
-        result = {**packing_recipe(args, d), "device": torch.cuda.get_device_name(d.device)
-                  if d.device.type == "cuda" else platform.processor() or "cpu"}
+        result = {**packing_recipe(args, d), "device": device}
         distributed.shutdown()
         return result
     step, n_params = (ours_step if args.recipe == "ours" else paper_step)(args, d)
@@ -264,8 +264,7 @@ def run_recipe(args) -> dict:
             times.append(time.perf_counter() - t)
     tokens = args.batch * args.seq
     median = statistics.median(times)
-    result = {"recipe": args.recipe, "preset": args.preset, "device": torch.cuda.get_device_name(d.device)
-              if d.device.type == "cuda" else platform.processor() or "cpu", "batch": args.batch, "seq": args.seq,
+    result = {"recipe": args.recipe, "preset": args.preset, "device": device, "batch": args.batch, "seq": args.seq,
               "params": n_params, "step_time_s": median, "tokens_per_s": tokens / median,
               "peak_memory_gib": _peak(d.device), "fsdp": d.enabled}
     if d.device.type == "cuda":

@@ -87,12 +87,18 @@ class MicroBatch:
         return not bool(self.attention_mask.all())
 
     def to(self, device: torch.device) -> "MicroBatch":
-        # A copy from pageable memory is synchronous; from pinned memory it overlaps with the GPU's work.
-        pin = device.type == "cuda"
-        move = lambda t: None if t is None else (  # noqa: E731
-            t.pin_memory() if pin and t.device.type == "cpu" else t).to(device, non_blocking=True)
+        move = lambda t: to_device(t, device)  # noqa: E731
         return MicroBatch(self.indices, move(self.input_ids), move(self.attention_mask), move(self.labels),
                           move(self.mask), move(self.old_logps))
+
+
+def to_device(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    """A host tensor on `device`, asynchronously: a copy from pageable memory is synchronous, from pinned
+    memory it overlaps with the GPU's work."""
+    if t is None:
+        return None
+    pinned = t.pin_memory() if device.type == "cuda" and t.device.type == "cpu" else t
+    return pinned.to(device, non_blocking=True)
 
 
 def sequence_lengths(data: dict) -> torch.Tensor:

@@ -219,16 +219,3 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     scheduler.load_state_dict(trainer["scheduler"])
     _set_rng_state(trainer["rng"])
     return trainer
-
-
-def export_hf(model: nn.Module, out: Path, source: str, d: Dist, *, prefix: str = "lm.",
-              sampling: dict | None = None) -> Path | None:
-    """Write a Hugging Face folder (config, safetensors, tokenizer, generation config) on rank 0,
-    streamed tensor by tensor and shard by shard (pruner/export.py). Every rank must call it.
-
-    `sampling`: the training set's sampling block, written as `o1pruner_sampling.json` so that the
-    benchmark and later rounds prompt the model as its training data was sampled.
-    """
-    from pruner.export import export_hf as streamed_export
-
-    return streamed_export(model, out, source, d, prefix=prefix, sampling=sampling)

@@ -142,7 +142,7 @@ class TrainConfig:
             if not getattr(self, name) > 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         for name in ("lr", "weight_decay", "eps_low", "eps_high", "max_steps", "stop_after", "round_samples",
-                     "until_round"):
+                     "until_round", "micro_batch_tokens"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
         if self.temperature is not None and not self.temperature > 0:
@@ -155,8 +155,6 @@ class TrainConfig:
                              f"{self.ratio_level!r} (choose 'sequence' or 'token') is not a choice")
         if self.until_round > self.rounds:
             raise ValueError(f"--until-round {self.until_round} is past the last round (--rounds {self.rounds})")
-        if self.micro_batch_tokens < 0:
-            raise ValueError(f"--micro-batch-tokens must not be negative, got {self.micro_batch_tokens}")
         if not self.micro_batch_tokens and self.global_batch_size % self.micro_batch_size:
             raise ValueError(f"--global-batch-size {self.global_batch_size} is not divisible by "
                              f"--micro-batch-size {self.micro_batch_size}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,12 +37,15 @@ class ShardWriter:
     peak_bytes: int = 0                         # most bytes held at once (what the tests bound)
     written: list[str] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        self._members = Counter(self.plan.values())  # tensors per file: a file is written when all have arrived
+
     def add(self, name: str, tensor: torch.Tensor) -> None:
         filename = self.plan[name]
         self.pending.setdefault(filename, {})[name] = tensor
         self.buffered += tensor.numel() * tensor.element_size()
         self.peak_bytes = max(self.peak_bytes, self.buffered)
-        if len(self.pending[filename]) == sum(1 for f in self.plan.values() if f == filename):
+        if len(self.pending[filename]) == self._members[filename]:
             self._write(filename)
 
     def _write(self, filename: str) -> None:
@@ -87,15 +91,14 @@ def stream_weights(model: nn.Module, folder: Path, d: Dist, *, dtype: torch.dtyp
                    prefix: str = "lm.", max_shard_bytes: int = MAX_SHARD_BYTES) -> ShardWriter | None:
     """Gather, cast and write every tensor (all ranks call this; rank 0 writes). Returns rank 0's writer."""
     state = _exported_tensors(model, config, prefix)
-    sizes = {name: t.numel() * torch.empty((), dtype=dtype).element_size() for name, t in state.items()}
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    sizes = {name: t.numel() * itemsize for name, t in state.items()}
     writer = ShardWriter(folder, shard_plan(sizes, max_shard_bytes)) if d.is_main else None
     for name, tensor in state.items():
         full = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor  # a collective when sharded
-        cast = full.detach().to(dtype)  # on the device: never an fp32 copy on the host
+        if writer is not None:  # cast on the device (never an fp32 copy on the host), by the one rank that writes
+            writer.add(name, full.detach().to(dtype).to("cpu").contiguous())
         del full
-        if writer is not None:
-            writer.add(name, cast.to("cpu").contiguous())
-        del cast
     if writer is not None:
         assert not writer.pending, f"shards never completed: {sorted(writer.pending)}"
         if len(set(writer.plan.values())) > 1:

@@ -204,11 +204,16 @@ def _prestart(state: _State) -> None:
         log.debug("grading worker replacement failed: %s", exc)
 
 
+def alarm_budget(timeout: float) -> float:
+    """The comparison's own alarm inside a `timeout`-second bound: it fires first, leaving time to answer."""
+    return max(0.5, timeout - 0.5)
+
+
 def compare(predicted: str, ground_truth: str, timeout: float) -> bool:
     """The worker's verdict within `timeout` seconds of asking; False (and the worker replaced) past it."""
     worker = take()
     try:
-        verdict = worker.ask(predicted, ground_truth, timeout, budget=max(0.5, timeout - 0.5))
+        verdict = worker.ask(predicted, ground_truth, timeout, budget=alarm_budget(timeout))
     except (WorkerError, OSError, ValueError, KeyError) as exc:  # it died or broke the protocol
         log.debug("grading worker failed for %r vs %r: %s", predicted, ground_truth, exc)
         verdict = None

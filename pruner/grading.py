@@ -91,7 +91,7 @@ def _in_process_equal(predicted: str, ground_truth: str) -> bool:
         return False
     from pruner.grade_worker import compare
 
-    return compare(predicted, ground_truth, GRADE_TIMEOUT_S - 0.5)
+    return compare(predicted, ground_truth, grade_pool.alarm_budget(GRADE_TIMEOUT_S))
 
 
 _PLAIN_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
@@ -121,9 +121,12 @@ def grade(response: str | None, ground_truth: str | float | int, *, truncated: b
     `truncated=True` (vLLM's finish_reason "length") is always wrong: the model did not finish,
     so a box it happened to write earlier is not its conclusion.
     """
-    if truncated:
-        return False
-    answer = extract_answer(response)
-    if answer is None:
+    return grade_answer(None if truncated else extract_answer(response), ground_truth, truncated=truncated)
+
+
+def grade_answer(answer: str | None, ground_truth: str | float | int, *, truncated: bool = False) -> bool:
+    """`grade` of an answer already extracted from its response (`extract_answer`), so a caller that keeps the
+    answer does not extract it twice."""
+    if truncated or answer is None:
         return False
     return answers_equal(answer, str(ground_truth))

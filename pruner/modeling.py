@@ -61,11 +61,16 @@ LIGER_MODEL_TYPES = ("qwen2", "llama")  # the architectures of the presets (prun
 _LIGER_KERNELS = {"rope": "apply_rotary_pos_emb", "rms_norm": "{Prefix}RMSNorm", "swiglu": "{Prefix}MLP"}
 
 
-def _patch_targets(model_type: str) -> dict[str, object]:
-    """What Liger replaces in transformers' modeling module of `model_type`, as it is now."""
+def _modeling_module(model_type: str):
+    """transformers' modeling module of `model_type` (what Liger patches)."""
     import importlib
 
-    module = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+    return importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+
+
+def _patch_targets(model_type: str) -> dict[str, object]:
+    """What Liger replaces in transformers' modeling module of `model_type`, as it is now."""
+    module = _modeling_module(model_type)
     prefix = {"qwen2": "Qwen2", "llama": "Llama"}[model_type]
     return {kernel: getattr(module, attr.format(Prefix=prefix), None) for kernel, attr in _LIGER_KERNELS.items()}
 
@@ -108,9 +113,7 @@ def apply_liger(model_type: str, patch: Callable[..., object] | None = None) -> 
 def _apply_or_undo(apply: object, wanted: dict[str, bool], model_type: str) -> str:
     """Run Liger's patch function; on any error put every name of the modeling module back as it was
     (a patch may have swapped some classes before failing) and return the error, else ''."""
-    import importlib
-
-    module = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+    module = _modeling_module(model_type)
     saved = dict(vars(module))
     try:
         accepted = inspect.signature(apply).parameters  # type: ignore[arg-type]
@@ -173,6 +176,12 @@ def prepare_model(path: str | Path, d: Dist, *, temperature: float = 1.0, liger:
     return shard_policy(policy, d, mixed_precision=mixed_precision, full_state=full_state if meta_init else None)
 
 
+def compute_dtype(d: Dist, mixed_precision: bool) -> torch.dtype:
+    """The dtype the policy computes in: bf16 under `shard_policy`'s MixedPrecisionPolicy (FSDP2 on CUDA
+    with mixed precision), else the weights' fp32."""
+    return torch.bfloat16 if d.enabled and d.device.type == "cuda" and mixed_precision else torch.float32
+
+
 def shard_policy(policy: TokenLogprobs, d: Dist, *, mixed_precision: bool = True,
                  full_state: dict | None = None) -> TokenLogprobs:
     """FSDP2 over `policy` (bf16 compute, fp32 reduction on CUDA). `full_state` given: the model was
@@ -180,7 +189,7 @@ def shard_policy(policy: TokenLogprobs, d: Dist, *, mixed_precision: bool = True
     if not d.enabled:
         return policy.to(d.device)
     mp = None
-    if d.device.type == "cuda" and mixed_precision:
+    if compute_dtype(d, mixed_precision) == torch.bfloat16:
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     shard_kwargs = {"mp_policy": mp} if mp is not None else {}
     # No `policy.to(device)` first: that would put the whole fp32 model on every GPU (out of memory at

@@ -137,7 +137,8 @@ def old_logprobs(policy: torch.nn.Module, data: dict, trainset: Path, model_path
     for note in damaged:
         print0(f"old log-prob cache {note}; {'recomputing it' if may_compute else 'cannot recompute it'}")
     if hit is not None:
-        return _share(tables.get("hit", torch.zeros(numel, dtype=torch.float32)), d), Path(hit), True
+        found = tables["hit"] if "hit" in tables else torch.zeros(numel, dtype=torch.float32)  # no default built eagerly
+        return _share(found, d), Path(hit), True
     if not may_compute:
         raise FileNotFoundError(f"{places[0]}: the old log-probs of {trainset} are not cached (or the cache is "
                                 "damaged) and the policy has been updated since that set was sampled; resume from "

@@ -28,7 +28,7 @@ from torch import nn
 
 from pruner.cli import run_stage
 from pruner.configs import DatasetConfig, PresampleConfig
-from pruner.distributed import Dist, barrier, broadcast_object
+from pruner.distributed import Dist, barrier, decided_by_main
 from pruner.export import export_hf
 from pruner.manifest import manifest_digest
 from pruner.trainset import META, read_meta, stats_file
@@ -106,13 +106,18 @@ def expected_record(first_trainset: Path, out: Path, round_index: int, samples_p
     return json.loads(json.dumps(_record(presample, dataset)))
 
 
+def _built_by_main(folder: Path, expected: dict) -> bool:
+    """`is_built` as rank 0 sees it, on every rank (an error there is raised on every rank, not a hang)."""
+    return decided_by_main(lambda: is_built(folder, expected))
+
+
 def export_round_model(policy: nn.Module, first_trainset: Path, out: Path, round_index: int, source_model: str,
                        d: Dist, *, samples_per_problem: int = 0, at_round_start: bool = True) -> bool:
     """Every rank: True when the round is already built by this run's configs; else the round's folder
     is started afresh and `policy` (which must be the policy at the round's start) exported to its model/."""
     folder = round_dir(out, round_index)
     expected = expected_record(first_trainset, out, round_index, samples_per_problem)
-    if broadcast_object(is_built(folder, expected) if d.is_main else None):
+    if _built_by_main(folder, expected):
         return True
     if not at_round_start:
         raise RuntimeError(f"{folder}: round {round_index} is incomplete or was built with other settings, and "
@@ -151,8 +156,7 @@ def resample(policy: nn.Module, first_trainset: Path, out: Path, round_index: in
     folder = round_dir(out, round_index)
     model_dir, trainset = folder / "model", folder / "trainset"
     if not sample_here:
-        if not broadcast_object(is_built(folder, expected_record(first_trainset, out, round_index,
-                                                                 samples_per_problem)) if d.is_main else None):
+        if not _built_by_main(folder, expected_record(first_trainset, out, round_index, samples_per_problem)):
             raise RuntimeError(f"{folder}: round {round_index} is not built; the round driver (python -m pruner.rounds)"
                                " samples it between torchrun launches")
         return model_dir, trainset

@@ -16,6 +16,7 @@ mask that the registered mask function builds (none when nothing is padded: then
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 from collections.abc import Callable
 
@@ -28,15 +29,21 @@ _forced: str | None = None   # tests pin a path (set_path) to compare every back
 _mask_cache: dict[str, tuple[torch.Tensor, object]] = {}  # per kind: (the row's cu_seq_lens, its mask), for all layers
 
 
+@functools.cache
+def _installed(module: str) -> bool:
+    """Looked up once per process: select_path runs in every layer's attention call."""
+    return importlib.util.find_spec(module) is not None
+
+
 def select_path(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> str:
     """The backend a packed row runs on `device` in `dtype` (what the trainer logs)."""
     if _forced is not None:
         return _forced
     if device.type != "cuda":
         return "per-sequence SDPA"
-    if dtype in (torch.bfloat16, torch.float16) and importlib.util.find_spec("flash_attn") is not None:
+    if dtype in (torch.bfloat16, torch.float16) and _installed("flash_attn"):
         return "flash-attn varlen"
-    if importlib.util.find_spec("torch.nn.attention.flex_attention") is not None:
+    if _installed("torch.nn.attention.flex_attention"):
         return "FlexAttention document mask"
     return "SDPA block mask"
 

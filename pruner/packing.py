@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pruner.batching import MicroBatch, Plan, collate, plan_epoch
+from pruner.batching import MicroBatch, Plan, collate, plan_epoch, to_device
 
 def check_budget(lengths: list[int], budget: int, *, source: str = "the training set",
                  pairs: list[list[int]] | None = None) -> None:
@@ -91,12 +91,10 @@ def plan_packed_epoch(lengths: list[int], *, global_batch: int, micro_batch_toke
     check_budget(lengths, micro_batch_tokens, pairs=pairs)
     steps = plan_epoch(lengths, global_batch=global_batch, micro_batch=global_batch, world_size=1, seed=seed,
                        epoch=epoch, pairs=pairs)
-    lookup = {tuple(u): u for u in pairs} if pairs else {}
     plan: Plan = []
     for step in steps:
-        indices = step[0][0]
-        units = [lookup[tuple(indices[k:k + unit])] for k in range(0, len(indices), unit)] if pairs \
-            else [[i] for i in indices]
+        indices = step[0][0]  # plan_epoch keeps a pair's samples adjacent, in the pair's order
+        units = [indices[k:k + unit] for k in range(0, len(indices), unit)]
         plan.append(pack_step(units, lengths, micro_batch_tokens, world_size))
     return plan
 
@@ -120,7 +118,7 @@ class PackedRow:
     padded: MicroBatch           # `collate`'s tensors for the same samples (labels, mask, old log-probs)
 
     def to(self, device: torch.device) -> "PackedRow":
-        move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+        move = lambda t: to_device(t, device)  # noqa: E731
         return PackedRow(move(self.input_ids), move(self.position_ids), move(self.labels), move(self.cu_seq_lens),
                          self.max_length, move(self.gather), self.padded.to(device))
 

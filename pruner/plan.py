@@ -331,12 +331,14 @@ def check_memory_plan(cfg, d, data: dict) -> MemoryPlan:
     import os
     import resource
 
+    from pruner.modeling import compute_dtype
+
     # Packed rows hold at most the budget; a padded micro-batch is as wide as its longest sequence.
     tokens = cfg.micro_batch_tokens or cfg.micro_batch_size * int(sequence_lengths(data).max())
     cuda = d.device.type == "cuda"
     memory = (torch.cuda.get_device_properties(d.device).total_memory if cuda
               else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")) / GIB
-    bf16 = cuda and cfg.mixed_precision and d.enabled  # the MixedPrecisionPolicy applies under FSDP2 only
+    bf16 = compute_dtype(d, cfg.mixed_precision) == torch.bfloat16  # the MixedPrecisionPolicy: FSDP2 on CUDA only
     plan = plan_for(load_config(model=cfg.model), gpus=d.world_size, gpu_memory_gib=memory, micro_batch_tokens=tokens,
                     activation_checkpointing=cfg.activation_checkpointing,
                     compute_dtype="bfloat16" if bf16 else "float32", device=d.device.type, name=cfg.model,

@@ -64,14 +64,15 @@ def vllm_log_path(cfg: PresampleConfig) -> Path:
 
 
 def _record(problem: dict, index: int, prompt: str, prompt_ids: list[int], completion: Any) -> dict:
-    from pruner.grading import extract_answer, grade
+    from pruner.grading import extract_answer, grade_answer
 
     truncated = completion.finish_reason == "length"
+    answer = extract_answer(completion.text)
     return make_record(problem_id=str(problem["id"]), sample_index=index, prompt=prompt,
                        prompt_token_ids=prompt_ids, response=completion.text,
                        response_token_ids=completion.token_ids, finish_reason=completion.finish_reason,
-                       extracted_answer=extract_answer(completion.text),
-                       correct=grade(completion.text, problem["answer"], truncated=truncated),
+                       extracted_answer=answer,
+                       correct=grade_answer(answer, problem["answer"], truncated=truncated),
                        answer=problem["answer"], min_tokens=problem.get("min_tokens"))
 
 

@@ -25,16 +25,17 @@ from transformers import AutoConfig
 
 from pruner import distributed, packed_attention
 from pruner.batching import check_batch_sizes, plan_epoch, sequence_lengths, steps_per_epoch
-from pruner.checkpoint import export_hf, latest_checkpoint, load_checkpoint, resume_checkpoint, save_checkpoint
+from pruner.checkpoint import latest_checkpoint, load_checkpoint, resume_checkpoint, save_checkpoint
 from pruner.cli import parse_config
 from pruner.configs import TrainConfig
 from pruner.distributed import Dist, broadcast_object, decided_by_main, print0
 from pruner.embedded import default_model_path
+from pruner.export import export_hf
 from pruner.manifest import (Output, OutputLock, RunStateError, build_manifest, claim_output, file_digest,
                              manifest_digest, model_inputs, release_all)
 from pruner.metrics import MetricsLogger, peak_memory_gib, plot_metrics
 from pruner.model_files import load_tokenizer, tokenizer_fingerprint
-from pruner.modeling import prepare_model
+from pruner.modeling import compute_dtype, prepare_model
 from pruner.onpolicy import export_round_model, resample, round_configs
 from pruner.packing import check_budget, check_packed_batch, plan_packed_epoch
 from pruner.plan import check_memory_plan
@@ -117,7 +118,7 @@ def start_run(cfg: TrainConfig, d: Dist, data: dict, pad_id: int) -> tuple[Run, 
                            mixed_precision=cfg.mixed_precision, meta_init=cfg.meta_init)
     if cfg.micro_batch_tokens:
         packed_attention.enable(policy.lm)
-        dtype = torch.bfloat16 if d.device.type == "cuda" and cfg.mixed_precision and d.enabled else torch.float32
+        dtype = compute_dtype(d, cfg.mixed_precision)
         print0(f"packed attention: {packed_attention.select_path(d.device, dtype)} ({packed_attention.NAME})")
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     # Before the first update: the policy is still the one that sampled the set, so its log-probs ARE the old ones.

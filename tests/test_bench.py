@@ -139,7 +139,7 @@ def test_speed_refuses_an_out_folder_of_another_comparison(tmp_path):
 def test_speed_modes_are_the_configs_choices():
     import typing
 
-    from bench.speed import MODES
+    from bench.speed_worker import MODES
     from pruner.configs import SPEED_PRESETS, SpeedConfig
 
     (choices,) = typing.get_args(typing.get_type_hints(SpeedConfig)["modes"])[:1]
