@@ -230,3 +230,9 @@ def decoder_blocks(lm: torch.nn.Module) -> list[torch.nn.Module]:
 def print0(*args: object, **kwargs: object) -> None:
     if int(os.environ.get("RANK", 0)) == 0:
         print(*args, **kwargs, flush=True)  # type: ignore[call-overload]
+
+
+def compute_dtype(d: Dist, mixed_precision: bool) -> torch.dtype:
+    """The dtype the policy computes in: bf16 under the trainer's MixedPrecisionPolicy (FSDP2 on CUDA with
+    mixed precision, pruner.modeling.shard_policy), else the weights' fp32."""
+    return torch.bfloat16 if d.enabled and d.device.type == "cuda" and mixed_precision else torch.float32

@@ -17,7 +17,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from o1pruner_kernels.fused_linear import fused_linear_logprobs
-from pruner.distributed import Dist, broadcast_buffers, decoder_blocks, print0
+from pruner.distributed import Dist, broadcast_buffers, compute_dtype, decoder_blocks, print0
 
 
 class TokenLogprobs(nn.Module):
@@ -174,12 +174,6 @@ def prepare_model(path: str | Path, d: Dist, *, temperature: float = 1.0, liger:
     lm.config.use_cache = False
     policy = TokenLogprobs(lm, temperature=temperature)
     return shard_policy(policy, d, mixed_precision=mixed_precision, full_state=full_state if meta_init else None)
-
-
-def compute_dtype(d: Dist, mixed_precision: bool) -> torch.dtype:
-    """The dtype the policy computes in: bf16 under `shard_policy`'s MixedPrecisionPolicy (FSDP2 on CUDA
-    with mixed precision), else the weights' fp32."""
-    return torch.bfloat16 if d.enabled and d.device.type == "cuda" and mixed_precision else torch.float32
 
 
 def shard_policy(policy: TokenLogprobs, d: Dist, *, mixed_precision: bool = True,

@@ -55,7 +55,7 @@ import torch
 
 from pruner.batching import sequence_lengths
 from pruner.cli import parse_config
-from pruner.distributed import decoder_blocks, print0
+from pruner.distributed import compute_dtype as trainer_dtype, decoder_blocks, print0
 from pruner.presets import ARCHITECTURES, config_for
 
 GIB = 2**30
@@ -331,14 +331,12 @@ def check_memory_plan(cfg, d, data: dict) -> MemoryPlan:
     import os
     import resource
 
-    from pruner.modeling import compute_dtype
-
     # Packed rows hold at most the budget; a padded micro-batch is as wide as its longest sequence.
     tokens = cfg.micro_batch_tokens or cfg.micro_batch_size * int(sequence_lengths(data).max())
     cuda = d.device.type == "cuda"
     memory = (torch.cuda.get_device_properties(d.device).total_memory if cuda
               else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")) / GIB
-    bf16 = compute_dtype(d, cfg.mixed_precision) == torch.bfloat16  # the MixedPrecisionPolicy: FSDP2 on CUDA only
+    bf16 = trainer_dtype(d, cfg.mixed_precision) == torch.bfloat16  # the MixedPrecisionPolicy: FSDP2 on CUDA only
     plan = plan_for(load_config(model=cfg.model), gpus=d.world_size, gpu_memory_gib=memory, micro_batch_tokens=tokens,
                     activation_checkpointing=cfg.activation_checkpointing,
                     compute_dtype="bfloat16" if bf16 else "float32", device=d.device.type, name=cfg.model,

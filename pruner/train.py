@@ -28,14 +28,14 @@ from pruner.batching import check_batch_sizes, plan_epoch, sequence_lengths, ste
 from pruner.checkpoint import latest_checkpoint, load_checkpoint, resume_checkpoint, save_checkpoint
 from pruner.cli import parse_config
 from pruner.configs import TrainConfig
-from pruner.distributed import Dist, broadcast_object, decided_by_main, print0
+from pruner.distributed import Dist, broadcast_object, compute_dtype, decided_by_main, print0
 from pruner.embedded import default_model_path
 from pruner.export import export_hf
 from pruner.manifest import (Output, OutputLock, RunStateError, build_manifest, claim_output, file_digest,
                              manifest_digest, model_inputs, release_all)
 from pruner.metrics import MetricsLogger, peak_memory_gib, plot_metrics
 from pruner.model_files import load_tokenizer, tokenizer_fingerprint
-from pruner.modeling import compute_dtype, prepare_model
+from pruner.modeling import prepare_model
 from pruner.onpolicy import export_round_model, resample, round_configs
 from pruner.packing import check_budget, check_packed_batch, plan_packed_epoch
 from pruner.plan import check_memory_plan
